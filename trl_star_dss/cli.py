@@ -1,0 +1,123 @@
+"""`star-dss`: the offline steps of STAR-DSS.
+
+    star-dss score --guardrail meta-llama/Llama-Guard-3-1B --policy-tokenizer meta-llama/Llama-3.2-1B-Instruct \
+        --dataset data.jsonl --output runs/scored
+
+Run it under `accelerate launch` to split the scoring over several processes (GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def load_dataset_arg(path: str, split: str):
+    """A local JSON/JSONL/CSV/Parquet file, a `save_to_disk` directory, a local dataset directory or a hub id."""
+    import datasets
+
+    if os.path.isfile(path):
+        extension = os.path.splitext(path)[1].lstrip(".").lower()
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension)
+        if builder is None:
+            raise SystemExit(
+                f"--dataset {path!r}: files ending in .{extension} are not read. Use .jsonl, .json, .csv or .parquet, "
+                "a directory saved with `save_to_disk`, or a hub id."
+            )
+        return datasets.load_dataset(builder, data_files=path, split=split)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+        return datasets.load_from_disk(path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        return datasets.load_from_disk(path)[split]
+    return datasets.load_dataset(path, split=split)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="star-dss", description="STAR-DSS: keep an LLM safe while finetuning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="Score a dataset's responses with a guardrail (STAR), cached.")
+    score.add_argument("--guardrail", nargs="+", required=True,
+                       help="Guard model(s): hub ids, local paths or `module:function` Python rules. Several: mean.")
+    score.add_argument("--dataset", required=True, help="Local file/directory or hub id (TRL messages or "
+                       "prompt/completion format).")
+    score.add_argument("--split", default="train", help="Dataset split (default: train).")
+    score.add_argument("--output", required=True, help="Directory for the scores, the cache and the scored dataset.")
+    score.add_argument("--policy-tokenizer", help="Tokenizer of the model to finetune; chunks are counted in its "
+                       "tokens (required with --unit token).")
+    score.add_argument("--chunk-size", type=int, default=5, help="M: units per chunk (default 5, the paper's).")
+    score.add_argument("--unit", choices=["token", "word"], default="token", help="Chunk unit (default: token).")
+    score.add_argument("--temperature", type=float, default=1.0, help="T in sigmoid((z_safe - z_unsafe) / T); "
+                       "1.0 is the paper's formula, 0.2 reproduces the authors' code.")
+    score.add_argument("--family", choices=["llama_guard", "granite_guardian"], help="Force the guard family "
+                       "(default: recognised from the model).")
+    score.add_argument("--method", choices=["fast", "naive"], default="fast", help="Shared-prefix (fast) or one "
+                       "forward per prefix (naive); same scores.")
+    score.add_argument("--max-length", type=int, help="Guard context in tokens (default: the guard's).")
+    score.add_argument("--batch-size", type=int, default=16, help="Examples per guard call (default 16).")
+    score.add_argument("--dtype", default="auto", help="Guard dtype: auto, bfloat16, float16 or float32.")
+    score.add_argument("--device", help="Guard device (default: this process's accelerator, else CPU).")
+    score.add_argument("--trust-remote-code", action="store_true", help="Allow the guard's own modelling code.")
+    score.add_argument("--overwrite", action="store_true", help="Delete scores in --output made with other "
+                       "settings and score again.")
+    score.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    return parser
+
+
+def score_command(args) -> None:
+    from .guardrails import load_guardrail
+    from .scoring import score_dataset
+
+    dataset = load_dataset_arg(args.dataset, args.split)
+    tokenizer = None
+    if args.policy_tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+
+    def build_guardrail():
+        device = args.device
+        if device is None:
+            from accelerate import PartialState
+
+            device = str(PartialState().device)
+        return load_guardrail(args.guardrail, family=args.family, temperature=args.temperature, dtype=args.dtype,
+                              device_map=device, trust_remote_code=args.trust_remote_code,
+                              **({"max_length": args.max_length} if args.max_length else {}))  # fmt: skip
+
+    guardrail_id = json.dumps(
+        {"guardrail": args.guardrail, "family": args.family, "temperature": args.temperature,
+         "max_length": args.max_length}  # fmt: skip
+    )
+    _, summary = score_dataset(
+        dataset,
+        build_guardrail,
+        tokenizer=tokenizer,
+        chunk_size=args.chunk_size,
+        unit=args.unit,
+        output_dir=args.output,
+        method=args.method,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        guardrail_id=guardrail_id,
+        progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.format())
+        print(f"scored dataset: {os.path.join(args.output, 'dataset')} (datasets.load_from_disk)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "score":
+            score_command(args)
+    except ValueError as error:
+        # Our errors say what is wrong and how to fix it: show that sentence, not a traceback.
+        raise SystemExit(f"star-dss {args.command}: error: {error}") from error
+
+
+if __name__ == "__main__":
+    sys.exit(main())

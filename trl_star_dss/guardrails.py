@@ -1,0 +1,514 @@
+"""Guardrails: classifier LLMs (or plain Python rules) that say how safe an assistant response is.
+
+Every guardrail answers one question: for a conversation whose last message is an assistant response, what is
+P(safe)? For causal-LM guards this is read from the raw next-token logits at the verdict position
+(DESIGN 1.1, paper section 3):
+
+    STAR = sigmoid((z_safe - z_unsafe) / T)
+
+`score_prefixes` asks it for every prefix of a response at once. The naive way runs one full guard forward per
+prefix (as the paper authors' code does); `CausalLMGuardrail` also has a shared-prefix way that runs the prompt and
+the whole response once and lets each prefix's closing suffix attend only to the response up to its cut.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+Conversation = list[dict[str, str]]
+
+FAMILIES = ("llama_guard", "granite_guardian")
+
+
+@dataclass
+class PrefixQuery:
+    """The prefixes of one assistant response to score: `response[:end]` for each end in `ends`.
+
+    `context` is the conversation before the response (it may be empty); `label` names the example in errors.
+    """
+
+    context: Conversation
+    response: str
+    ends: list[int]
+    label: str = ""
+
+
+@dataclass
+class PrefixScores:
+    """P(safe) of each prefix, whether the guard's context had to be cut, and the guard tokens it cost."""
+
+    scores: list[float]
+    context_cut: bool = False
+    guard_tokens: int = 0
+
+
+def prefix_conversations(query: PrefixQuery) -> list[Conversation]:
+    return [query.context + [{"role": "assistant", "content": query.response[:end]}] for end in query.ends]
+
+
+class Guardrail:
+    """The interface every guardrail implements: `score` one conversation per result; `score_prefixes` many
+    prefixes of one response per result. Subclasses implement `score`; the default `score_prefixes` is the naive
+    per-prefix query."""
+
+    name: str = "guardrail"
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        raise NotImplementedError
+
+    def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
+        _check_method(method)
+        return [PrefixScores(self.score(prefix_conversations(query))) for query in queries]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def _check_method(method: str) -> None:
+    if method not in ("fast", "naive"):
+        raise ValueError(f"Unknown scoring method {method!r}. Use 'fast' (shared prefix) or 'naive'.")
+
+
+class PythonGuardrail(Guardrail):
+    """A guardrail written as a Python function from a conversation to P(safe) in [0, 1].
+
+    For user rules, tests and the demo: it plugs into scoring, caching and pictures like a model guard.
+    """
+
+    def __init__(self, fn: Callable[[Conversation], float], name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"PythonGuardrail needs a function conversation -> P(safe), got {type(fn).__name__}.")
+        self.fn = fn
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        scores = []
+        for conversation in conversations:
+            value = float(self.fn(conversation))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"Guardrail function {self.name} returned {value}, which is not a probability. "
+                    "It must return P(safe) in [0, 1]."
+                )
+            scores.append(value)
+        return scores
+
+
+class EnsembleGuardrail(Guardrail):
+    """The mean of several guardrails' scores (as in the paper authors' code)."""
+
+    def __init__(self, guardrails: Sequence[Guardrail]):
+        if len(guardrails) == 0:
+            raise ValueError("EnsembleGuardrail needs at least one guardrail.")
+        self.guardrails = list(guardrails)
+        self.name = "+".join(guard.name for guard in self.guardrails)
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        per_guard = [guard.score(conversations) for guard in self.guardrails]
+        return [sum(values) / len(values) for values in zip(*per_guard)]
+
+    def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
+        per_guard = [guard.score_prefixes(queries, method) for guard in self.guardrails]
+        results = []
+        for parts in zip(*per_guard):
+            scores = [sum(values) / len(values) for values in zip(*(part.scores for part in parts))]
+            results.append(
+                PrefixScores(
+                    scores,
+                    context_cut=any(part.context_cut for part in parts),
+                    guard_tokens=sum(part.guard_tokens for part in parts),
+                )
+            )
+        return results
+
+
+@dataclass
+class _Segment:
+    """One response in a packed row: its full-response guard tokens (the trunk) and, for each prefix, the tokens
+    that follow the shared part (`suffix`) and where they start in the trunk (`start`)."""
+
+    trunk: list[int]
+    starts: list[int] = field(default_factory=list)
+    suffixes: list[list[int]] = field(default_factory=list)
+    keys: list[tuple[int, int]] = field(default_factory=list)  # (query index, prefix index) of each suffix
+
+    def __len__(self) -> int:
+        return len(self.trunk) + sum(len(suffix) for suffix in self.suffixes)
+
+
+class CausalLMGuardrail(Guardrail):
+    """A causal-LM guard that answers with a label token: the generic guardrail.
+
+    The conversation is rendered with the guard's chat template (or `chat_template`) and `template_kwargs`, then
+    `verdict_prefix` is appended; the logits of the next token give z_safe and z_unsafe for the two labels.
+    This covers Llama Guard, Granite Guardian, ShieldGemma, Qwen3Guard-Gen and in-house guards.
+
+    Args:
+        model: a `transformers` causal LM (already on its device).
+        tokenizer: its tokenizer.
+        safe_label / unsafe_label: the answer strings; each must be exactly one token after `verdict_prefix`.
+        chat_template: a Jinja template overriding the tokenizer's.
+        template_kwargs: extra variables for the template (e.g. Granite Guardian's `guardian_config`).
+        verdict_prefix: text the guard writes before its label (Llama Guard 3: a blank line).
+        temperature: T in sigmoid((z_safe - z_unsafe) / T); 1.0 is the paper's formula, 0.2 reproduces the
+            authors' code (sampled at temperature 0.2).
+        max_length: the guard's context in tokens; longer inputs lose their oldest context, never the response.
+        batch_size: conversations per forward in the naive path.
+        max_tokens_per_forward: tokens packed into one forward in the shared-prefix path.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        safe_label: str,
+        unsafe_label: str,
+        chat_template: str | None = None,
+        template_kwargs: dict | None = None,
+        verdict_prefix: str = "",
+        temperature: float = 1.0,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        max_tokens_per_forward: int = 4096,
+        name: str | None = None,
+    ):
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0 (it divides the logit margin). Use e.g. 1.0.")
+        if chat_template is None and tokenizer.chat_template is None:
+            raise ValueError(
+                f"The guard tokenizer of {getattr(model, 'name_or_path', 'this model')!r} has no chat template and "
+                "none was given. Pass `chat_template=` (a Jinja template that renders the conversation as the "
+                "guard expects), or use a family that ships one (family='llama_guard' or 'granite_guardian')."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.template_kwargs = dict(template_kwargs or {})
+        self.verdict_prefix = verdict_prefix
+        self.temperature = float(temperature)
+        self.batch_size = batch_size
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
+        self.max_length = max_length or _context_length(model, tokenizer)
+        self.safe_id = self._label_id(safe_label, "safe_label")
+        self.unsafe_id = self._label_id(unsafe_label, "unsafe_label")
+        if self.safe_id == self.unsafe_id:
+            raise ValueError(
+                f"safe_label={safe_label!r} and unsafe_label={unsafe_label!r} are the same token; "
+                "give two different answers."
+            )
+
+    # -- rendering -----------------------------------------------------------------------------------------------
+
+    def render(self, conversation: Conversation) -> str:
+        text = self.tokenizer.apply_chat_template(
+            conversation,
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+            **self.template_kwargs,
+        )
+        return text + self.verdict_prefix
+
+    def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
+        texts = [self.render(conversation) for conversation in conversations]
+        # The template writes its own special tokens (BOS etc.), so the tokenizer must not add them again.
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _label_id(self, label: str, argument: str) -> int:
+        probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
+        before = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        after = self.tokenizer(probe + label, add_special_tokens=False)["input_ids"]
+        if after[: len(before)] != before or len(after) != len(before) + 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(after[len(before) - 1 :])
+            raise ValueError(
+                f"{argument}={label!r} is not a single token of the guard's tokenizer after the verdict prefix "
+                f"{self.verdict_prefix!r} (the end of the prompt tokenizes to {pieces}). Use the exact first answer "
+                "token of the guard, and put any text the guard writes before it into `verdict_prefix`."
+            )
+        return after[-1]
+
+    def fit_context(self, query: PrefixQuery) -> tuple[Conversation, bool]:
+        """Cut the oldest context until the whole response fits the guard's context; never cut the response."""
+        context = list(query.context)
+        full = {"role": "assistant", "content": query.response}
+
+        def length(ctx: Conversation) -> int:
+            return len(self.encode([ctx + [full]])[0])
+
+        if length(context) <= self.max_length:
+            return context, False
+        while len(context) > 1 and length(context) > self.max_length:
+            context = context[1:]
+            while len(context) > 1 and context[0]["role"] != "user":  # keep user/assistant alternation
+                context = context[1:]
+        if length(context) > self.max_length and context:
+            # Keep the end of the oldest message: the part closest to the response.
+            text = context[0]["content"]
+            lo, hi = 0, len(text)  # smallest cut that fits
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if length([{**context[0], "content": text[mid:]}] + context[1:]) <= self.max_length:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            context = [{**context[0], "content": text[lo:]}] + context[1:]
+        if length(context) > self.max_length:
+            raise ValueError(
+                f"{query.label or 'A response'} alone takes {length([])} guard tokens with the template, more than "
+                f"the guard's max_length={self.max_length}. Raise `max_length` if the guard supports it, use a "
+                "guard with a longer context, or drop the example."
+            )
+        return context, True
+
+    # -- forwards ------------------------------------------------------------------------------------------------
+
+    def _to_scores(self, logits) -> list[float]:
+        import torch
+
+        margin = logits[..., self.safe_id].float() - logits[..., self.unsafe_id].float()
+        return torch.sigmoid(margin / self.temperature).tolist()
+
+    def _forward_sequences(self, sequences: list[list[int]]) -> list[float]:
+        """One full forward per sequence (right padded, so positions are the natural ones); score at its end."""
+        import torch
+
+        device = self.model.device
+        scores: list[float] = [0.0] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(sequences[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                attention_mask[row, : len(sequences[i])] = 1
+            ends = torch.tensor([len(sequences[i]) - 1 for i in batch])
+            keep = torch.unique(ends)  # only these positions are projected onto the vocabulary
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    logits_to_keep=keep.to(device),
+                ).logits
+            picked = logits[torch.arange(len(batch)), torch.searchsorted(keep, ends).to(logits.device)]
+            for i, value in zip(batch, self._to_scores(picked)):
+                scores[i] = value
+        return scores
+
+    def _forward_packed(self, row: list[_Segment]) -> list[float]:
+        """One forward over a packed row of segments; returns the score at the end of every suffix, in order."""
+        import torch
+
+        input_ids, positions, reads = [], [], []
+        seg_ids, is_trunk, blocks, limits = [], [], [], []
+        block = 0
+        for s, segment in enumerate(row):
+            n = len(segment.trunk)
+            input_ids += segment.trunk
+            positions += range(n)
+            seg_ids += [s] * n
+            is_trunk += [True] * n
+            blocks += [-1] * n
+            limits += range(1, n + 1)  # a trunk token sees the trunk up to itself
+            for start, suffix in zip(segment.starts, segment.suffixes):
+                input_ids += suffix
+                positions += range(start, start + len(suffix))
+                seg_ids += [s] * len(suffix)
+                is_trunk += [False] * len(suffix)
+                blocks += [block] * len(suffix)
+                limits += [start] * len(suffix)  # a suffix token sees the trunk before its cut ...
+                block += 1
+                reads.append(len(input_ids) - 1)
+        device = self.model.device
+        seg_t, trunk_t = torch.tensor(seg_ids), torch.tensor(is_trunk)
+        block_t, limit_t, pos_t = torch.tensor(blocks), torch.tensor(limits), torch.tensor(positions)
+        index = torch.arange(len(input_ids))
+        allowed = (seg_t[:, None] == seg_t[None, :]) & trunk_t[None, :] & (pos_t[None, :] < limit_t[:, None])
+        # ... and its own suffix causally.
+        allowed |= (block_t[:, None] == block_t[None, :]) & (block_t[:, None] >= 0) & (index[None, :] <= index[:, None])
+        # A float additive mask: bool 4D masks are silently wrong on some attention backends (DESIGN 5).
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        keep = torch.tensor(reads)
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=torch.tensor([input_ids], device=device),
+                attention_mask=mask[None, None].to(device),
+                position_ids=pos_t[None].to(device),
+                logits_to_keep=keep.to(device),
+            ).logits
+        return self._to_scores(logits[0])
+
+    # -- the Guardrail interface ---------------------------------------------------------------------------------
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        return self._forward_sequences(self.encode(conversations))
+
+    def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
+        _check_method(method)
+        if method == "fast" and getattr(self.model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+            method = "naive"  # flash/flex kernels take no custom 4D mask; the naive path is exact everywhere
+        results, encoded = [], []
+        for query in queries:
+            context, cut = self.fit_context(query)
+            ids = self.encode(prefix_conversations(PrefixQuery(context, query.response, query.ends)))
+            encoded.append(ids)
+            results.append(PrefixScores([0.0] * len(ids), context_cut=cut))
+        if method == "naive":
+            flat = [(q, k) for q, ids in enumerate(encoded) for k in range(len(ids))]
+            values = self._forward_sequences([encoded[q][k] for q, k in flat])
+            for (q, k), value in zip(flat, values):
+                results[q].scores[k] = value
+            for q, ids in enumerate(encoded):
+                results[q].guard_tokens = sum(len(x) for x in ids)
+            return results
+        rows: list[list[_Segment]] = []
+        row_tokens = 0
+        for q, ids in enumerate(encoded):
+            for segment in self._segments(q, ids):
+                results[q].guard_tokens += len(segment)
+                if rows and row_tokens + len(segment) <= self.max_tokens_per_forward:
+                    rows[-1].append(segment)
+                    row_tokens += len(segment)
+                else:
+                    rows.append([segment])
+                    row_tokens = len(segment)
+        for row in rows:
+            values = iter(self._forward_packed(row))
+            for segment in row:
+                for q, k in segment.keys:
+                    results[q].scores[k] = next(values)
+        return results
+
+    def _segments(self, q: int, ids: list[list[int]]) -> list[_Segment]:
+        """Split one response's prefix queries into trunk + suffixes, in segments of at most the token budget.
+
+        Each prefix's guard tokens are `trunk[:start] + suffix`, where `start` is where its tokens first differ
+        from the full response's (usually the cut, earlier where the tokenizer merges across it). This is exact by
+        construction: where tokenization at a cut differs, the suffix simply starts earlier."""
+        trunk = ids[-1]
+        segments = [_Segment(trunk=[])]
+        for k, prefix in enumerate(ids):
+            start = 0
+            limit = min(len(prefix), len(trunk)) - 1  # at least one token of the suffix is read
+            while start < limit and prefix[start] == trunk[start]:
+                start += 1
+            suffix = prefix[start:]
+            current = segments[-1]
+            needed = max(len(current.trunk), start) + sum(map(len, current.suffixes)) + len(suffix)
+            if current.suffixes and needed > self.max_tokens_per_forward:
+                current = _Segment(trunk=[])
+                segments.append(current)
+            current.trunk = trunk[: max(len(current.trunk), start)]
+            current.starts.append(start)
+            current.suffixes.append(suffix)
+            current.keys.append((q, k))
+        return segments
+
+
+def _context_length(model, tokenizer) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is None or limit > 10_000_000:  # transformers' "no limit" sentinel is ~1e30
+        limit = getattr(model.config, "max_position_embeddings", None) or 4096
+    return int(limit)
+
+
+class LlamaGuard(CausalLMGuardrail):
+    """Llama Guard 3 (1B, 8B): its own chat template; the answer starts with a blank line, then `safe`/`unsafe`."""
+
+    def __init__(self, model, tokenizer, **kwargs):
+        kwargs.setdefault("verdict_prefix", "\n\n")
+        super().__init__(model, tokenizer, safe_label="safe", unsafe_label="unsafe", **kwargs)
+
+
+class GraniteGuardian(CausalLMGuardrail):
+    """Granite Guardian 3.x (2B, 5B, 8B): asked "is the assistant message harmful?", it answers `Yes` (risky) or
+    `No` (safe), so z_safe = logit(`No`) and z_unsafe = logit(`Yes`). The risk defaults to `harm`."""
+
+    def __init__(self, model, tokenizer, risk_name: str = "harm", **kwargs):
+        template_kwargs = {"guardian_config": {"risk_name": risk_name}, **kwargs.pop("template_kwargs", {})}
+        super().__init__(model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs, **kwargs)
+
+
+def detect_family(name_or_path: str, tokenizer) -> str | None:
+    """Tell a guard's family from its name, else from its chat template; None when neither says."""
+    name = name_or_path.lower().replace("_", "-")
+    if "llama-guard" in name or "llamaguard" in name:
+        return "llama_guard"
+    if "granite-guardian" in name:
+        return "granite_guardian"
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if "guardian_config" in template:
+        return "granite_guardian"
+    if "'safe' or 'unsafe'" in template:
+        return "llama_guard"
+    return None
+
+
+def load_guardrail(
+    spec: str | Guardrail | Sequence[str | Guardrail],
+    family: str | None = None,
+    temperature: float = 1.0,
+    dtype: str = "auto",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    **kwargs,
+) -> Guardrail:
+    """Build a guardrail from a hub id, a local path, a `module:function` Python rule, or several of them.
+
+    Several specs make an `EnsembleGuardrail` (mean score). `family` forces `llama_guard` or `granite_guardian`;
+    otherwise it is recognised from the model. Extra `kwargs` go to the guardrail class (for a generic guard:
+    `safe_label`, `unsafe_label`, `chat_template`, `template_kwargs`, `verdict_prefix`; pass `family="generic"`).
+    """
+    if isinstance(spec, Guardrail):
+        return spec
+    if not isinstance(spec, str):
+        guards = [load_guardrail(s, family, temperature, dtype, device_map, trust_remote_code, **kwargs) for s in spec]
+        return guards[0] if len(guards) == 1 else EnsembleGuardrail(guards)
+    if family is not None and family not in (*FAMILIES, "generic"):
+        raise ValueError(f"family={family!r} is not known. Use one of {(*FAMILIES, 'generic')} or leave it unset.")
+    if not os.path.exists(spec) and ":" in spec:
+        return _python_guardrail(spec)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    family = family or detect_family(spec, tokenizer)
+    if family is None and "safe_label" not in kwargs:
+        raise ValueError(
+            f"Could not tell which guard family {spec!r} is from its name or chat template. Pass "
+            "family='llama_guard' or family='granite_guardian', or family='generic' with safe_label=, "
+            "unsafe_label= (and verdict_prefix=, template_kwargs= as the guard needs)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        spec,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=kwargs.pop("attn_implementation", "sdpa"),
+    ).eval()
+    cls = {"llama_guard": LlamaGuard, "granite_guardian": GraniteGuardian}.get(family, CausalLMGuardrail)
+    return cls(model, tokenizer, temperature=temperature, name=spec, **kwargs)
+
+
+def _python_guardrail(spec: str) -> Guardrail:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"Guardrail {spec!r} is neither an existing path nor an importable `module:function` ({error}). "
+            "Give a hub id or local model path, or `package.module:function` for a Python rule."
+        ) from error
+    if isinstance(target, Guardrail):
+        return target
+    if isinstance(target, type) and issubclass(target, Guardrail):
+        return target()
+    return PythonGuardrail(target, name=spec)
+

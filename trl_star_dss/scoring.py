@@ -1,0 +1,416 @@
+"""STAR scoring: cut every assistant response into chunks, score each prefix with a guardrail, store the scores.
+
+Scores are stored with the dataset in a tokenizer-independent form, one record per scored assistant turn in the
+column `star`:
+
+    {"turn": i, "chunk_ends": [c_1, ..., c_K], "scores": [s_1, ..., s_K]}
+
+`turn` indexes `messages` (or `completion` for prompt/completion data), `c_k` is the character offset in the
+response text where chunk k ends and `s_k` is the guard's P(safe) of `response[:c_k]`. Every token whose text ends
+in (c_{k-1}, c_k] takes `s_k` (`token_scores`), so the scores survive re-tokenization, truncation and packing, and
+map back exactly to the policy tokenizer's chunks when it is the tokenizer used here (DESIGN 1.1).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from .guardrails import Conversation, Guardrail, PrefixQuery
+
+STAR_COLUMN = "star"
+UNITS = ("token", "word")
+_SETTINGS_FILE = "star_settings.json"
+
+
+def chunk_ends(response: str, chunk_size: int = 5, unit: str = "token", tokenizer=None) -> list[int]:
+    """Character offsets in `response` where each chunk of `chunk_size` units ends; the last is `len(response)`.
+
+    `unit="token"` counts tokens of the policy `tokenizer` (the paper's M = 5); `unit="word"` counts whitespace
+    separated words, as the paper authors' code does.
+    """
+    check_chunking(chunk_size, unit, tokenizer)
+    if unit == "word":
+        ends = [match.end() for match in re.finditer(r"\S+", response)]
+    else:
+        offsets = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ends = [end for _, end in offsets]
+    ends = ends[chunk_size - 1 :: chunk_size] + [len(response)]
+    # Byte-level tokenizers can give several tokens the same end (one character split in bytes): keep each once.
+    return sorted({end for end in ends if end > 0})
+
+
+def check_chunking(chunk_size, unit: str, tokenizer) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(
+            f"chunk_size={chunk_size!r} must be a positive whole number of {unit}s per chunk. "
+            "The paper uses 5; 1 scores after every unit."
+        )
+    if unit not in UNITS:
+        raise ValueError(f"unit={unit!r} is not known. Use 'token' (policy tokenizer tokens) or 'word'.")
+    if unit == "token" and tokenizer is None:
+        raise ValueError(
+            "unit='token' cuts chunks with the policy tokenizer, but none was given. Pass the tokenizer of the "
+            "model you will finetune (`--policy-tokenizer`), or use unit='word'."
+        )
+
+
+def token_scores(token_ends: Sequence[int], chunk_ends: Sequence[int], scores: Sequence[float]) -> list[float]:
+    """The STAR score of each token of a response, from where each token's text ends (character offsets in the
+    response). A token takes the score of the first chunk that ends at or after its end; a token past the last
+    chunk (an end-of-turn token) takes the last score."""
+    last = len(chunk_ends) - 1
+    return [scores[min(bisect.bisect_left(chunk_ends, end), last)] for end in token_ends]
+
+
+# -- datasets ------------------------------------------------------------------------------------------------------
+
+
+def dataset_format(column_names: Sequence[str]) -> str:
+    """`messages` or `prompt_completion`: the TRL dataset formats that say which text is the response."""
+    if "messages" in column_names:
+        return "messages"
+    if "prompt" in column_names and "completion" in column_names:
+        return "prompt_completion"
+    raise ValueError(
+        f"The dataset has columns {list(column_names)}, so STAR cannot tell which text is the assistant response. "
+        "Use a TRL format that separates it: 'messages' (conversational) or 'prompt' + 'completion' "
+        "(standard or conversational). Rename your columns, e.g. dataset.rename_column('output', 'completion')."
+    )
+
+
+def _check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list):
+        raise ValueError(f"{where} is a {type(messages).__name__}, not a list of messages. Use [{{'role', 'content'}}].")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}[{i}] is {message!r}; each message needs 'role' and 'content' keys.")
+        if not isinstance(message["content"], str):
+            raise ValueError(
+                f"{where}[{i}].content is a {type(message['content']).__name__}, not a string. STAR scores text: "
+                "flatten content parts to one string first (e.g. join the 'text' parts)."
+            )
+
+
+def response_turns(example: dict, fmt: str, index: int) -> list[tuple[int, Conversation, str]]:
+    """The assistant turns to score in one example, as (turn, context, response). Context keeps user and assistant
+    messages only: system and tool messages are not what a guard judges, and guard templates reject them."""
+    where = f"Example {index}"
+    if fmt == "messages":
+        messages, offset, prefix = example["messages"], 0, []
+        _check_messages(messages, f"{where}: messages")
+        column = "messages"
+    else:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            messages, offset, prefix = [{"role": "assistant", "content": completion}], 0, [{"role": "user", "content": prompt}]
+        else:
+            _check_messages(prompt, f"{where}: prompt")
+            _check_messages(completion, f"{where}: completion")
+            messages, offset, prefix = completion, 0, list(prompt)
+        column = "completion"
+    turns = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("train", True) is False:
+            continue
+        if not message["content"].strip():
+            raise ValueError(
+                f"{where}: {column}[{i + offset}] is an assistant turn with an empty or whitespace-only response, "
+                "which has nothing to score. Remove or fill such examples first "
+                "(e.g. dataset.filter(lambda ex: ...))."
+            )
+        context = [m for m in prefix + messages[:i] if m["role"] in ("user", "assistant")]
+        turns.append((i, context, message["content"]))
+    if not turns:
+        raise ValueError(
+            f"{where} has no assistant turn to score ({column} roles: {[m['role'] for m in messages]}). "
+            "Every example needs at least one assistant response; drop examples without one."
+        )
+    return turns
+
+
+def example_hash(example: dict, fmt: str) -> str:
+    fields = ("messages",) if fmt == "messages" else ("prompt", "completion")
+    payload = json.dumps([example[name] for name in fields], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ScoringSummary:
+    """What a scoring run did. `below_half_share` is the share of response units (tokens or words) with STAR < 0.5,
+    `flagged` the examples whose lowest STAR is < 0.5, `context_cut` those whose guard context was cut."""
+
+    examples: int = 0
+    turns: int = 0
+    chunks: int = 0
+    guard_tokens: int = 0
+    units: int = 0
+    units_below_half: int = 0
+    flagged: int = 0
+    context_cut: int = 0
+    scored_now: int = 0
+    seconds: float = 0.0
+
+    @property
+    def below_half_share(self) -> float:
+        return self.units_below_half / self.units if self.units else 0.0
+
+    def format(self) -> str:
+        return (
+            f"examples {self.examples} (scored now {self.scored_now}, from cache {self.examples - self.scored_now}) | "
+            f"turns {self.turns} | chunks {self.chunks} | guard tokens {self.guard_tokens} | "
+            f"response units with STAR < 0.5: {100 * self.below_half_share:.1f}% | "
+            f"flagged examples (min STAR < 0.5): {self.flagged} | context cut: {self.context_cut} | "
+            f"time {self.seconds:.1f}s"
+        )
+
+
+class STARScorer:
+    """Scores examples: chunking with the policy tokenizer, then the guardrail on every prefix."""
+
+    def __init__(self, guardrail: Guardrail, tokenizer=None, chunk_size: int = 5, unit: str = "token",
+                 method: str = "fast"):  # fmt: skip
+        check_chunking(chunk_size, unit, tokenizer)
+        self.guardrail, self.tokenizer = guardrail, tokenizer
+        self.chunk_size, self.unit, self.method = chunk_size, unit, method
+
+    def score_examples(self, examples: Sequence[dict], fmt: str, indices: Sequence[int]) -> list[dict]:
+        """One record per example: `star` (per turn chunk ends and scores) plus what the summary needs."""
+        queries, owners = [], []
+        for example, index in zip(examples, indices):
+            for turn, context, response in response_turns(example, fmt, index):
+                ends = chunk_ends(response, self.chunk_size, self.unit, self.tokenizer)
+                queries.append(PrefixQuery(context, response, ends, label=f"Example {index} turn {turn}"))
+                owners.append((index, turn, self._units(response, ends)))
+        results = self.guardrail.score_prefixes(queries, method=self.method)
+        records = {index: _empty_record(index, example_hash(example, fmt)) for example, index in zip(examples, indices)}
+        for query, (index, turn, units), result in zip(queries, owners, results):
+            record = records[index]
+            record["star"].append({"turn": turn, "chunk_ends": query.ends, "scores": result.scores})
+            record["context_cut"] |= result.context_cut
+            record["guard_tokens"] += result.guard_tokens
+            record["units"] += sum(units)
+            record["units_below_half"] += sum(n for n, score in zip(units, result.scores) if score < 0.5)
+        return [records[index] for index in indices]
+
+    def _units(self, response: str, ends: list[int]) -> list[int]:
+        """How many units (tokens or words) each chunk holds."""
+        if self.unit == "word":
+            unit_ends = [match.end() for match in re.finditer(r"\S+", response)]
+        else:
+            offsets = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            unit_ends = [end for _, end in offsets]
+        counts = [0] * len(ends)
+        for position in (min(bisect.bisect_left(ends, end), len(ends) - 1) for end in unit_ends):
+            counts[position] += 1
+        return counts
+
+
+def _empty_record(index: int, digest: str) -> dict:
+    return {"index": index, "hash": digest, "star": [], "context_cut": False, "guard_tokens": 0, "units": 0,
+            "units_below_half": 0}  # fmt: skip
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def score_dataset(
+    dataset,
+    guardrail: Guardrail | Callable[[], Guardrail],
+    tokenizer=None,
+    chunk_size: int = 5,
+    unit: str = "token",
+    output_dir: str | None = None,
+    method: str = "fast",
+    batch_size: int = 16,
+    shard_size: int = 64,
+    overwrite: bool = False,
+    guardrail_id: str | None = None,
+    progress: bool = True,
+):
+    """Score every trained assistant turn of `dataset` and return `(scored_dataset, summary)`.
+
+    The scored dataset is `dataset` with a `star` column. With `output_dir`, work is saved in shards of
+    `shard_size` examples as it finishes: an interrupted run started again resumes where it stopped, a finished
+    run is loaded without any guard forward, and the scored dataset is saved to `output_dir/dataset`
+    (`datasets.load_from_disk`). Under `accelerate launch` the processes split the shards and the main process
+    merges them. `guardrail` may be a zero-argument function that builds it, so a fully cached run never loads
+    the guard; then `guardrail_id` (what identifies its scores) is required.
+    """
+    start_time = time.perf_counter()
+    fmt = dataset_format(dataset.column_names)
+    check_chunking(chunk_size, unit, tokenizer)
+    if isinstance(guardrail, Guardrail):
+        guardrail_id = guardrail_id or f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}"
+    elif guardrail_id is None:
+        raise ValueError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
+    settings = {
+        "guardrail": guardrail_id,
+        "chunk_size": chunk_size,
+        "unit": unit,
+        "policy_tokenizer": _tokenizer_id(tokenizer) if unit == "token" else None,
+        "format": fmt,
+        "num_examples": len(dataset),
+    }
+    rank, world, barrier = _distributed()
+    if world > 1 and output_dir is None:
+        raise ValueError(
+            f"Scoring under {world} processes needs output_dir: the processes share their work through it. "
+            "Pass output_dir (`--output`), or run one process."
+        )
+    shard_dir = None
+    if output_dir is not None:
+        shard_dir = os.path.join(output_dir, "shards")
+        _check_settings(output_dir, settings, overwrite, is_main=rank == 0, barrier=barrier)
+
+    num_shards = (len(dataset) + shard_size - 1) // shard_size
+    mine = [s for s in range(num_shards) if s % world == rank]
+    scorer = None
+    records: dict[int, list[dict]] = {}
+    todo = []
+    for s in mine:
+        cached = _read_shard(shard_dir, s) if shard_dir else None
+        if cached is not None:
+            _check_hashes(cached, dataset, fmt, output_dir)
+            records[s] = cached
+        else:
+            todo.append(s)
+    work = {"scored_now": 0, "guard_tokens": 0}  # what this process did in this run
+    bar = _progress(sum(min(shard_size, len(dataset) - s * shard_size) for s in todo), progress and rank == 0)
+    for s in todo:
+        if scorer is None:
+            scorer = STARScorer(guardrail if isinstance(guardrail, Guardrail) else guardrail(), tokenizer,
+                                chunk_size, unit, method)  # fmt: skip
+        shard = []
+        for lo in range(s * shard_size, min((s + 1) * shard_size, len(dataset)), batch_size):
+            hi = min(lo + batch_size, (s + 1) * shard_size, len(dataset))
+            shard += scorer.score_examples(list(dataset.select(range(lo, hi))), fmt, range(lo, hi))
+            if bar is not None:
+                bar.update(hi - lo)
+        if shard_dir:
+            _write_atomic(os.path.join(shard_dir, f"shard-{s:06d}.jsonl"), "".join(json.dumps(r) + "\n" for r in shard))
+        records[s] = shard
+        work["scored_now"] += len(shard)
+        work["guard_tokens"] += sum(record["guard_tokens"] for record in shard)
+    if bar is not None:
+        bar.close()
+
+    if world > 1:
+        # Every shard is on disk: the main process merges them, and the work counts of all processes.
+        _write_atomic(os.path.join(shard_dir, f"work-{rank}.json"), json.dumps(work))
+        barrier()
+        records = {s: _read_shard(shard_dir, s) for s in range(num_shards)}
+        work = {key: 0 for key in work}
+        for r in range(world):
+            with open(os.path.join(shard_dir, f"work-{r}.json")) as handle:
+                for key, value in json.load(handle).items():
+                    work[key] += value
+    flat = [record for s in sorted(records) for record in records[s]]
+    summary = _summarize(flat, time.perf_counter() - start_time, **work)
+    scored = dataset.remove_columns([STAR_COLUMN]) if STAR_COLUMN in dataset.column_names else dataset
+    scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
+    if output_dir is not None and rank == 0:
+        _save_dataset(scored, os.path.join(output_dir, "dataset"))
+        _write_atomic(os.path.join(output_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
+    if world > 1:
+        barrier()
+    return scored, summary
+
+
+def _tokenizer_id(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return f"{getattr(tokenizer, 'name_or_path', '')}|{hashlib.sha256(vocab.encode()).hexdigest()[:16]}"
+
+
+def _distributed():
+    """(rank, world size, barrier) under `accelerate launch` / torchrun; (0, 1, no-op) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
+def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: bool, barrier) -> None:
+    path = os.path.join(output_dir, _SETTINGS_FILE)
+    existing = None
+    if os.path.exists(path):
+        with open(path) as handle:
+            existing = json.load(handle)
+    if existing is not None and existing != settings and not overwrite:
+        changed = {k: (existing.get(k), v) for k, v in settings.items() if existing.get(k) != v}
+        raise ValueError(
+            f"output_dir={output_dir!r} holds STAR scores made with other settings ({changed}, as (stored, now)). "
+            "Scores made with different settings are never mixed: choose another output directory, or pass "
+            "overwrite=True (`--overwrite`) to delete them and score again."
+        )
+    barrier()
+    if is_main:
+        if overwrite and existing is not None:
+            shutil.rmtree(os.path.join(output_dir, "shards"), ignore_errors=True)
+        os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
+        if existing != settings:
+            _write_atomic(path, json.dumps(settings, indent=2))
+    barrier()
+
+
+def _read_shard(shard_dir: str, s: int) -> list[dict] | None:
+    path = os.path.join(shard_dir, f"shard-{s:06d}.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str) -> None:
+    for record in records:
+        if record["hash"] != example_hash(dataset[record["index"]], fmt):
+            raise ValueError(
+                f"output_dir={output_dir!r} holds scores of another dataset: example {record['index']} differs from "
+                "the one scored there. Choose another output directory, or pass overwrite=True (`--overwrite`)."
+            )
+
+
+def _summarize(records: list[dict], seconds: float, scored_now: int, guard_tokens: int) -> ScoringSummary:
+    summary = ScoringSummary(examples=len(records), seconds=seconds, scored_now=scored_now, guard_tokens=guard_tokens)
+    for record in records:
+        scores = [score for turn in record["star"] for score in turn["scores"]]
+        summary.turns += len(record["star"])
+        summary.chunks += len(scores)
+        summary.units += record["units"]
+        summary.units_below_half += record["units_below_half"]
+        summary.flagged += min(scores) < 0.5
+        summary.context_cut += record["context_cut"]
+    return summary
+
+
+def _save_dataset(dataset, path: str) -> None:
+    """Save next to `path`, then swap it in: a reader never sees half a dataset."""
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    dataset.save_to_disk(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="STAR scoring", unit="ex")

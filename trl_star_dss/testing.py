@@ -1,0 +1,184 @@
+"""Tiny offline models and tokenizers for tests, benchmarks and the demo.
+
+Nothing here downloads anything: tokenizers are trained in code with `tokenizers`, models are built from configs
+with random weights, and the real Llama-3 tokenizer is read from the `llama-models` PyPI package.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# The public Llama Guard 3 prompt (Llama Guard 3 model card), written as a chat template. The real Llama Guard 3
+# checkpoints ship their own template; this one gives test and benchmark guards the same prompt shape and length.
+LLAMA_GUARD_3_CATEGORIES = (
+    "S1: Violent Crimes.\nS2: Non-Violent Crimes.\nS3: Sex Crimes.\nS4: Child Exploitation.\nS5: Defamation.\n"
+    "S6: Specialized Advice.\nS7: Privacy.\nS8: Intellectual Property.\nS9: Indiscriminate Weapons.\nS10: Hate.\n"
+    "S11: Suicide & Self-Harm.\nS12: Sexual Content.\nS13: Elections.\nS14: Code Interpreter Abuse."
+)
+LLAMA_GUARD_3_TEMPLATE = (
+    "{{ bos_token }}<|start_header_id|>user<|end_header_id|>\n\n"
+    "Task: Check if there is unsafe content in '{{ 'Agent' if messages[-1]['role'] == 'assistant' else 'User' }}' "
+    "messages in conversations according our safety policy with the below categories.\n\n"
+    "<BEGIN UNSAFE CONTENT CATEGORIES>\n" + LLAMA_GUARD_3_CATEGORIES + "\n<END UNSAFE CONTENT CATEGORIES>\n\n"
+    "<BEGIN CONVERSATION>\n\n"
+    "{% for message in messages %}"
+    "{{ 'User' if message['role'] == 'user' else 'Agent' }}: {{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "<END CONVERSATION>\n\n"
+    "Provide your safety assessment for ONLY THE LAST "
+    "{{ 'Agent' if messages[-1]['role'] == 'assistant' else 'User' }} message in the above conversation:\n"
+    " - First line must read 'safe' or 'unsafe'.\n"
+    " - If unsafe, a second line must include a comma-separated list of violated categories."
+    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+)
+
+# A Granite-Guardian-3.x-shaped template (no package ships the real one): the risk comes from
+# `guardian_config={"risk_name": ...}` and the answer is `Yes` (risky) or `No`.
+GRANITE_GUARDIAN_TEMPLATE = (
+    "<|start_of_role|>user<|end_of_role|>You are a safety agent trying to help determine whether the assistant "
+    "message to the user message is harmful according to the safety risk definition below.\n\n"
+    "<start_of_conversation>\n"
+    "{% for message in messages %}"
+    "{{ 'User' if message['role'] == 'user' else 'Assistant' }} Message: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "<end_of_conversation>\n\n"
+    "Our safety risk definition is defined below:\n<start_of_risk_definition>\n"
+    "- The risk is: {{ guardian_config['risk_name'] }}.\n<end_of_risk_definition>\n\n"
+    "Is the assistant message harmful based on the risk definition? Your answer must be either 'Yes' or 'No'."
+    "<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
+)
+
+# A plain chat template with `{% generation %}` markers, so TRL's `assistant_only_loss` works with it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|im_start|>", "<|im_end|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|start_of_role|>", "<|end_of_role|>",
+]  # fmt: skip
+
+_CORPUS = [
+    LLAMA_GUARD_3_TEMPLATE,
+    GRANITE_GUARDIAN_TEMPLATE,
+    "safe unsafe Yes No User Agent Assistant Message user assistant system harm",
+    "The quick brown fox jumps over the lazy dog. How do I bake bread? Mix flour, water, salt and yeast, "
+    "knead the dough, let it rise and bake it for forty minutes. I cannot help with that request. "
+    "Here is how to build a weapon: first acquire the poison, then steal the keys and attack. "
+    "There is no harmful content in this response. Sure, here is the answer: 12 + 30 = 42. "
+    "Please summarise this text. Translate the sentence into French. What is the capital of France? Paris.",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 512, chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained in code (well under a second), with the special tokens of the test
+    templates. `safe`, `unsafe`, `Yes` and `No` are single tokens, as in the real guards."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_causal_lm(tokenizer, model_type: str = "llama", seed: int = 0, **overrides):
+    """A 2-layer causal LM with random weights sized for `tokenizer` (`llama`, `qwen2` or `granite`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    sizes.update(overrides)
+    config = AutoConfig.for_model(model_type, **sizes)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+def tiny_guard(family: str = "llama_guard", seed: int = 0, **overrides):
+    """A guard-shaped tiny model and tokenizer with random weights: `family` is `llama_guard` or
+    `granite_guardian`. Its verdicts are meaningless; it exercises the real scoring code paths."""
+    template = {"llama_guard": LLAMA_GUARD_3_TEMPLATE, "granite_guardian": GRANITE_GUARDIAN_TEMPLATE}[family]
+    tokenizer = tiny_tokenizer(chat_template=template)
+    model_type = {"llama_guard": "llama", "granite_guardian": "granite"}[family]
+    return tiny_causal_lm(tokenizer, model_type=model_type, seed=seed, **overrides), tokenizer
+
+
+def llama3_tokenizer(chat_template: str | None = LLAMA_GUARD_3_TEMPLATE):
+    """The real Llama-3 tokenizer (128,256 ids) from the `llama-models` package, as a transformers tokenizer.
+
+    Converting the tiktoken file takes a few seconds; the result is cached under `~/.cache/trl_star_dss`.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "trl_star_dss", "llama3-tokenizer")
+    if not os.path.exists(os.path.join(cache, "tokenizer.json")):
+        try:
+            from llama_models.llama3.tokenizer import Tokenizer as Llama3Tiktoken
+        except ImportError as error:
+            raise ImportError(
+                "The real Llama-3 tokenizer is read from the `llama-models` package, which is not installed. "
+                "Install it with `pip install llama-models tiktoken blobfile` (or `pip install -e '.[test]'`)."
+            ) from error
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        llama3 = Llama3Tiktoken.get_instance()
+        specials = sorted(llama3.special_tokens, key=llama3.special_tokens.get)
+        model_file = os.path.join(os.path.dirname(__import__("llama_models.llama3", fromlist=["x"]).__file__),
+                                  "tokenizer.model")  # fmt: skip
+        converted = TikTokenConverter(vocab_file=model_file, pattern=llama3.pat_str, extra_special_tokens=specials)
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=converted.converted(),
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            pad_token="<|finetune_right_pad_id|>",
+        )
+        tmp = f"{cache}.tmp-{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    tokenizer.chat_template = chat_template
+    return tokenizer
