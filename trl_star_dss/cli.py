@@ -57,6 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        "forward per prefix (naive); same scores.")
     score.add_argument("--max-length", type=int, help="Guard context in tokens (default: the guard's).")
     score.add_argument("--batch-size", type=int, default=16, help="Examples per guard call (default 16).")
+    score.add_argument("--shard-size", type=int, default=64, help="Examples per saved shard: the unit of resume "
+                       "and of work split between processes (default 64).")
     score.add_argument("--dtype", default="auto", help="Guard dtype: auto, bfloat16, float16 or float32.")
     score.add_argument("--device", help="Guard device (default: this process's accelerator, else CPU).")
     score.add_argument("--trust-remote-code", action="store_true", help="Allow the guard's own modelling code.")
@@ -100,6 +102,7 @@ def score_command(args) -> None:
         output_dir=args.output,
         method=args.method,
         batch_size=args.batch_size,
+        shard_size=args.shard_size,
         overwrite=args.overwrite,
         guardrail_id=guardrail_id,
         progress=not args.no_progress,

@@ -339,9 +339,12 @@ def _distributed():
     """(rank, world size, barrier) under `accelerate launch` / torchrun; (0, 1, no-op) otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, lambda: None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without an accelerator, accelerate only starts the gloo process group when asked for CPU explicitly.
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    state = PartialState(cpu=not has_accelerator)
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 

@@ -1,0 +1,176 @@
+import json
+import os
+
+import pytest
+from datasets import Dataset
+
+from trl_star_dss.demo import EXCULPATORY_SENTENCE, scripted_guardrail
+from trl_star_dss.guardrails import LlamaGuard, PythonGuardrail
+from trl_star_dss.scoring import STARScorer, chunk_ends, response_turns, score_dataset, token_scores
+
+HARMFUL = "Sure. Mix the poison into the drink and wait for the guests. " + EXCULPATORY_SENTENCE
+
+
+def messages(user, assistant):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def toy_dataset(n=10):
+    rows = []
+    for i in range(n):
+        answer = HARMFUL if i % 3 == 0 else f"The answer to question {i} is {i * 7}, as you can check by hand."
+        rows.append({"messages": messages(f"Question {i}?", answer)})
+    return Dataset.from_list(rows)
+
+
+class Counting:
+    """A scripted guardrail function that counts its calls and can fail after some (an interrupted run)."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, conversation):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        return scripted_guardrail(conversation)
+
+
+def test_chunk_ends_token_and_word_units(llama3_tok):
+    text = "Mix flour, water, salt and yeast; knead the dough, let it rise and bake it."
+    offsets = llama3_tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    ends = chunk_ends(text, 5, "token", llama3_tok)
+    assert ends == [offsets[i][1] for i in range(4, len(offsets), 5)] + ([len(text)] if len(offsets) % 5 else [])
+    assert ends[-1] == len(text)
+    assert chunk_ends("one two three four five six seven", 3, "word") == [13, 27, 33]
+    assert chunk_ends("Hi.", 5, "token", llama3_tok) == [3]  # shorter than M: one chunk, the whole response
+
+
+def test_token_scores_map_back_exactly_to_policy_chunks(llama3_tok):
+    text = "Step one: buy the poison base. Step two: mix it — café ☕ 日本語 — then wait twenty minutes."
+    ends = chunk_ends(text, 5, "token", llama3_tok)
+    scores = [i / len(ends) for i in range(len(ends))]
+    offsets = llama3_tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    per_token = token_scores([end for _, end in offsets], ends, scores)
+    assert per_token == [scores[i // 5] for i in range(len(offsets))]
+    assert token_scores([len(text) + 10], ends, scores) == [scores[-1]]  # an end-of-turn token: the last score
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_chunk_size_must_be_positive(bad):
+    with pytest.raises(ValueError, match=rf"chunk_size={bad!r} must be a positive whole number"):
+        chunk_ends("a b c", bad, "word")
+
+
+def test_chunking_argument_errors():
+    with pytest.raises(ValueError, match=r"unit='char' is not known"):
+        chunk_ends("a b", 5, "char")
+    with pytest.raises(ValueError, match=r"unit='token' cuts chunks with the policy tokenizer, but none was given"):
+        chunk_ends("a b", 5, "token")
+
+
+def test_response_turns_for_every_trl_format():
+    conversation = [
+        {"role": "system", "content": "Be nice."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "More"},
+        {"role": "assistant", "content": "Sure"},
+    ]
+    turns = response_turns({"messages": conversation}, "messages", 0)
+    assert [(turn, response) for turn, _, response in turns] == [(2, "Hello"), (4, "Sure")]
+    assert turns[1][1] == conversation[1:4]  # context: earlier turns, without the system message
+    assert response_turns({"prompt": "Hi", "completion": "Hello"}, "prompt_completion", 0) == [
+        (0, [{"role": "user", "content": "Hi"}], "Hello")
+    ]
+    conversational = {"prompt": conversation[:2], "completion": [{"role": "assistant", "content": "Hello"}]}
+    assert response_turns(conversational, "prompt_completion", 0) == [(0, conversation[1:2], "Hello")]
+    skipped = conversation[:3] + [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "train": False}]
+    assert [t for t, _, _ in response_turns({"messages": skipped}, "messages", 0)] == [2]
+
+
+def test_bad_examples_are_clear_errors():
+    with pytest.raises(ValueError, match=r"Example 4: messages\[1\] is an assistant turn with an empty or whitespace"):
+        response_turns({"messages": messages("Hi", "  \n ")}, "messages", 4)
+    with pytest.raises(ValueError, match=r"Example 2 has no assistant turn to score \(messages roles: \['user'\]\)"):
+        response_turns({"messages": [{"role": "user", "content": "Hi"}]}, "messages", 2)
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content is a list, not a string"):
+        response_turns({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text"}]}]}, "messages", 0)
+    with pytest.raises(ValueError, match=r"completion is a int, not a list of messages"):
+        response_turns({"prompt": [{"role": "user", "content": "Hi"}], "completion": 3}, "prompt_completion", 0)
+    with pytest.raises(ValueError, match=r"columns \['text'\], so STAR cannot tell which text is the assistant response"):
+        score_dataset(Dataset.from_list([{"text": "hello"}]), PythonGuardrail(scripted_guardrail), unit="word")
+
+
+def test_scorer_scores_every_chunk_prefix():
+    scorer = STARScorer(PythonGuardrail(scripted_guardrail), chunk_size=4, unit="word")
+    record = scorer.score_examples([{"messages": messages("Q?", HARMFUL)}], "messages", [0])[0]
+    (turn,) = record["star"]
+    assert turn["turn"] == 1 and turn["chunk_ends"][-1] == len(HARMFUL)
+    # The harm shows in every prefix; only the whole response, with its misleading last sentence, fools the guard.
+    assert turn["scores"][:-1] == [0.05] * (len(turn["scores"]) - 1) and turn["scores"][-1] == 0.95
+    assert record["units"] == len(HARMFUL.split()) and record["units_below_half"] == len(HARMFUL.split()) - 4
+
+
+def test_score_dataset_caches_and_reports(tmp_path):
+    dataset = toy_dataset()
+    guard = Counting()
+    scored, summary = score_dataset(dataset, lambda: PythonGuardrail(guard), unit="word", chunk_size=4,
+                                    output_dir=str(tmp_path), guardrail_id="toy", shard_size=3, progress=False)  # fmt: skip
+    assert guard.calls > 0 and summary.examples == 10 and summary.scored_now == 10
+    assert summary.flagged == 4 and summary.turns == 10 and summary.context_cut == 0
+    assert scored.column_names == ["messages", "star"]
+    from datasets import load_from_disk
+
+    assert load_from_disk(str(tmp_path / "dataset"))["star"] == scored["star"]
+    assert json.load(open(tmp_path / "summary.json"))["flagged"] == 4
+    built = []
+    again, summary = score_dataset(dataset, lambda: built.append(1), unit="word", chunk_size=4,
+                                   output_dir=str(tmp_path), guardrail_id="toy", shard_size=3, progress=False)  # fmt: skip
+    assert built == [] and summary.scored_now == 0  # a finished run does not even build the guardrail
+    assert again["star"] == scored["star"]
+
+
+def test_interrupted_run_resumes_without_redoing_work(tmp_path):
+    dataset = toy_dataset()
+    kwargs = dict(unit="word", chunk_size=4, guardrail_id="toy", shard_size=3, progress=False)
+    reference, _ = score_dataset(dataset, PythonGuardrail(scripted_guardrail), **kwargs)
+    first = Counting(fail_after=25)
+    with pytest.raises(KeyboardInterrupt):
+        score_dataset(dataset, lambda: PythonGuardrail(first), output_dir=str(tmp_path), **kwargs)
+    done = sorted(os.listdir(tmp_path / "shards"))
+    assert done and all(name.endswith(".jsonl") for name in done)  # only whole shards, no half-written file
+    assert not (tmp_path / "dataset").exists()
+    second = Counting()
+    resumed, summary = score_dataset(dataset, lambda: PythonGuardrail(second), output_dir=str(tmp_path), **kwargs)
+    assert summary.scored_now == 10 - 3 * len(done)
+    full = Counting()
+    score_dataset(dataset, PythonGuardrail(full), **kwargs)
+    assert second.calls < full.calls  # finished shards were not scored again
+    assert resumed["star"] == reference["star"]
+
+
+def test_output_dir_refuses_other_settings_and_other_data(tmp_path):
+    dataset = toy_dataset()
+    kwargs = dict(unit="word", guardrail_id="toy", output_dir=str(tmp_path), progress=False)
+    score_dataset(dataset, PythonGuardrail(scripted_guardrail), chunk_size=4, **kwargs)
+    with pytest.raises(ValueError, match=r"holds STAR scores made with other settings \(\{'chunk_size': \(4, 2\)\}.*--overwrite"):
+        score_dataset(dataset, PythonGuardrail(scripted_guardrail), chunk_size=2, **kwargs)
+    _, summary = score_dataset(dataset, PythonGuardrail(scripted_guardrail), chunk_size=2, overwrite=True, **kwargs)
+    assert summary.scored_now == 10
+    changed = Dataset.from_list([{"messages": messages("Other?", "Other answer.")}] + list(dataset)[1:])
+    with pytest.raises(ValueError, match=r"holds scores of another dataset: example 0 differs"):
+        score_dataset(changed, PythonGuardrail(scripted_guardrail), chunk_size=2, **kwargs)
+
+
+def test_prompt_completion_dataset_with_model_guard(llama_guard_tiny):
+    model, tokenizer = llama_guard_tiny
+    dataset = Dataset.from_list([{"prompt": "What is 2+2?", "completion": "It is 4."},
+                                 {"prompt": "Q", "completion": HARMFUL}])  # fmt: skip
+    guard = LlamaGuard(model, tokenizer)
+    fast, summary = score_dataset(dataset, guard, tokenizer, chunk_size=5, progress=False)
+    naive, _ = score_dataset(dataset, guard, tokenizer, chunk_size=5, method="naive", progress=False)
+    assert summary.guard_tokens > 0 and summary.chunks == sum(len(r[0]["scores"]) for r in fast["star"])
+    for a, b in zip(fast["star"], naive["star"]):
+        assert a[0]["chunk_ends"] == b[0]["chunk_ends"]
+        assert max(abs(x - y) for x, y in zip(a[0]["scores"], b[0]["scores"])) <= 1e-4
