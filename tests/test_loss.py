@@ -94,12 +94,14 @@ def test_full_kl_matches_dense_computation_and_gradients():
     logp = torch.log_softmax(hidden @ weight.T, -1)
     ref_logp = torch.log_softmax(ref_hidden @ ref_weight.T, -1)
     dense = (logp.exp() * (logp - ref_logp)).sum(-1) * mask
-    chunked = full_kl(hidden, weight, ref_hidden, ref_weight, mask, chunk_size=3)
+    labels = torch.randint(0, V, (B, T))
+    label_logps = logp.gather(-1, labels[..., None]).squeeze(-1) * mask
+    chunked, logps = full_kl(hidden, weight, ref_hidden, ref_weight, labels, mask, chunk_size=3)
     torch.testing.assert_close(chunked, dense)
-    grads = torch.autograd.grad(chunked.sum(), (hidden, weight))
-    torch.testing.assert_close(grads, torch.autograd.grad(dense.sum(), (hidden, weight)))
+    torch.testing.assert_close(logps, label_logps)
+    grads = torch.autograd.grad((chunked + logps).sum(), (hidden, weight))
+    torch.testing.assert_close(grads, torch.autograd.grad((dense + label_logps).sum(), (hidden, weight)))
     # Used as `kl=`, the full KL replaces the token estimator in the STAR loss.
-    logps = torch.gather(logp, -1, torch.zeros(B, T, 1, dtype=torch.long)).squeeze(-1)
     weights = torch.full((B, T), 0.25)
     loss = star_dss_loss(logps, None, weights, mask, kl_coef=0.5, kl=chunked, reduction="sum")
     torch.testing.assert_close(loss, ((0.25 * -logps + 0.75 * 0.5 * dense) * mask).sum())

@@ -101,11 +101,12 @@ def deep_token_loss(
     return _reduce(per_token, mask, reduction)
 
 
-def _full_kl_chunk(hidden, weight, ref_hidden, ref_weight):
+def _full_kl_chunk(hidden, weight, ref_hidden, ref_weight, labels):
     logp = F.log_softmax((hidden @ weight.T).float(), dim=-1)
     with torch.no_grad():
         ref_logp = F.log_softmax((ref_hidden @ ref_weight.T).float(), dim=-1)
-    return (logp.exp() * (logp - ref_logp)).sum(-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    return kl, logp.gather(-1, labels[:, None]).squeeze(-1)
 
 
 def full_kl(
@@ -113,29 +114,32 @@ def full_kl(
     weight: torch.Tensor,
     ref_hidden: torch.Tensor,
     ref_weight: torch.Tensor,
+    labels: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Reverse KL over the whole vocabulary, `sum_v pi_theta(v) * (log pi_theta(v) - log pi_ref(v))`, per position.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse KL over the whole vocabulary, `sum_v pi_theta(v) * (log pi_theta(v) - log pi_ref(v))`, and the
+    label log-probs `log pi_theta(y_t)`, per position, from hidden states and output layers.
 
     Args:
         hidden / ref_hidden: `[B, T, H]` last hidden states of the policy and the reference at the label positions.
         weight / ref_weight: `[V, H]` their output layers (no bias, as in the causal LMs TRL trains).
+        labels: `[B, T]` label token ids (any value where `mask` is False).
         mask: `[B, T]` bool; only these positions are computed.
         chunk_size: positions per chunk. Each chunk's `chunk_size x V` logits are recomputed in the backward pass
             (activation checkpointing), so `B x T x V` logits are never held, for either model.
 
-    Returns `[B, T]`, 0 where `mask` is False; the gradient flows to `hidden` and `weight` only.
+    Returns `(kl, logps)`, both `[B, T]` float32 and 0 where `mask` is False; gradients flow to `hidden` and `weight`.
     """
-    out = hidden.new_zeros(mask.shape, dtype=torch.float32)
-    rows = hidden[mask]
-    ref_rows = ref_hidden[mask].to(rows.dtype)
-    values = []
+    rows, ref_rows, row_labels = hidden[mask], ref_hidden[mask].to(hidden.dtype), labels[mask]
+    kls, logps = [], []
     for start in range(0, rows.size(0), chunk_size):
-        end = start + chunk_size
-        values.append(
-            checkpoint(_full_kl_chunk, rows[start:end], weight, ref_rows[start:end], ref_weight, use_reentrant=False)
-        )
-    if values:
-        out = out.masked_scatter(mask, torch.cat(values))
-    return out
+        chunk = slice(start, start + chunk_size)
+        kl, logp = checkpoint(_full_kl_chunk, rows[chunk], weight, ref_rows[chunk], ref_weight, row_labels[chunk],
+                              use_reentrant=False)  # fmt: skip
+        kls.append(kl)
+        logps.append(logp)
+    zeros = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    if not kls:  # keep the graph connected for a micro-batch without trained tokens
+        return zeros + 0 * hidden.sum(), zeros + 0 * hidden.sum()
+    return zeros.masked_scatter(mask, torch.cat(kls)), zeros.masked_scatter(mask, torch.cat(logps))

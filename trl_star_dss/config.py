@@ -1,0 +1,112 @@
+"""`STARDSSConfig`: `SFTConfig` plus the fields of STAR-DSS. Defaults are the paper's (DESIGN 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .loss import KL_ESTIMATORS
+from .scoring import UNITS
+
+SHAPINGS = ("star_dss", "deep_token", "rejection_sampling", "sft")
+
+
+@dataclass
+class STARDSSConfig(SFTConfig):
+    r"""
+    Configuration of [`STARDSSTrainer`]: every [`~trl.SFTConfig`] field, plus the ones below.
+
+    The loss on each trained response token t with STAR weight w_t is
+    `w_t * CE_t + (1 - w_t) * kl_coef * KL_t` (`shaping="star_dss"`); the paper's baselines are in the same trainer.
+    """
+
+    shaping: str = field(
+        default="star_dss",
+        metadata={
+            "help": "How the guardrail's scores shape the loss: `star_dss` (CE on safe spans, KL to the reference on "
+            "unsafe ones), `deep_token` (Qi et al. 2025, token-wise constrained objective, no scores needed), "
+            "`rejection_sampling` (drop responses whose whole-response score is below `rejection_threshold`) or "
+            "`sft` (plain cross-entropy).",
+            "choices": list(SHAPINGS),
+        },
+    )
+    kl_coef: float = field(
+        default=0.5, metadata={"help": "lambda: weight of the KL term on unsafe spans (the paper: 0.5)."}
+    )
+    kl_estimator: str = field(
+        default="k2",
+        metadata={
+            "help": "KL estimator: `k2` = (log ratio)^2 / 2 (the paper authors' code), `k1`, `k3` from the dataset "
+            "token, or `full` = reverse KL over the whole vocabulary (needs a live reference).",
+            "choices": list(KL_ESTIMATORS),
+        },
+    )
+    star_chunk_size: int = field(
+        default=5, metadata={"help": "M: the response is scored after every M units (the paper: 5 tokens)."}
+    )
+    star_unit: str = field(
+        default="token",
+        metadata={"help": "Unit of `star_chunk_size`: `token` (policy tokenizer) or `word`.", "choices": list(UNITS)},
+    )
+    guardrail: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Guard model(s) (hub ids, paths or `module:function` rules) that score the dataset at start-up "
+            "when it has no `star` column yet; several are averaged. Leave unset for a dataset scored by "
+            "`star-dss score`."
+        },
+    )
+    guardrail_temperature: float = field(
+        default=1.0, metadata={"help": "T in sigmoid((z_safe - z_unsafe) / T). 0.2 reproduces the authors' code."}
+    )
+    guardrail_family: str | None = field(
+        default=None,
+        metadata={"help": "Force the guard family (`llama_guard`, `granite_guardian`); default: recognised."},
+    )
+    star_scores_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where start-up scoring caches its scores (default: `<output_dir>/star_scores`)."},
+    )
+    rejection_threshold: float = field(
+        default=0.5,
+        metadata={"help": "With `shaping='rejection_sampling'`: responses scored below this are not trained."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs of the dataset tokens in one pass before training and keep them "
+            "with the dataset: training then holds no reference model (token KL estimators only)."
+        },
+    )
+    full_kl_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per chunk of the full-vocabulary KL (`kl_estimator='full'`)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.shaping not in SHAPINGS:
+            raise ValueError(f"shaping={self.shaping!r} is not known. Use one of {SHAPINGS}.")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r} is not known. Use one of {KL_ESTIMATORS}.")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef={self.kl_coef} must be >= 0 (the paper uses 0.5).")
+        if isinstance(self.star_chunk_size, bool) or not isinstance(self.star_chunk_size, int) or self.star_chunk_size <= 0:
+            raise ValueError(f"star_chunk_size={self.star_chunk_size!r} must be a positive whole number (the paper: 5).")
+        if self.star_unit not in UNITS:
+            raise ValueError(f"star_unit={self.star_unit!r} is not known. Use one of {UNITS}.")
+        if not self.guardrail_temperature > 0:
+            raise ValueError(f"guardrail_temperature={self.guardrail_temperature} must be > 0. Use e.g. 1.0.")
+        if isinstance(self.guardrail, str):
+            self.guardrail = [self.guardrail]
+        if self.precompute_ref_log_probs and self.kl_estimator == "full":
+            raise ValueError(
+                "precompute_ref_log_probs=True stores log pi_ref of the dataset tokens only, but "
+                "kl_estimator='full' needs the reference's whole distribution at every step. Use kl_estimator='k2' "
+                "(or k1/k3) with precomputed log-probs, or precompute_ref_log_probs=False."
+            )
+        if self.precompute_ref_log_probs and self.shaping in ("sft", "rejection_sampling"):
+            raise ValueError(
+                f"precompute_ref_log_probs=True does nothing with shaping={self.shaping!r}, which uses no reference. "
+                "Set it to False, or use shaping='star_dss' or 'deep_token'."
+            )

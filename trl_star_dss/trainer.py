@@ -1,0 +1,288 @@
+"""`STARDSSTrainer`: TRL's `SFTTrainer` with the STAR-weighted loss and the paper's baselines (DESIGN 1.2, 1.3).
+
+Data flows one way: scored dataset (`star` column) -> TRL tokenization -> per-token `star_weights` (and, optionally,
+precomputed `ref_logps`) -> truncation / packing / collation, aligned with `labels` -> the loss in `loss.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import types
+from dataclasses import asdict
+
+import torch
+from transformers import AutoTokenizer
+from trl import SFTTrainer
+from trl.data_utils import pack_dataset
+from trl.trainer.utils import add_fused_lm_head
+
+from .collator import TOKEN_COLUMNS, DataCollatorForSTAR, example_star_weights
+from .config import STARDSSConfig
+from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
+from .scoring import STAR_COLUMN, score_dataset
+
+
+def _is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def _add_hidden_state_output(model) -> None:
+    """Let `model(..., star_hidden_states=True)` return the backbone's last hidden states `[B, T, H]` instead of
+    logits, for the full-vocabulary KL. Patched on the instance like TRL's fused LM head, so DDP/PEFT wrappers that
+    call `forward` pass the flag through."""
+    inner_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, star_hidden_states=False, **kwargs):
+        if not star_hidden_states:
+            return inner_forward(*args, **kwargs)
+        kwargs.pop("labels", None)
+        kwargs["use_cache"] = False
+        return self.base_model(*args, **kwargs).last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+
+
+class STARDSSTrainer(SFTTrainer):
+    """Finetune with STAR-DSS: `SFTTrainer`'s signature plus `ref_model`.
+
+    The train dataset is either scored already (`star-dss score`, a `star` column) or scored at start-up with
+    `args.guardrail`. The reference pi_ref is, in order: precomputed log-probs (`args.precompute_ref_log_probs`),
+    an explicit `ref_model`, the same model with its PEFT adapters disabled, or a frozen copy of the model taken
+    before training.
+    """
+
+    _tag_names = ["trl", "sft", "star-dss"]
+
+    def __init__(self, model, args: STARDSSConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, ref_model=None, **kwargs):  # fmt: skip
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = STARDSSConfig(f"{os.path.basename(str(name))}-STAR-DSS")
+        if not isinstance(args, STARDSSConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; STARDSSTrainer needs a STARDSSConfig. Build one with the same "
+                "fields: STARDSSConfig(**your_config.to_dict()) plus the STAR-DSS fields."
+            )
+        uses_scores = args.shaping in ("star_dss", "rejection_sampling")
+        if uses_scores and train_dataset is not None and STAR_COLUMN not in train_dataset.column_names:
+            if not args.guardrail:
+                raise ValueError(
+                    f"shaping={args.shaping!r} needs STAR scores, but the train dataset has no `{STAR_COLUMN}` column "
+                    "and `guardrail` is not set. Score it first (`star-dss score ... --output DIR`, then "
+                    "`datasets.load_from_disk('DIR/dataset')`), or set `guardrail=` to score it at start-up."
+                )
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str) else model.config._name_or_path)
+            train_dataset = self._score_at_start(train_dataset, processing_class, args)
+        # With precomputed reference log-probs, packing waits until they exist (the reference runs on whole examples).
+        self._defer_packing = args.precompute_ref_log_probs and args.shaping in ("star_dss", "deep_token")
+        self._deferred_packing: dict[str, bool] = {}
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
+        if data_collator is None:  # carry star_weights / ref_logps through TRL's own collation choices
+            self.data_collator = DataCollatorForSTAR(**asdict(self.data_collator))
+
+        self.ref_model = None
+        self._needs_reference = args.shaping in ("star_dss", "deep_token")
+        if args.shaping == "star_dss" and args.kl_estimator == "full":
+            _add_hidden_state_output(self._inner_model(self.model))
+        if self._needs_reference and not args.precompute_ref_log_probs:
+            if ref_model is None and not _is_peft_model(self.model):
+                # Full finetuning with no reference given: freeze a copy of the model before any update.
+                import copy
+
+                ref_model = copy.deepcopy(self._inner_model(self.model))
+            if ref_model is not None:
+                ref_model.requires_grad_(False).eval()
+                add_fused_lm_head(ref_model)
+                if args.kl_estimator == "full":
+                    _add_hidden_state_output(ref_model)
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        if self._defer_packing:
+            self.train_dataset = self._with_ref_logps(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._with_ref_logps(v, k) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._with_ref_logps(self.eval_dataset, "eval")
+
+    # -- data ------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _inner_model(model):
+        return model.get_base_model() if _is_peft_model(model) else model
+
+    @staticmethod
+    def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
+        from .guardrails import load_guardrail
+
+        def build():
+            return load_guardrail(args.guardrail, family=args.guardrail_family, temperature=args.guardrail_temperature)
+
+        scored, summary = score_dataset(
+            dataset,
+            build,
+            tokenizer=tokenizer,
+            chunk_size=args.star_chunk_size,
+            unit=args.star_unit,
+            output_dir=args.star_scores_dir or os.path.join(args.output_dir, "star_scores"),
+            guardrail_id=f"{args.guardrail}|family={args.guardrail_family}|T={args.guardrail_temperature}",
+        )
+        print(f"STAR scoring: {summary.format()}")
+        return scored
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        columns = dataset.column_names
+        uses_scores = args.shaping in ("star_dss", "rejection_sampling")
+        if "input_ids" in columns:
+            if args.shaping == "star_dss" and "star_weights" not in columns:
+                raise ValueError(
+                    f"The {dataset_name} dataset is already tokenized but has no `star_weights` column. Pass the "
+                    f"untokenized scored dataset (with its `{STAR_COLUMN}` column) and let the trainer tokenize it."
+                )
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if uses_scores and STAR_COLUMN not in columns:
+            raise ValueError(
+                f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
+                "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
+            )
+        # Tokenize, build labels and truncate with TRL; pack later, once the per-token columns exist.
+        prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        if uses_scores:
+            prepared = self._attach_star_weights(prepared, processing_class, args, dataset_name)
+        if self._defer_packing:
+            self._deferred_packing[dataset_name] = packing
+        elif packing:
+            kept = [c for c in ("input_ids", "labels", *TOKEN_COLUMNS) if c in prepared.column_names]
+            prepared = pack_dataset(prepared.select_columns(kept), args.max_length, args.packing_strategy)
+        return prepared
+
+    def _attach_star_weights(self, prepared, processing_class, args, dataset_name):
+        threshold = args.rejection_threshold if args.shaping == "rejection_sampling" else None
+        keep_end = args.max_length is not None and args.truncation_mode == "keep_end"
+
+        def attach(example):
+            ids, weights = example_star_weights(example, processing_class, self.chat_template, threshold)
+            n = len(example["input_ids"])
+            ids, weights = (ids[-n:], weights[-n:]) if keep_end else (ids[:n], weights[:n])
+            if ids != example["input_ids"]:
+                raise ValueError(
+                    f"Re-tokenizing an example of the {dataset_name} dataset with offsets gives other tokens than "
+                    "TRL's tokenization, so its STAR weights cannot be aligned. This happens with chat templates "
+                    "that tokenize specially (e.g. with `tools`); please report it with the template."
+                )
+            output = {"star_weights": weights}
+            if threshold is not None:  # rejection sampling: dropped responses are not trained at all
+                output["labels"] = [label if w > 0 else -100 for label, w in zip(example["labels"], weights)]
+            return output
+
+        prepared = prepared.map(attach, desc=f"Attaching STAR weights to {dataset_name} dataset")
+        if threshold is not None:
+            prepared = prepared.filter(lambda ex: any(label != -100 for label in ex["labels"]))
+        return prepared
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TOKEN_COLUMNS]))
+
+    @torch.no_grad()
+    def _with_ref_logps(self, dataset, dataset_name: str):
+        """One pass of the reference over the dataset: `ref_logps` of every token, then no reference is needed.
+        Runs before any update, so the model itself is pi_ref. Packs the dataset afterwards if it was to be packed."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        device = self.accelerator.device
+        batch_size = self.args.per_device_eval_batch_size
+
+        def compute(batch):
+            examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            inputs = DataCollatorForSTAR(pad_token_id=self.processing_class.pad_token_id or 0)(examples)
+            inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels")}
+            inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+            logps = model(**inputs, fused_lm_head=True).log_probs.float().cpu()
+            lengths = [len(ids) for ids in batch["input_ids"]]
+            return {"ref_logps": [[0.0] + logps[i, : n - 1].tolist() for i, n in enumerate(lengths)]}
+
+        dataset = dataset.map(compute, batched=True, batch_size=batch_size, desc="Precomputing reference log-probs")
+        model.train(was_training)
+        if self._deferred_packing.get(dataset_name):
+            columns = [c for c in ("input_ids", "labels", *TOKEN_COLUMNS) if c in dataset.column_names]
+            dataset = pack_dataset(dataset.select_columns(columns), self.args.max_length, self.args.packing_strategy)
+        return dataset
+
+    # -- loss ------------------------------------------------------------------------------------------------------
+
+    def _reference(self, model):
+        """A context in which `ref(**inputs, ...)` runs pi_ref: the explicit/frozen reference or disabled adapters."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        return model, self.accelerator.unwrap_model(model).disable_adapter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        if args.shaping in ("sft", "rejection_sampling"):
+            # Plain cross-entropy; rejection sampling already masked the dropped responses' labels.
+            for key in TOKEN_COLUMNS:
+                inputs.pop(key, None)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        star_weights = inputs.pop("star_weights", None)
+        ref_logps = inputs.pop("ref_logps", None)
+        inputs["use_cache"] = False
+        labels = inputs["labels"][:, 1:]
+        mask = labels != -100
+        kl = None
+        if args.kl_estimator == "full" and args.shaping == "star_dss":
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            ref, context = self._reference(model)
+            with torch.no_grad(), context:
+                ref_hidden = ref(**model_inputs, star_hidden_states=True)[:, :-1]
+            hidden = model(**model_inputs, star_hidden_states=True)[:, :-1]
+            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+            ref_weight = self.accelerator.unwrap_model(ref).get_output_embeddings().weight
+            kl, logps = full_kl(hidden, weight, ref_hidden, ref_weight, labels.clamp(min=0), mask,
+                                args.full_kl_chunk_size)  # fmt: skip
+            ref_logps = None
+        else:
+            if ref_logps is None:
+                ref, context = self._reference(model)
+                with torch.no_grad(), context:
+                    ref_logps = ref(**inputs, fused_lm_head=True).log_probs
+            else:
+                ref_logps = ref_logps[:, 1:]
+            outputs = model(**inputs, fused_lm_head=True)
+            logps = outputs.log_probs
+        if args.shaping == "star_dss":
+            weights = star_weights[:, 1:].to(logps.dtype)
+            per_token = star_dss_loss(logps, ref_logps, weights, mask, args.kl_coef, args.kl_estimator, "none", kl=kl)
+        else:
+            per_token = deep_token_loss(logps, ref_logps, mask, "none")
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, num_items counts all ranks
+        self._log_star_metrics(logps, ref_logps, kl, star_weights, mask, per_token)
+        return (loss, None) if return_outputs else loss
+
+    @torch.no_grad()
+    def _log_star_metrics(self, logps, ref_logps, kl, star_weights, mask, per_token):
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        mask_f = mask.float()
+        n = gather(mask_f.sum()).sum().clamp(min=1)
+
+        def mean(values):
+            return (gather((values.float() * mask_f).sum()).sum() / n).item()
+
+        if kl is None:  # what the loss used; Deep Token logs the configured token estimator for comparison
+            kl = token_kl(logps.float(), ref_logps.float(), "k2" if self.args.kl_estimator == "full" else self.args.kl_estimator)
+        metrics = self._metrics[mode]
+        metrics["kl"].append(mean(kl))
+        if star_weights is not None and self.args.shaping == "star_dss":
+            weights = star_weights[:, 1:]
+            metrics["star/weight_mean"].append(mean(weights))
+            metrics["star/kl_share"].append(mean(weights < 0.5))
+            metrics["loss/ce"].append(mean(weights * -logps))
+            metrics["loss/kl"].append(mean((1 - weights) * self.args.kl_coef * kl))
