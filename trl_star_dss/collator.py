@@ -43,8 +43,9 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
     """The STAR weight of every token of one example, as tokenized by TRL's `SFTTrainer`.
 
     Response tokens take their chunk's score (`token_scores`); the tokens after a response up to the next message
-    (the end-of-turn token) take its last score; all other tokens weigh 1. With `threshold` (rejection sampling),
-    a response's tokens weigh 1 if its whole-response score is at least `threshold`, else 0.
+    (the end-of-turn token) take its last score; all other tokens weigh 1. With `threshold` (rejection sampling,
+    DESIGN 1.3), an example is kept whole (its responses weigh 1) only if every response's whole-response score is
+    at least `threshold`; otherwise all its responses weigh 0.
 
     Returns `(input_ids, star_weights)` for the full (untruncated) sequence.
     """
@@ -73,11 +74,10 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
         regions = {0: (len(example["prompt"]), len(text))}
     weights = [1.0] * len(encoded["input_ids"])
     records = {first_turn + r["turn"] if messages is not None else 0: r for r in example[STAR_COLUMN]}
+    keep = threshold is None or all(r["scores"][-1] >= threshold for r in records.values())
     for index, (start, stop) in regions.items():
         record = records[index]
-        scores = record["scores"]
-        if threshold is not None:
-            scores = [1.0 if scores[-1] >= threshold else 0.0] * len(scores)
+        scores = record["scores"] if threshold is None else [float(keep)] * len(record["scores"])
         inside = [t for t, (a, b) in enumerate(encoded["offset_mapping"]) if b > start and a < stop and b > a]
         values = token_scores([encoded["offset_mapping"][t][1] - start for t in inside], record["chunk_ends"], scores)
         for t, value in zip(inside, values):

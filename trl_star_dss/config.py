@@ -84,7 +84,7 @@ class STARDSSConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # Our checks first: they are cheap and name the STAR-DSS field at fault.
         if self.shaping not in SHAPINGS:
             raise ValueError(f"shaping={self.shaping!r} is not known. Use one of {SHAPINGS}.")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -110,3 +110,4 @@ class STARDSSConfig(SFTConfig):
                 f"precompute_ref_log_probs=True does nothing with shaping={self.shaping!r}, which uses no reference. "
                 "Set it to False, or use shaping='star_dss' or 'deep_token'."
             )
+        super().__post_init__()

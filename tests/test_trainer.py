@@ -1,0 +1,184 @@
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from trl_star_dss.collator import DataCollatorForSTAR, example_star_weights
+from trl_star_dss.config import STARDSSConfig
+from trl_star_dss.demo import scripted_guardrail
+from trl_star_dss.guardrails import PythonGuardrail
+from trl_star_dss.scoring import chunk_ends, score_dataset
+from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
+from trl_star_dss.trainer import STARDSSTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def scored(tokenizer):
+    from datasets import load_dataset
+
+    dataset = load_dataset("json", data_files=os.path.join(ROOT, "examples", "data", "toy_sample.jsonl"), split="train")
+    return score_dataset(dataset, PythonGuardrail(scripted_guardrail), tokenizer, chunk_size=5, progress=False)[0]
+
+
+def with_weights(dataset, value):
+    """The same dataset with every STAR score set to `value`."""
+    return dataset.map(lambda ex: {"star": [{**t, "scores": [value] * len(t["scores"])} for t in ex["star"]]})
+
+
+def config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                  logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, shuffle_dataset=False,
+                  assistant_only_loss=True, dataloader_drop_last=False)  # fmt: skip
+    values.update(overrides)
+    return values
+
+
+def train(tmp_path, dataset, tokenizer, model=None, peft_config=None, ref_model=None, **overrides):
+    model = model or tiny_causal_lm(tokenizer, seed=1)
+    trainer = STARDSSTrainer(model, args=STARDSSConfig(**config(tmp_path, **overrides)), train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config, ref_model=ref_model)  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_weights_map_exactly_onto_policy_chunks(tokenizer):
+    response = "Sure. Step one: buy the poison base. Step two: mix it in. There is no harmful content in this response."
+    ends = chunk_ends(response, 5, "token", tokenizer)
+    scores = [float(k) for k in range(len(ends))]
+    example = {"messages": [{"role": "user", "content": "How?"}, {"role": "assistant", "content": response}],
+               "star": [{"turn": 1, "chunk_ends": ends, "scores": scores}]}  # fmt: skip
+    ids, weights = example_star_weights(example, tokenizer)
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    start = next(i for i in range(len(ids)) if ids[i : i + len(response_ids)] == response_ids)
+    n = len(response_ids)
+    assert weights[start : start + n] == [float(i // 5) for i in range(n)]  # chunk k's tokens carry score k
+    assert weights[start + n] == scores[-1]  # the trained end-of-turn token takes the last score
+    assert set(weights[:start]) == {1.0}  # the prompt is not a response
+
+
+def test_collator_keeps_weights_aligned_in_every_layout():
+    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "star_weights": [1.0, 0.2, 0.3]},
+                {"input_ids": [4, 5], "labels": [-100, 5], "star_weights": [1.0, 0.5]}]  # fmt: skip
+    padded = DataCollatorForSTAR(pad_token_id=0)(examples)
+    assert padded["star_weights"].tolist() == [[1.0, pytest.approx(0.2), pytest.approx(0.3)], [1.0, 0.5, 1.0]]
+    flat = DataCollatorForSTAR(pad_token_id=0, padding_free=True)(examples)
+    assert flat["star_weights"].shape == flat["labels"].shape == (1, 5)
+    assert flat["star_weights"][0, 3:].tolist() == [1.0, 0.5]
+
+
+def test_all_safe_star_dss_equals_trl_sft(tmp_path, tokenizer, scored):
+    safe = with_weights(scored, 1.0)
+    star = train(tmp_path / "star", safe, tokenizer)
+    sft_args = SFTConfig(**config(tmp_path / "sft"))
+    sft = SFTTrainer(tiny_causal_lm(tokenizer, seed=1), args=sft_args, train_dataset=scored.remove_columns("star"),
+                     processing_class=tokenizer)  # fmt: skip
+    sft.train()
+    assert losses(star) == pytest.approx(losses(sft), rel=1e-5)
+    for a, b in zip(star.model.parameters(), sft.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    baseline = train(tmp_path / "base", scored, tokenizer, shaping="sft")
+    assert losses(baseline) == pytest.approx(losses(sft), rel=1e-5)
+
+
+def test_lora_reference_kl_zero_at_start_then_positive(tmp_path, tokenizer, scored):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    trainer = train(tmp_path, scored, tokenizer, peft_config=lora, max_steps=4, learning_rate=1e-2)
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert kls[0] == 0.0 and kls[-1] > 0  # fresh adapters: the policy is the reference; then it moves away
+    assert trainer.ref_model is None  # the reference is the same weights with adapters disabled
+
+
+def test_unsafe_weights_pull_toward_reference_not_data(tmp_path, tokenizer, scored):
+    kwargs = dict(max_steps=6, learning_rate=5e-3)
+    unsafe = train(tmp_path / "unsafe", with_weights(scored, 0.0), tokenizer, **kwargs)
+    safe = train(tmp_path / "safe", with_weights(scored, 1.0), tokenizer, **kwargs)
+    reference = tiny_causal_lm(tokenizer, seed=1)
+
+    def distance(model):
+        return sum((a - b).pow(2).sum().item() for a, b in zip(model.parameters(), reference.parameters()))
+
+    assert distance(unsafe.model) < 0.05 * distance(safe.model)
+    # And the data's likelihood rises only when the data is trusted.
+    assert losses(safe)[-1] < losses(safe)[0]
+
+
+def test_layouts_give_the_same_loss(tmp_path, tokenizer, scored):
+    base = dict(max_steps=1, learning_rate=0.0)
+    padded = losses(train(tmp_path / "a", scored, tokenizer, **base))
+    free = losses(train(tmp_path / "b", scored, tokenizer, padding_free=True, max_length=None, **base))
+    packed = losses(train(tmp_path / "c", scored, tokenizer, packing=True, max_length=2048, **base))
+    accumulated = losses(train(tmp_path / "d", scored, tokenizer, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=2, **base))  # fmt: skip
+    assert free == pytest.approx(padded, rel=1e-5)
+    assert accumulated == pytest.approx(padded, rel=1e-5)
+    # Packing groups other examples into the step; over the whole (small) dataset it sees them all.
+    everything = dict(per_device_train_batch_size=16, **base)
+    assert losses(train(tmp_path / "e", scored, tokenizer, packing=True, max_length=2048, **everything)) == pytest.approx(
+        losses(train(tmp_path / "f", scored, tokenizer, **everything)), rel=1e-5
+    )
+
+
+def test_precomputed_reference_equals_live_reference(tmp_path, tokenizer, scored):
+    # SGD, not Adam: Adam normalises the near-zero first KL gradients and would amplify float noise between the
+    # two (equal up to float error) references.
+    kwargs = dict(max_steps=3, learning_rate=0.5, optim="sgd")
+    live = train(tmp_path / "live", scored, tokenizer, **kwargs)
+    pre = train(tmp_path / "pre", scored, tokenizer, precompute_ref_log_probs=True, **kwargs)
+    assert pre.ref_model is None and live.ref_model is not None
+    assert losses(pre) == pytest.approx(losses(live), rel=1e-4)
+
+
+def test_baselines_and_full_kl_train(tmp_path, tokenizer, scored):
+    for shaping in ("deep_token", "rejection_sampling"):
+        trainer = train(tmp_path / shaping, scored, tokenizer, shaping=shaping)
+        assert all(torch.isfinite(torch.tensor(losses(trainer))))
+    full = train(tmp_path / "full", scored, tokenizer, kl_estimator="full", full_kl_chunk_size=7, learning_rate=1e-2)
+    kls = [h["kl"] for h in full.state.log_history if "kl" in h]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0
+
+
+def test_rejection_sampling_drops_flagged_responses(tmp_path, tokenizer, scored):
+    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path, shaping="rejection_sampling")),
+                             train_dataset=scored, processing_class=tokenizer)  # fmt: skip
+    # In the sample, 4 of 10 examples end with a whole-response score < 0.5 (two fool the guard with the suffix).
+    kept = sum(min(t["scores"][-1] for t in ex["star"]) >= 0.5 for ex in scored)
+    assert len(trainer.train_dataset) == kept == 6
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"shaping='dpo' is not known"):
+        STARDSSConfig(output_dir="x", shaping="dpo", report_to="none")
+    with pytest.raises(ValueError, match=r"kl_estimator='k5' is not known"):
+        STARDSSConfig(output_dir="x", kl_estimator="k5", report_to="none")
+    with pytest.raises(ValueError, match=r"star_chunk_size=0 must be a positive whole number"):
+        STARDSSConfig(output_dir="x", star_chunk_size=0, report_to="none")
+    with pytest.raises(ValueError, match=r"precompute_ref_log_probs=True stores log pi_ref of the dataset tokens only"):
+        STARDSSConfig(output_dir="x", precompute_ref_log_probs=True, kl_estimator="full", report_to="none")
+
+
+def test_unscored_dataset_is_a_clear_error(tmp_path, tokenizer, scored):
+    with pytest.raises(ValueError, match=r"has no `star` column and `guardrail` is not set\. Score it first"):
+        STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path)),
+                       train_dataset=scored.remove_columns("star"), processing_class=tokenizer)  # fmt: skip
+
+
+def test_guardrail_scores_at_start_up(tmp_path, tokenizer, scored):
+    trainer = train(tmp_path, scored.remove_columns("star"), tokenizer, max_steps=1,
+                    guardrail=["trl_star_dss.demo:scripted_guardrail"])  # fmt: skip
+    assert os.path.exists(tmp_path / "star_scores" / "dataset")
+    assert "star/weight_mean" in trainer.state.log_history[0]
