@@ -182,3 +182,79 @@ def test_guardrail_scores_at_start_up(tmp_path, tokenizer, scored):
                     guardrail=["trl_star_dss.demo:scripted_guardrail"])  # fmt: skip
     assert os.path.exists(tmp_path / "star_scores" / "dataset")
     assert "star/weight_mean" in trainer.state.log_history[0]
+
+
+def test_qlora_4bit_trains(tmp_path, tokenizer, scored):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_causal_lm(tokenizer, seed=1, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    assert model.is_loaded_in_4bit
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = train(tmp_path / "out", scored, tokenizer, model=model, peft_config=lora, max_steps=3, learning_rate=1e-2)
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert kls[0] == 0.0 and kls[-1] > 0 and trainer.ref_model is None
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapters learned (they start at zero)
+
+
+def test_trl_parser_reads_yaml_and_flags(tmp_path):
+    from trl import TrlParser
+
+    (tmp_path / "config.yaml").write_text(
+        "output_dir: out\nshaping: deep_token\nkl_coef: 0.25\nguardrail: [a, b]\nuse_cpu: true\nreport_to: none\n"
+    )
+    (args,) = TrlParser((STARDSSConfig,)).parse_args_and_config(
+        ["--config", str(tmp_path / "config.yaml"), "--kl_estimator", "k3", "--star_chunk_size", "7"]
+    )
+    assert (args.shaping, args.kl_coef, args.kl_estimator, args.star_chunk_size) == ("deep_token", 0.25, "k3", 7)
+    assert args.guardrail == ["a", "b"]
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+from datasets import load_from_disk
+from trl_star_dss import STARDSSConfig, STARDSSTrainer
+from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
+
+out, batch = sys.argv[1], int(sys.argv[2])
+tokenizer = tiny_tokenizer()
+args = STARDSSConfig(output_dir=out, max_steps=2, per_device_train_batch_size=batch, learning_rate=1e-2, optim="sgd",
+                     logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                     shuffle_dataset=False, assistant_only_loss=True, dataloader_drop_last=True)
+trainer = STARDSSTrainer(tiny_causal_lm(tokenizer, seed=1), args=args, train_dataset=load_from_disk(out + "/data"),
+                         processing_class=tokenizer)
+trainer.train()
+if trainer.accelerator.is_main_process:
+    state = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
+    json.dump({"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "state": state},
+              open(out + "/result.json", "w"))
+"""
+
+
+def test_two_processes_equal_one_process(tmp_path, scored):
+    import json
+    import subprocess
+    import sys
+
+    # The same examples in the same order: 2 processes x batch 2 sees what 1 process x batch 4 sees.
+    dataset = Dataset.from_list([ex for ex in scored if len(ex["messages"]) == 2][:8])
+    script = tmp_path / "train.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    results = {}
+    for name, launch, batch in [
+        ("one", [sys.executable], 4),
+        ("two", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"], 2),
+    ]:  # fmt: skip
+        out = tmp_path / name
+        dataset.save_to_disk(str(out / "data"))
+        run = subprocess.run(launch + [str(script), str(out), str(batch)], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = json.loads((out / "result.json").read_text())
+    assert results["two"]["losses"] == pytest.approx(results["one"]["losses"], rel=1e-5)
+    for key, value in results["one"]["state"].items():
+        torch.testing.assert_close(torch.tensor(results["two"]["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-6)

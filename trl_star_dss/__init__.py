@@ -11,12 +11,17 @@ from .guardrails import (
     PythonGuardrail,
     load_guardrail,
 )
+from .collator import DataCollatorForSTAR
+from .config import STARDSSConfig
+from .loss import deep_token_loss, full_kl, star_dss_loss
 from .scoring import STARScorer, ScoringSummary, chunk_ends, score_dataset, token_scores
+from .trainer import STARDSSTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalLMGuardrail",
+    "DataCollatorForSTAR",
     "EnsembleGuardrail",
     "GraniteGuardian",
     "Guardrail",
@@ -24,10 +29,15 @@ __all__ = [
     "PrefixQuery",
     "PrefixScores",
     "PythonGuardrail",
+    "STARDSSConfig",
+    "STARDSSTrainer",
     "STARScorer",
     "ScoringSummary",
     "chunk_ends",
+    "deep_token_loss",
+    "full_kl",
     "load_guardrail",
     "score_dataset",
+    "star_dss_loss",
     "token_scores",
 ]
