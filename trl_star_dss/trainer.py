@@ -89,7 +89,18 @@ class STARDSSTrainer(SFTTrainer):
         self._needs_reference = args.shaping in ("star_dss", "deep_token")
         if args.shaping == "star_dss" and args.kl_estimator == "full":
             _add_hidden_state_output(self._inner_model(self.model))
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if sharded and args.shaping == "star_dss" and args.kl_estimator == "full":
+            raise ValueError(
+                "kl_estimator='full' reads the whole output layer, which DeepSpeed/FSDP shard across processes. "
+                "Use kl_estimator='k2' (with precompute_ref_log_probs=True), or train without sharding (DDP)."
+            )
         if self._needs_reference and not args.precompute_ref_log_probs:
+            if ref_model is None and not _is_peft_model(self.model) and sharded:
+                raise ValueError(
+                    "Full finetuning under DeepSpeed/FSDP with no `ref_model` would need a sharded frozen copy of the "
+                    "model. Set precompute_ref_log_probs=True (no reference is held during training), or use PEFT."
+                )
             if ref_model is None and not _is_peft_model(self.model):
                 # Full finetuning with no reference given: freeze a copy of the model before any update.
                 import copy
