@@ -37,14 +37,17 @@ def chunk_ends(response: str, chunk_size: int = 5, unit: str = "token", tokenize
     separated words, as the paper authors' code does.
     """
     check_chunking(chunk_size, unit, tokenizer)
-    if unit == "word":
-        ends = [match.end() for match in re.finditer(r"\S+", response)]
-    else:
-        offsets = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        ends = [end for _, end in offsets]
-    ends = ends[chunk_size - 1 :: chunk_size] + [len(response)]
+    ends = unit_ends(response, unit, tokenizer)[chunk_size - 1 :: chunk_size] + [len(response)]
     # Byte-level tokenizers can give several tokens the same end (one character split in bytes): keep each once.
     return sorted({end for end in ends if end > 0})
+
+
+def unit_ends(response: str, unit: str, tokenizer=None) -> list[int]:
+    """Where each unit (policy token or whitespace word) of `response` ends, as character offsets."""
+    if unit == "word":
+        return [match.end() for match in re.finditer(r"\S+", response)]
+    offsets = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [end for _, end in offsets]
 
 
 def check_chunking(chunk_size, unit: str, tokenizer) -> None:
@@ -202,14 +205,9 @@ class STARScorer:
 
     def _units(self, response: str, ends: list[int]) -> list[int]:
         """How many units (tokens or words) each chunk holds."""
-        if self.unit == "word":
-            unit_ends = [match.end() for match in re.finditer(r"\S+", response)]
-        else:
-            offsets = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            unit_ends = [end for _, end in offsets]
         counts = [0] * len(ends)
-        for position in (min(bisect.bisect_left(ends, end), len(ends) - 1) for end in unit_ends):
-            counts[position] += 1
+        for end in unit_ends(response, self.unit, self.tokenizer):
+            counts[min(bisect.bisect_left(ends, end), len(ends) - 1)] += 1
         return counts
 
 
