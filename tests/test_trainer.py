@@ -257,3 +257,34 @@ def test_two_processes_equal_one_process(tmp_path, scored):
     assert results["two"]["losses"] == pytest.approx(results["one"]["losses"], rel=1e-5)
     for key, value in results["one"]["state"].items():
         torch.testing.assert_close(torch.tensor(results["two"]["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_prompt_completion_formats_train_with_weights(tmp_path, tokenizer, conversational):
+    response = "Poison recipe: buy the poison base. Step two: mix it into the drink."  # harmful from chunk 1
+    rows = []
+    for i in range(4):
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": f"Question {i}?"}],
+                         "completion": [{"role": "assistant", "content": response}]})  # fmt: skip
+        else:
+            rows.append({"prompt": f"Question {i}? ", "completion": response})
+    scored = score_dataset(Dataset.from_list(rows), PythonGuardrail(scripted_guardrail), tokenizer, progress=False)[0]
+    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path, assistant_only_loss=False)),
+                             train_dataset=scored, processing_class=tokenizer)  # fmt: skip
+    example = trainer.train_dataset[0]
+    trained = [w for w, label in zip(example["star_weights"], example["labels"]) if label != -100]
+    # Every completion token (and the EOS / end-of-turn token) carries the guard's score of its chunk: harmful here.
+    assert trained and set(trained) == {0.05}
+    trainer.train()
+    assert losses(trainer)
+
+
+def test_keep_end_truncation_keeps_weights_aligned(tmp_path, tokenizer, scored):
+    args = STARDSSConfig(**config(tmp_path, max_length=24, truncation_mode="keep_end"))
+    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer), args=args, train_dataset=scored, processing_class=tokenizer)
+    for example in trainer.train_dataset:
+        assert len(example["star_weights"]) == len(example["input_ids"]) == len(example["labels"]) <= 24
+    first = trainer.train_dataset[0]
+    _, weights = example_star_weights(first, tokenizer)
+    assert first["star_weights"] == weights[-len(first["input_ids"]):]
