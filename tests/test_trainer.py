@@ -104,16 +104,21 @@ def test_lora_reference_kl_zero_at_start_then_positive(tmp_path, tokenizer, scor
 
 
 def test_unsafe_weights_pull_toward_reference_not_data(tmp_path, tokenizer, scored):
-    kwargs = dict(max_steps=6, learning_rate=5e-3)
-    unsafe = train(tmp_path / "unsafe", with_weights(scored, 0.0), tokenizer, **kwargs)
-    safe = train(tmp_path / "safe", with_weights(scored, 1.0), tokenizer, **kwargs)
     reference = tiny_causal_lm(tokenizer, seed=1)
 
     def distance(model):
         return sum((a - b).pow(2).sum().item() for a, b in zip(model.parameters(), reference.parameters()))
 
-    assert distance(unsafe.model) < 0.05 * distance(safe.model)
-    # And the data's likelihood rises only when the data is trusted.
+    kwargs = dict(max_steps=6, learning_rate=5e-3)
+    # With the sample's real scores (harmful spans near 0), a strong KL term keeps the model near the reference...
+    no_kl = train(tmp_path / "no_kl", scored, tokenizer, kl_coef=0.0, **kwargs)
+    strong_kl = train(tmp_path / "strong_kl", scored, tokenizer, kl_coef=50.0, **kwargs)
+    assert distance(strong_kl.model) < 0.9 * distance(no_kl.model)  # equal if the reference were the policy
+    assert [h["kl"] for h in strong_kl.state.log_history if "kl" in h][-1] > 0  # the frozen copy is not the policy
+    # ... and all-unsafe weights leave nothing to learn from the data, while all-safe weights fit it.
+    unsafe = train(tmp_path / "unsafe", with_weights(scored, 0.0), tokenizer, **kwargs)
+    safe = train(tmp_path / "safe", with_weights(scored, 1.0), tokenizer, **kwargs)
+    assert distance(unsafe.model) < 1e-6 < distance(safe.model)
     assert losses(safe)[-1] < losses(safe)[0]
 
 

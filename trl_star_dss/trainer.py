@@ -106,6 +106,8 @@ class STARDSSTrainer(SFTTrainer):
                 import copy
 
                 ref_model = copy.deepcopy(self._inner_model(self.model))
+                # The copy would keep the forward that TRL patched onto the original (bound to its closure).
+                ref_model.__dict__.pop("forward", None)
             if ref_model is not None:
                 ref_model.requires_grad_(False).eval()
                 add_fused_lm_head(ref_model)
