@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 Conversation = list[dict[str, str]]
 
@@ -125,20 +125,6 @@ class EnsembleGuardrail(Guardrail):
         return results
 
 
-@dataclass
-class _Segment:
-    """One response in a packed row: its full-response guard tokens (the trunk) and, for each prefix, the tokens
-    that follow the shared part (`suffix`) and where they start in the trunk (`start`)."""
-
-    trunk: list[int]
-    starts: list[int] = field(default_factory=list)
-    suffixes: list[list[int]] = field(default_factory=list)
-    keys: list[tuple[int, int]] = field(default_factory=list)  # (query index, prefix index) of each suffix
-
-    def __len__(self) -> int:
-        return len(self.trunk) + sum(len(suffix) for suffix in self.suffixes)
-
-
 class CausalLMGuardrail(Guardrail):
     """A causal-LM guard that answers with a label token: the generic guardrail.
 
@@ -157,7 +143,8 @@ class CausalLMGuardrail(Guardrail):
             authors' code (sampled at temperature 0.2).
         max_length: the guard's context in tokens; longer inputs lose their oldest context, never the response.
         batch_size: conversations per forward in the naive path.
-        max_tokens_per_forward: tokens packed into one forward in the shared-prefix path.
+        max_tokens_per_forward: closing-suffix tokens per batched forward in the shared-prefix path (each row also
+            holds a copy of the shared keys and values, so this bounds memory too).
     """
 
     def __init__(
@@ -301,49 +288,73 @@ class CausalLMGuardrail(Guardrail):
                 scores[i] = value
         return scores
 
-    def _forward_packed(self, row: list[_Segment]) -> list[float]:
-        """One forward over a packed row of segments; returns the score at the end of every suffix, in order."""
+    def _shared_prefix_scores(self, ids: list[list[int]]) -> tuple[list[float], int]:
+        """Score every prefix of one response from its guard tokens `ids` (one list per prefix, the last is the whole
+        response), sharing the work: the common part once, then only each prefix's own closing suffix.
+
+        Each prefix's tokens are `trunk[:start] + suffix`, where `start` is where they first differ from the whole
+        response's tokens: usually the cut, earlier where the tokenizer merges across it. So this is exact by
+        construction (DESIGN 5: where tokenization at a cut differs, the suffix simply starts earlier).
+        Returns the scores and the guard tokens run."""
+        import torch
+        from transformers import DynamicCache
+
+        full = ids[-1]
+        starts, suffixes = [], []
+        for prefix in ids:
+            start, limit = 0, min(len(prefix), len(full)) - 1  # at least one suffix token is read
+            while start < limit and prefix[start] == full[start]:
+                start += 1
+            starts.append(start)
+            suffixes.append(prefix[start:])
+        trunk = full[: max(starts)]
+        if not trunk:  # nothing shared (a template that changes its start with the response): one forward each
+            return self._forward_sequences(ids), sum(map(len, ids))
+        # The trunk runs once as a plain causal forward (any attention kernel) and its keys/values are kept.
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([trunk], device=self.model.device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)  # fmt: skip
+        rows = max(1, self.max_tokens_per_forward // max(map(len, suffixes)))
+        scores = []
+        for first in range(0, len(suffixes), rows):
+            group = slice(first, first + rows)
+            scores += self._forward_suffixes(cache, len(trunk), starts[group], suffixes[group])
+        return scores, len(trunk) + sum(map(len, suffixes))
+
+    def _forward_suffixes(self, cache, trunk_length: int, starts: list[int], suffixes: list[list[int]]) -> list[float]:
+        """One batched forward of closing suffixes over a copy of the trunk's cache: suffix k (a row, right padded)
+        sees the trunk before `starts[k]` and itself causally, at positions `starts[k]`, `starts[k] + 1`, ..."""
+        import copy
+
         import torch
 
-        input_ids, positions, reads = [], [], []
-        seg_ids, is_trunk, blocks, limits = [], [], [], []
-        block = 0
-        for s, segment in enumerate(row):
-            n = len(segment.trunk)
-            input_ids += segment.trunk
-            positions += range(n)
-            seg_ids += [s] * n
-            is_trunk += [True] * n
-            blocks += [-1] * n
-            limits += range(1, n + 1)  # a trunk token sees the trunk up to itself
-            for start, suffix in zip(segment.starts, segment.suffixes):
-                input_ids += suffix
-                positions += range(start, start + len(suffix))
-                seg_ids += [s] * len(suffix)
-                is_trunk += [False] * len(suffix)
-                blocks += [block] * len(suffix)
-                limits += [start] * len(suffix)  # a suffix token sees the trunk before its cut ...
-                block += 1
-                reads.append(len(input_ids) - 1)
-        device = self.model.device
-        seg_t, trunk_t = torch.tensor(seg_ids), torch.tensor(is_trunk)
-        block_t, limit_t, pos_t = torch.tensor(blocks), torch.tensor(limits), torch.tensor(positions)
-        index = torch.arange(len(input_ids))
-        allowed = (seg_t[:, None] == seg_t[None, :]) & trunk_t[None, :] & (pos_t[None, :] < limit_t[:, None])
-        # ... and its own suffix causally.
-        allowed |= (block_t[:, None] == block_t[None, :]) & (block_t[:, None] >= 0) & (index[None, :] <= index[:, None])
+        rows, width, device = len(suffixes), max(map(len, suffixes)), self.model.device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((rows, width), pad, dtype=torch.long)
+        allowed = torch.zeros((rows, width, trunk_length + width), dtype=torch.bool)
+        allowed[:, :, trunk_length:] = torch.ones(width, width, dtype=torch.bool).tril()
+        for k, (start, suffix) in enumerate(zip(starts, suffixes)):
+            input_ids[k, : len(suffix)] = torch.tensor(suffix)
+            allowed[k, :, :start] = True
+        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]
         # A float additive mask: bool 4D masks are silently wrong on some attention backends (DESIGN 5).
         dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        keep = torch.tensor(reads)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        group_cache = copy.deepcopy(cache)  # the forward appends to its cache; the trunk's serves every group
+        group_cache.batch_repeat_interleave(rows)
+        ends = torch.tensor([len(suffix) - 1 for suffix in suffixes])
+        keep = torch.unique(ends)  # only these positions are projected onto the vocabulary
         with torch.inference_mode():
             logits = self.model(
-                input_ids=torch.tensor([input_ids], device=device),
-                attention_mask=mask[None, None].to(device),
-                position_ids=pos_t[None].to(device),
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=group_cache,
+                use_cache=True,
                 logits_to_keep=keep.to(device),
             ).logits
-        return self._to_scores(logits[0])
+        return self._to_scores(logits[torch.arange(rows), torch.searchsorted(keep, ends).to(logits.device)])
 
     # -- the Guardrail interface ---------------------------------------------------------------------------------
 
@@ -368,48 +379,9 @@ class CausalLMGuardrail(Guardrail):
             for q, ids in enumerate(encoded):
                 results[q].guard_tokens = sum(len(x) for x in ids)
             return results
-        rows: list[list[_Segment]] = []
-        row_tokens = 0
         for q, ids in enumerate(encoded):
-            for segment in self._segments(q, ids):
-                results[q].guard_tokens += len(segment)
-                if rows and row_tokens + len(segment) <= self.max_tokens_per_forward:
-                    rows[-1].append(segment)
-                    row_tokens += len(segment)
-                else:
-                    rows.append([segment])
-                    row_tokens = len(segment)
-        for row in rows:
-            values = iter(self._forward_packed(row))
-            for segment in row:
-                for q, k in segment.keys:
-                    results[q].scores[k] = next(values)
+            results[q].scores, results[q].guard_tokens = self._shared_prefix_scores(ids)
         return results
-
-    def _segments(self, q: int, ids: list[list[int]]) -> list[_Segment]:
-        """Split one response's prefix queries into trunk + suffixes, in segments of at most the token budget.
-
-        Each prefix's guard tokens are `trunk[:start] + suffix`, where `start` is where its tokens first differ
-        from the full response's (usually the cut, earlier where the tokenizer merges across it). This is exact by
-        construction: where tokenization at a cut differs, the suffix simply starts earlier."""
-        trunk = ids[-1]
-        segments = [_Segment(trunk=[])]
-        for k, prefix in enumerate(ids):
-            start = 0
-            limit = min(len(prefix), len(trunk)) - 1  # at least one token of the suffix is read
-            while start < limit and prefix[start] == trunk[start]:
-                start += 1
-            suffix = prefix[start:]
-            current = segments[-1]
-            needed = max(len(current.trunk), start) + sum(map(len, current.suffixes)) + len(suffix)
-            if current.suffixes and needed > self.max_tokens_per_forward:
-                current = _Segment(trunk=[])
-                segments.append(current)
-            current.trunk = trunk[: max(len(current.trunk), start)]
-            current.starts.append(start)
-            current.suffixes.append(suffix)
-            current.keys.append((q, k))
-        return segments
 
 
 def _context_length(model, tokenizer) -> int:
