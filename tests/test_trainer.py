@@ -293,3 +293,24 @@ def test_keep_end_truncation_keeps_weights_aligned(tmp_path, tokenizer, scored):
     first = trainer.train_dataset[0]
     _, weights = example_star_weights(first, tokenizer)
     assert first["star_weights"] == weights[-len(first["input_ids"]):]
+
+
+def test_pretokenized_dataset_with_weights_truncates_and_packs(tmp_path, tokenizer):
+    rows = [{"input_ids": list(range(10, 10 + n)), "labels": [-100] * 3 + list(range(13, 10 + n)),
+             "star_weights": [1.0] * 3 + [0.2] * (n - 3)} for n in (40, 12, 30)]  # fmt: skip
+    dataset = Dataset.from_list(rows)
+    for extra in (dict(max_length=20), dict(packing=True, max_length=32), dict(precompute_ref_log_probs=True,
+                                                                              packing=True, max_length=32)):  # fmt: skip
+        trainer = train(tmp_path, dataset, tokenizer, assistant_only_loss=False, max_steps=1, **extra)
+        for example in trainer.train_dataset:
+            assert len(example["star_weights"]) == len(example["input_ids"])
+        assert trainer.state.log_history[0]["star/weight_mean"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=r"rejection_sampling' needs each response's whole-response score"):
+        train(tmp_path, dataset, tokenizer, assistant_only_loss=False, shaping="rejection_sampling")
+
+
+def test_full_kl_in_bf16_mixed_precision(tmp_path, tokenizer, scored):
+    # Mixed precision hands back float32 hidden states next to bf16 output layers (accelerate's output casting).
+    model = tiny_causal_lm(tokenizer, seed=1).to(torch.bfloat16)
+    trainer = train(tmp_path, scored, tokenizer, model=model, kl_estimator="full", bf16=True, max_steps=2)
+    assert all(torch.isfinite(torch.tensor(losses(trainer))))

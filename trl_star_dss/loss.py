@@ -131,7 +131,8 @@ def full_kl(
 
     Returns `(kl, logps)`, both `[B, T]` float32 and 0 where `mask` is False; gradients flow to `hidden` and `weight`.
     """
-    rows, ref_rows, row_labels = hidden[mask], ref_hidden[mask].to(hidden.dtype), labels[mask]
+    # In the output layers' dtypes: mixed precision may hand back float32 hidden states next to bf16 weights.
+    rows, ref_rows, row_labels = hidden[mask].to(weight.dtype), ref_hidden[mask].to(ref_weight.dtype), labels[mask]
     kls, logps = [], []
     for start in range(0, rows.size(0), chunk_size):
         chunk = slice(start, start + chunk_size)

@@ -67,7 +67,8 @@ class STARDSSTrainer(SFTTrainer):
                 "fields: STARDSSConfig(**your_config.to_dict()) plus the STAR-DSS fields."
             )
         uses_scores = args.shaping in ("star_dss", "rejection_sampling")
-        if uses_scores and train_dataset is not None and STAR_COLUMN not in train_dataset.column_names:
+        columns = train_dataset.column_names if train_dataset is not None else []
+        if uses_scores and STAR_COLUMN not in columns and "star_weights" not in columns and train_dataset is not None:
             if not args.guardrail:
                 raise ValueError(
                     f"shaping={args.shaping!r} needs STAR scores, but the train dataset has no `{STAR_COLUMN}` column "
@@ -149,22 +150,33 @@ class STARDSSTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         columns = dataset.column_names
         uses_scores = args.shaping in ("star_dss", "rejection_sampling")
-        if "input_ids" in columns:
-            if args.shaping == "star_dss" and "star_weights" not in columns:
-                raise ValueError(
-                    f"The {dataset_name} dataset is already tokenized but has no `star_weights` column. Pass the "
-                    f"untokenized scored dataset (with its `{STAR_COLUMN}` column) and let the trainer tokenize it."
-                )
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if uses_scores and STAR_COLUMN not in columns:
+        tokenized = "input_ids" in columns
+        if tokenized and args.shaping == "rejection_sampling":
+            raise ValueError(
+                f"shaping='rejection_sampling' needs each response's whole-response score, which a tokenized "
+                f"{dataset_name} dataset no longer has. Pass the untokenized scored dataset (its `{STAR_COLUMN}` column)."
+            )
+        if tokenized and uses_scores and "star_weights" not in columns:
+            raise ValueError(
+                f"The {dataset_name} dataset is already tokenized but has no `star_weights` column. Pass the "
+                f"untokenized scored dataset (with its `{STAR_COLUMN}` column) and let the trainer tokenize it."
+            )
+        if not tokenized and uses_scores and STAR_COLUMN not in columns:
             raise ValueError(
                 f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
                 "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
             )
-        # Tokenize, build labels and truncate with TRL; pack later, once the per-token columns exist.
+        # Tokenize (unless done), build labels and truncate with TRL; pack later, once the per-token columns exist.
         prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
-        if uses_scores:
+        if tokenized:
+            prepared = self._truncate_token_columns(prepared, args, dataset_name)
+        elif uses_scores:
             prepared = self._attach_star_weights(prepared, processing_class, args, dataset_name)
+        if args.shaping == "rejection_sampling":  # rejected examples (weight 0) are not trained at all
+            prepared = prepared.map(
+                lambda ex: {"labels": [label if w > 0 else -100 for label, w in zip(ex["labels"], ex["star_weights"])]},
+                desc=f"Dropping rejected responses from {dataset_name} dataset",
+            ).filter(lambda ex: any(label != -100 for label in ex["labels"]))
         if self._defer_packing:
             self._deferred_packing[dataset_name] = packing
         elif packing:
@@ -172,29 +184,37 @@ class STARDSSTrainer(SFTTrainer):
             prepared = pack_dataset(prepared.select_columns(kept), args.max_length, args.packing_strategy)
         return prepared
 
+    @staticmethod
+    def _keep(values: list, length: int, args) -> list:
+        """The part of a per-token list that TRL's truncation keeps of `input_ids` (now `length` long)."""
+        keep_end = args.max_length is not None and args.truncation_mode == "keep_end"
+        return values[-length:] if keep_end else values[:length]
+
+    def _truncate_token_columns(self, prepared, args, dataset_name):
+        """A pre-tokenized dataset: TRL truncated `input_ids` and `labels`; cut the per-token columns the same way."""
+        present = [column for column in TOKEN_COLUMNS if column in prepared.column_names]
+        if not present:
+            return prepared
+        return prepared.map(
+            lambda ex: {c: self._keep(ex[c], len(ex["input_ids"]), args) for c in present},
+            desc=f"Truncating per-token columns of {dataset_name} dataset",
+        )
+
     def _attach_star_weights(self, prepared, processing_class, args, dataset_name):
         threshold = args.rejection_threshold if args.shaping == "rejection_sampling" else None
-        keep_end = args.max_length is not None and args.truncation_mode == "keep_end"
 
         def attach(example):
             ids, weights = example_star_weights(example, processing_class, self.chat_template, threshold)
             n = len(example["input_ids"])
-            ids, weights = (ids[-n:], weights[-n:]) if keep_end else (ids[:n], weights[:n])
-            if ids != example["input_ids"]:
+            if self._keep(ids, n, args) != example["input_ids"]:
                 raise ValueError(
                     f"Re-tokenizing an example of the {dataset_name} dataset with offsets gives other tokens than "
                     "TRL's tokenization, so its STAR weights cannot be aligned. This happens with chat templates "
                     "that tokenize specially (e.g. with `tools`); please report it with the template."
                 )
-            output = {"star_weights": weights}
-            if threshold is not None:  # rejection sampling: dropped responses are not trained at all
-                output["labels"] = [label if w > 0 else -100 for label, w in zip(example["labels"], weights)]
-            return output
+            return {"star_weights": self._keep(weights, n, args)}
 
-        prepared = prepared.map(attach, desc=f"Attaching STAR weights to {dataset_name} dataset")
-        if threshold is not None:
-            prepared = prepared.filter(lambda ex: any(label != -100 for label in ex["labels"]))
-        return prepared
+        return prepared.map(attach, desc=f"Attaching STAR weights to {dataset_name} dataset")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -276,11 +296,11 @@ class STARDSSTrainer(SFTTrainer):
         loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, num_items counts all ranks
-        self._log_star_metrics(logps, ref_logps, kl, star_weights, mask, per_token)
+        self._log_star_metrics(logps, ref_logps, kl, star_weights, mask)
         return (loss, None) if return_outputs else loss
 
     @torch.no_grad()
-    def _log_star_metrics(self, logps, ref_logps, kl, star_weights, mask, per_token):
+    def _log_star_metrics(self, logps, ref_logps, kl, star_weights, mask):
         mode = "train" if self.model.training else "eval"
         gather = self.accelerator.gather_for_metrics
         mask_f = mask.float()
