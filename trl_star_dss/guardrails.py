@@ -259,32 +259,38 @@ class CausalLMGuardrail(Guardrail):
         margin = logits[..., self.safe_id].float() - logits[..., self.unsafe_id].float()
         return torch.sigmoid(margin / self.temperature).tolist()
 
+    def _right_padded(self, sequences: list[list[int]]):
+        import torch
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(sequences), max(map(len, sequences))), pad, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        return input_ids, torch.tensor([len(sequence) - 1 for sequence in sequences])
+
+    def _scores_at(self, ends, **inputs) -> list[float]:
+        """Run the guard on a batch and score row i at position `ends[i]`; only those positions are projected onto
+        the vocabulary (the model's own head, so family-specific logit scaling or soft-capping applies)."""
+        import torch
+
+        device = self.model.device
+        keep = torch.unique(ends)
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
+                                logits_to_keep=keep.to(device)).logits  # fmt: skip
+        return self._to_scores(logits[torch.arange(len(ends)), torch.searchsorted(keep, ends).to(logits.device)])
+
     def _forward_sequences(self, sequences: list[list[int]]) -> list[float]:
         """One full forward per sequence (right padded, so positions are the natural ones); score at its end."""
         import torch
 
-        device = self.model.device
         scores: list[float] = [0.0] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad little
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            width = max(len(sequences[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                attention_mask[row, : len(sequences[i])] = 1
-            ends = torch.tensor([len(sequences[i]) - 1 for i in batch])
-            keep = torch.unique(ends)  # only these positions are projected onto the vocabulary
-            with torch.inference_mode():
-                logits = self.model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    logits_to_keep=keep.to(device),
-                ).logits
-            picked = logits[torch.arange(len(batch)), torch.searchsorted(keep, ends).to(logits.device)]
-            for i, value in zip(batch, self._to_scores(picked)):
+            input_ids, ends = self._right_padded([sequences[i] for i in batch])
+            attention_mask = (torch.arange(input_ids.size(1))[None] <= ends[:, None]).long()
+            for i, value in zip(batch, self._scores_at(ends, input_ids=input_ids, attention_mask=attention_mask)):
                 scores[i] = value
         return scores
 
@@ -329,13 +335,11 @@ class CausalLMGuardrail(Guardrail):
 
         import torch
 
-        rows, width, device = len(suffixes), max(map(len, suffixes)), self.model.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((rows, width), pad, dtype=torch.long)
+        input_ids, ends = self._right_padded(suffixes)
+        rows, width = input_ids.shape
         allowed = torch.zeros((rows, width, trunk_length + width), dtype=torch.bool)
         allowed[:, :, trunk_length:] = torch.ones(width, width, dtype=torch.bool).tril()
-        for k, (start, suffix) in enumerate(zip(starts, suffixes)):
-            input_ids[k, : len(suffix)] = torch.tensor(suffix)
+        for k, start in enumerate(starts):
             allowed[k, :, :start] = True
         positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]
         # A float additive mask: bool 4D masks are silently wrong on some attention backends (DESIGN 5).
@@ -343,18 +347,8 @@ class CausalLMGuardrail(Guardrail):
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         group_cache = copy.deepcopy(cache)  # the forward appends to its cache; the trunk's serves every group
         group_cache.batch_repeat_interleave(rows)
-        ends = torch.tensor([len(suffix) - 1 for suffix in suffixes])
-        keep = torch.unique(ends)  # only these positions are projected onto the vocabulary
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                past_key_values=group_cache,
-                use_cache=True,
-                logits_to_keep=keep.to(device),
-            ).logits
-        return self._to_scores(logits[torch.arange(rows), torch.searchsorted(keep, ends).to(logits.device)])
+        return self._scores_at(ends, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=group_cache, use_cache=True)  # fmt: skip
 
     # -- the Guardrail interface ---------------------------------------------------------------------------------
 
