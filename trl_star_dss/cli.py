@@ -65,7 +65,50 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overwrite", action="store_true", help="Delete scores in --output made with other "
                        "settings and score again.")
     score.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    show = commands.add_parser("show", help="Pictures of a scored dataset: token heat map (HTML), STAR trajectories "
+                               "and a dataset summary (PNG).")
+    show.add_argument("--dataset", required=True, help="A `star-dss score --output` directory, its `dataset/`, or "
+                      "a scored file.")
+    show.add_argument("--output", required=True, help="Directory for heatmap.html, trajectories.png, summary.png.")
+    show.add_argument("--policy-tokenizer", help="Colour policy tokens (default: words).")
+    show.add_argument("--examples", type=int, nargs="+", help="Examples for the trajectories (default: the first "
+                      "five flagged, else the first five).")
+    show.add_argument("--max-examples", type=int, default=200, help="Examples in the heat map (default 200).")
+    show.add_argument("--split", default="train", help="Dataset split for files and hub ids (default: train).")
     return parser
+
+
+def show_command(args) -> None:
+    from .report import heatmap_html, summary_png, trajectory_png
+    from .scoring import STAR_COLUMN
+
+    path = args.dataset
+    if os.path.isdir(os.path.join(path, "dataset")):  # a `star-dss score --output` directory
+        path = os.path.join(path, "dataset")
+    dataset = load_dataset_arg(path, args.split)
+    if STAR_COLUMN not in dataset.column_names:
+        raise ValueError(f"--dataset {args.dataset!r} has no `{STAR_COLUMN}` column. Score it first with `star-dss score`.")
+    tokenizer = None
+    if args.policy_tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+    for index in args.examples or []:
+        if not 0 <= index < len(dataset):
+            raise ValueError(f"--examples {index} is out of range: the dataset has {len(dataset)} examples (0 to "
+                             f"{len(dataset) - 1}).")  # fmt: skip
+    chosen = args.examples
+    if not chosen:
+        lowest = [min(min(turn["scores"]) for turn in star) for star in dataset[STAR_COLUMN]]
+        chosen = [i for i, low in enumerate(lowest) if low < 0.5][:5] or list(range(min(5, len(dataset))))
+    units = heatmap_html(dataset, os.path.join(args.output, "heatmap.html"), tokenizer,
+                         range(min(args.max_examples, len(dataset))))  # fmt: skip
+    trajectory_png(dataset, os.path.join(args.output, "trajectories.png"), chosen)
+    summary = summary_png(dataset, os.path.join(args.output, "summary.png"))
+    print(f"responses {summary['responses']} | flagged {summary['flagged']} | words under KL "
+          f"{100 * summary['share_under_kl']:.1f}% | heat map units {units}")  # fmt: skip
+    print(f"wrote {args.output}/heatmap.html, trajectories.png (examples {chosen}), summary.png")
 
 
 def score_command(args) -> None:
@@ -117,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "score":
             score_command(args)
+        elif args.command == "show":
+            show_command(args)
     except ValueError as error:
         # Our errors say what is wrong and how to fix it: show that sentence, not a traceback.
         raise SystemExit(f"star-dss {args.command}: error: {error}") from error
