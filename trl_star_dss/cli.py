@@ -76,7 +76,53 @@ def _build_parser() -> argparse.ArgumentParser:
                       "five flagged, else the first five).")
     show.add_argument("--max-examples", type=int, default=200, help="Examples in the heat map (default 200).")
     show.add_argument("--split", default="train", help="Dataset split for files and hub ids (default: train).")
+
+    evaluate = commands.add_parser("eval", help="Evaluate a model.")
+    kinds = evaluate.add_subparsers(dest="kind", required=True)
+    safety = kinds.add_parser("safety", help="Answer harmful prompts; judge the answers with a guardrail and refusal "
+                              "keywords; report the share judged safe with a 95% CI.")
+    safety.add_argument("--model", required=True, help="Model path or hub id.")
+    safety.add_argument("--adapter", help="A PEFT adapter to load on top of --model.")
+    safety.add_argument("--prompts", required=True, help="Local JSONL/JSON/CSV or a dataset id (e.g. AdvBench).")
+    safety.add_argument("--prompt-column", default="prompt", help="Column holding the prompts (default: prompt).")
+    safety.add_argument("--split", default="train", help="Split for dataset ids (default: train).")
+    safety.add_argument("--guardrail", nargs="+", required=True, help="Judge(s), as for `score`.")
+    safety.add_argument("--family", choices=["llama_guard", "granite_guardian"], help="Force the judge's family.")
+    safety.add_argument("--output", required=True, help="JSONL of every prompt, response and verdict.")
+    safety.add_argument("--resume", action="store_true", help="Continue an existing --output (same settings).")
+    safety.add_argument("--prefill", default="", help='Harmful prefilling attack: force the answer to start with '
+                        'this text (e.g. "Sure, here is").')
+    safety.add_argument("--trigger", default="", help="Backdoor attack: append this text to every prompt.")
+    safety.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
+    safety.add_argument("--temperature", type=float, default=0.2, help="Sampling temperature (paper: 0.2).")
+    safety.add_argument("--top-p", type=float, default=0.9, help="Nucleus sampling (paper: 0.9).")
+    safety.add_argument("--repetition-penalty", type=float, default=1.2, help="(paper: 1.2).")
+    safety.add_argument("--max-new-tokens", type=int, default=500, help="(paper: 500).")
+    safety.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
+    safety.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    safety.add_argument("--dtype", default="auto", help="Model dtype.")
+    safety.add_argument("--device", help="Model device (default: this process's accelerator, else CPU).")
+    safety.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
+
+
+def eval_safety_command(args) -> None:
+    from accelerate import PartialState
+
+    from .evaluation import DecodingConfig, evaluate_safety, load_policy, load_prompts
+    from .guardrails import load_guardrail
+
+    prompts, categories = load_prompts(args.prompts, args.prompt_column, args.split)
+    device = args.device or str(PartialState().device)
+    guardrail = load_guardrail(args.guardrail, family=args.family, device_map=device)
+    model, tokenizer = load_policy(args.model, args.adapter, args.dtype, device)
+    decoding = DecodingConfig(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
+                              args.greedy, args.seed, args.batch_size)  # fmt: skip
+    report = evaluate_safety(model, tokenizer, guardrail, prompts, args.output, categories, decoding, args.prefill,
+                             args.trigger, args.resume, {"model": args.model, "adapter": args.adapter,
+                             "prompts": args.prompts}, progress=not args.no_progress)  # fmt: skip
+    print(report.format())
+    print(f"records: {args.output}")
 
 
 def show_command(args) -> None:
@@ -162,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             score_command(args)
         elif args.command == "show":
             show_command(args)
+        elif args.command == "eval" and args.kind == "safety":
+            eval_safety_command(args)
     except ValueError as error:
         # Our errors say what is wrong and how to fix it: show that sentence, not a traceback.
         raise SystemExit(f"star-dss {args.command}: error: {error}") from error
