@@ -182,9 +182,11 @@ def test_unscored_dataset_is_a_clear_error(tmp_path, tokenizer, scored):
 
 
 def test_guardrail_scores_at_start_up(tmp_path, tokenizer, scored):
-    trainer = train(tmp_path, scored.remove_columns("star"), tokenizer, max_steps=1,
+    trainer = train(tmp_path, scored.remove_columns("star"), tokenizer, max_steps=1, star_report=True,
                     guardrail=["trl_star_dss.demo:scripted_guardrail"])  # fmt: skip
     assert os.path.exists(tmp_path / "star_scores" / "dataset")
+    assert os.path.getsize(tmp_path / "star_report" / "summary.png") > 0
+    assert 'class="t"' in (tmp_path / "star_report" / "heatmap.html").read_text()
     assert "star/weight_mean" in trainer.state.log_history[0]
 
 

@@ -79,6 +79,13 @@ class STARDSSConfig(SFTConfig):
             "with the dataset: training then holds no reference model (token KL estimators only)."
         },
     )
+    star_report: bool = field(
+        default=False,
+        metadata={
+            "help": "At the start of training, write the pictures of `star-dss show` for the training set "
+            "(heatmap.html, summary.png) to `<output_dir>/star_report`."
+        },
+    )
     full_kl_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the full-vocabulary KL (`kl_estimator='full'`)."}
     )

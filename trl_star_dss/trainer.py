@@ -78,6 +78,8 @@ class STARDSSTrainer(SFTTrainer):
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str) else model.config._name_or_path)
             train_dataset = self._score_at_start(train_dataset, processing_class, args)
+        if args.star_report and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
+            self._write_star_report(train_dataset, os.path.join(args.output_dir, "star_report"))
         # With precomputed reference log-probs, packing waits until they exist (the reference runs on whole examples).
         self._defer_packing = args.precompute_ref_log_probs and args.shaping in ("star_dss", "deep_token")
         self._deferred_packing: dict[str, bool] = {}
@@ -127,6 +129,16 @@ class STARDSSTrainer(SFTTrainer):
     @staticmethod
     def _inner_model(model):
         return model.get_base_model() if _is_peft_model(model) else model
+
+    @staticmethod
+    def _write_star_report(dataset, directory: str) -> None:
+        from accelerate import PartialState
+
+        from .report import heatmap_html, summary_png
+
+        if PartialState().is_main_process:
+            heatmap_html(dataset, os.path.join(directory, "heatmap.html"), indices=range(min(200, len(dataset))))
+            summary_png(dataset, os.path.join(directory, "summary.png"))
 
     @staticmethod
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
