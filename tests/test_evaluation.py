@@ -101,3 +101,55 @@ def test_eval_bad_inputs(policy_dir, prompts_file, tmp_path):
     with pytest.raises(SystemExit, match=r"The adapter .* does not fit the model"):
         run(policy_dir, prompts_file, tmp_path / "c.jsonl", "--adapter", str(tmp_path / "adapter"))
     assert not os.path.exists(tmp_path / "c.jsonl")
+
+
+TASK_YAML = """task: tiny_arith
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_eval_capability_on_a_tiny_local_task(policy_dir, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 2)], "answer": 0}
+            for a, b in [(1, 2), (3, 4), (5, 6), (2, 2), (7, 1), (9, 3)]]  # fmt: skip
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks" / "tiny_arith.yaml").write_text(TASK_YAML.format(data=tmp_path / "tasks" / "data.jsonl"))
+    output = tmp_path / "capability.json"
+    star_dss(["eval", "capability", "--model", str(policy_dir), "--tasks", "tiny_arith", "--include-path",
+              str(tmp_path / "tasks"), "--output", str(output), "--dtype", "float32", "--device", "cpu"])  # fmt: skip
+    accuracy = json.loads(output.read_text())["tiny_arith"]["acc,none"]
+    # The same multiple-choice rule computed here: the choice with the highest log-likelihood after " ".
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    correct = 0
+    for doc in docs:
+        scores = []
+        for choice in doc["choices"]:
+            context = tokenizer(doc["question"]).input_ids
+            whole = tokenizer(doc["question"] + " " + choice).input_ids
+            with torch.no_grad():
+                logps = model(torch.tensor([whole])).logits[0, :-1].log_softmax(-1)
+            scores.append(sum(logps[t - 1, whole[t]].item() for t in range(len(context), len(whole))))
+        correct += max(range(len(scores)), key=scores.__getitem__) == doc["answer"]
+    assert accuracy == pytest.approx(correct / len(docs))
+    assert "tiny_arith: {" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"exists; it is never overwritten"):
+        star_dss(["eval", "capability", "--model", str(policy_dir), "--tasks", "tiny_arith", "--output", str(output)])
+    with pytest.raises(SystemExit, match=r"Unknown lm-eval task\(s\) \['no_such_task'\]"):
+        star_dss(["eval", "capability", "--model", str(policy_dir), "--tasks", "no_such_task",
+                  "--output", str(tmp_path / "x.json")])  # fmt: skip

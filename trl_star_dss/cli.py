@@ -103,7 +103,40 @@ def _build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--dtype", default="auto", help="Model dtype.")
     safety.add_argument("--device", help="Model device (default: this process's accelerator, else CPU).")
     safety.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    capability = kinds.add_parser("capability", help="MMLU, ARC-Challenge, GSM8K (or local tasks) through "
+                                  "lm-evaluation-harness (`pip install 'trl-star-dss[eval]'`).")
+    capability.add_argument("--model", required=True, help="Model path or hub id.")
+    capability.add_argument("--adapter", help="A PEFT adapter to load on top of --model.")
+    capability.add_argument("--tasks", nargs="+", default=["mmlu", "arc_challenge", "gsm8k"], help="lm-eval tasks.")
+    capability.add_argument("--include-path", help="Directory of extra lm-eval task YAMLs (local tasks).")
+    capability.add_argument("--output", required=True, help="JSON file for the results (never overwritten).")
+    capability.add_argument("--batch-size", type=int, default=8)
+    capability.add_argument("--limit", type=int, help="Examples per task (for a quick look).")
+    capability.add_argument("--num-fewshot", type=int, help="Few-shot examples (default: the task's).")
+    capability.add_argument("--dtype", default="auto", help="Model dtype.")
+    capability.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
     return parser
+
+
+def eval_capability_command(args) -> None:
+    import torch
+
+    from .evaluation import evaluate_capability
+
+    if os.path.exists(args.output):
+        raise ValueError(f"--output {args.output!r} exists; it is never overwritten. Choose another file.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = evaluate_capability(args.model, args.tasks, args.adapter, args.include_path, args.batch_size, device,
+                                  args.dtype, args.limit, args.num_fewshot)  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = f"{args.output}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(results, handle, indent=2, default=str)
+    os.replace(tmp, args.output)
+    for task, metrics in results.items():
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k}
+        print(f"{task}: {shown}")
+    print(f"results: {args.output}")
 
 
 def eval_safety_command(args) -> None:
@@ -210,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
             show_command(args)
         elif args.command == "eval" and args.kind == "safety":
             eval_safety_command(args)
+        elif args.command == "eval" and args.kind == "capability":
+            eval_capability_command(args)
     except ValueError as error:
         # Our errors say what is wrong and how to fix it: show that sentence, not a traceback.
         raise SystemExit(f"star-dss {args.command}: error: {error}") from error

@@ -213,3 +213,29 @@ def _open_output(output: str, settings: dict, resume: bool) -> dict[int, dict]:
         json.dump(settings, handle, indent=2)
     open(output, "w").close()
     return done
+
+
+def evaluate_capability(model_path: str, tasks: Sequence[str], adapter: str | None = None,
+                        include_path: str | None = None, batch_size: int = 8, device: str = "cpu",
+                        dtype: str = "auto", limit: int | None = None, num_fewshot: int | None = None) -> dict:  # fmt: skip
+    """Capability benchmarks (MMLU, ARC-Challenge, GSM8K, or any local task YAML in `include_path`) through
+    lm-evaluation-harness, for a model with or without a PEFT adapter. Returns lm-eval's `results` per task."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ValueError(
+            "Capability evaluation runs lm-evaluation-harness, which is not installed. Install it with "
+            "`pip install 'trl-star-dss[eval]'` (or `pip install lm-eval`)."
+        ) from error
+    model_args = f"pretrained={model_path},dtype={dtype}" + (f",peft={adapter}" if adapter else "")
+    manager = TaskManager(include_path=include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"Unknown lm-eval task(s) {unknown}. Use names lm-eval knows (mmlu, arc_challenge, gsm8k, ...) or "
+            "point --include-path at a directory with your task YAMLs."
+        )
+    output = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), task_manager=manager,
+                                     device=device, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)  # fmt: skip
+    return output["results"]
