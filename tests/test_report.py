@@ -1,5 +1,7 @@
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -44,3 +46,17 @@ def test_show_rejects_unscored_data_and_bad_examples(scored_dir, tmp_path):
         star_dss(["show", "--dataset", SAMPLE, "--output", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--examples 99 is out of range: the dataset has 10 examples"):
         star_dss(["show", "--dataset", str(scored_dir), "--output", str(tmp_path), "--examples", "99"])
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless browser installed (apt-get install chromium)")
+def test_heatmap_renders_in_a_headless_browser(scored_dir, tmp_path):
+    star_dss(["show", "--dataset", str(scored_dir), "--output", str(tmp_path)])
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1000,800", f"file://{tmp_path / 'heatmap.html'}"], timeout=120,
+                   capture_output=True)  # fmt: skip
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (800, 1000)
+    assert pixels[..., :3].std() > 0.05  # not a blank page: text and coloured tokens were drawn
