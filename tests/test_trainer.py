@@ -316,3 +316,10 @@ def test_full_kl_in_bf16_mixed_precision(tmp_path, tokenizer, scored):
     model = tiny_causal_lm(tokenizer, seed=1).to(torch.bfloat16)
     trainer = train(tmp_path, scored, tokenizer, model=model, kl_estimator="full", bf16=True, max_steps=2)
     assert all(torch.isfinite(torch.tensor(losses(trainer))))
+
+
+def test_rejection_sampling_that_drops_everything_says_so(tmp_path, tokenizer, scored):
+    harmful = scored.filter(lambda ex: min(t["scores"][-1] for t in ex["star"]) < 0.5)
+    with pytest.raises(ValueError, match=r"Rejection sampling dropped all 4 examples of the train dataset"):
+        STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path, shaping="rejection_sampling")),
+                       train_dataset=harmful, processing_class=tokenizer)  # fmt: skip

@@ -185,10 +185,17 @@ class STARDSSTrainer(SFTTrainer):
         elif uses_scores:
             prepared = self._attach_star_weights(prepared, processing_class, args, dataset_name)
         if args.shaping == "rejection_sampling":  # rejected examples (weight 0) are not trained at all
+            total = len(prepared)
             prepared = prepared.map(
                 lambda ex: {"labels": [label if w > 0 else -100 for label, w in zip(ex["labels"], ex["star_weights"])]},
                 desc=f"Dropping rejected responses from {dataset_name} dataset",
             ).filter(lambda ex: any(label != -100 for label in ex["labels"]))
+            if len(prepared) == 0:
+                raise ValueError(
+                    f"Rejection sampling dropped all {total} examples of the {dataset_name} dataset (every one has a "
+                    f"response scored below rejection_threshold={args.rejection_threshold}), so there is nothing to "
+                    "train on. That is the method's answer for this data: do not finetune on it, or lower the threshold."
+                )
         if self._defer_packing:
             self._deferred_packing[dataset_name] = packing
         elif packing:
