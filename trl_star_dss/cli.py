@@ -77,6 +77,13 @@ def _build_parser() -> argparse.ArgumentParser:
     show.add_argument("--max-examples", type=int, default=200, help="Examples in the heat map (default 200).")
     show.add_argument("--split", default="train", help="Dataset split for files and hub ids (default: train).")
 
+    demo = commands.add_parser("demo", help="The toy safety world (a simulation): every method against every attack, "
+                               "on a CPU in a few minutes.")
+    demo.add_argument("--output", default="runs/demo", help="Directory for table.md, chart.png and heat maps.")
+    demo.add_argument("--seed", type=int, default=0, help="World and training seed (same seed, same table).")
+    demo.add_argument("--fast", action="store_true", help="One attack, two methods, short training: a pipeline "
+                      "check, not the result.")
+
     evaluate = commands.add_parser("eval", help="Evaluate a model.")
     kinds = evaluate.add_subparsers(dest="kind", required=True)
     safety = kinds.add_parser("safety", help="Answer harmful prompts; judge the answers with a guardrail and refusal "
@@ -156,6 +163,20 @@ def eval_safety_command(args) -> None:
                              "prompts": args.prompts}, progress=not args.no_progress)  # fmt: skip
     print(report.format())
     print(f"records: {args.output}")
+
+
+def demo_command(args) -> None:
+    from .demo import format_table, run_demo
+
+    print("SIMULATION: a toy world with a scripted guardrail, not a real safety judge (see README).")
+    if args.fast:
+        table = run_demo(args.output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),
+                         stages={"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)})  # fmt: skip
+    else:
+        table = run_demo(args.output, args.seed)
+    print("safety / capability in % (held-out harmful prompts / held-out tasks)")
+    print(format_table(table))
+    print(f"wrote {args.output}/table.md, chart.png, heatmap_*.html")
 
 
 def show_command(args) -> None:
@@ -241,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             score_command(args)
         elif args.command == "show":
             show_command(args)
+        elif args.command == "demo":
+            demo_command(args)
         elif args.command == "eval" and args.kind == "safety":
             eval_safety_command(args)
         elif args.command == "eval" and args.kind == "capability":
