@@ -16,7 +16,7 @@ SCRIPTED = "trl_star_dss.demo:scripted_guardrail"
 def test_readme_quickstart_is_what_ci_runs():
     readme = open(os.path.join(ROOT, "README.md")).read()
     commands = re.findall(r"^python3\.11 -m venv .*$", readme.split("## Quickstart")[1].split("```")[1], re.M)
-    assert len(commands) == 2 and "star-dss score" in commands[0] and "pytest" in commands[1]
+    assert len(commands) == 2 and commands[0].endswith("star-dss demo") and "pytest" in commands[1]
     assert commands[1] in open(os.path.join(ROOT, ".ci", "run")).read()
 
 

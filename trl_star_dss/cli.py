@@ -166,8 +166,16 @@ def eval_safety_command(args) -> None:
 
 
 def demo_command(args) -> None:
+    import warnings
+
+    import datasets
+    import transformers
+
     from .demo import format_table, run_demo
 
+    datasets.disable_progress_bars()  # 40 short trainings: their progress bars would bury the table
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     print("SIMULATION: a toy world with a scripted guardrail, not a real safety judge (see README).")
     if args.fast:
         table = run_demo(args.output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),

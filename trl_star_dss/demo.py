@@ -142,7 +142,11 @@ def _train(model, tokenizer, rows_or_dataset, shaping: str, epochs: int, lr: flo
                          logging_steps=1000, report_to="none", save_strategy="no", use_cpu=True, seed=seed,
                          data_seed=seed, assistant_only_loss=True, bf16=False, gradient_checkpointing=False,
                          disable_tqdm=True, kl_coef=0.5, star_chunk_size=5)  # fmt: skip
-    STARDSSTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    from transformers import PrinterCallback
+
+    trainer = STARDSSTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # the demo prints its table, not 21 training logs
+    trainer.train()
     return model
 
 
@@ -252,7 +256,8 @@ def _chart(table: dict, path: str) -> None:
         for i, method in enumerate(methods):
             axis.bar([k + i * width for k in range(len(attacks))], [table[a][method][j] for a in attacks], width,
                      label=method)  # fmt: skip
-        axis.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(attacks))], attacks, fontsize=8)
+        axis.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(attacks))],
+                        [a.replace("_", "\n") for a in attacks], fontsize=8)
         axis.set(ylabel=label, ylim=(0, 105))
     axes[0].legend(fontsize=8)
     figure.suptitle("SIMULATION: toy safety world, scripted guardrail (not a real safety judge)")
