@@ -183,6 +183,7 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, attacks=ATTACKS, meth
     import time
 
     import torch
+    from datasets import Dataset
 
     from .guardrails import PythonGuardrail
     from .report import heatmap_html
@@ -202,8 +203,8 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, attacks=ATTACKS, meth
     aligned = copy.deepcopy(model.state_dict())
     guard = PythonGuardrail(scripted_guardrail, name="scripted_guardrail")
     for attack in attacks:
-        scored, _ = score_dataset(__import__("datasets").Dataset.from_list(world["attacks"][attack]), guard, tokenizer,
-                                  chunk_size=5, progress=False)  # fmt: skip
+        scored, _ = score_dataset(Dataset.from_list(world["attacks"][attack]), guard, tokenizer, chunk_size=5,
+                                  progress=False)  # fmt: skip
         heatmap_html(scored, os.path.join(output_dir, f"heatmap_{attack}.html"), tokenizer, range(5))
         table[attack] = {}
         for method in methods:
