@@ -54,17 +54,15 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
     elif isinstance(example["prompt"], list):
         messages, first_turn = example["prompt"] + example["completion"], len(example["prompt"])
     else:
-        messages = None
+        messages, first_turn = None, 0
+    # Each scored turn, by its index in the rendered message list (the completion is index 0 for plain text).
+    records = {first_turn + record["turn"]: record for record in example[STAR_COLUMN]}
     if messages is not None:
         text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
                                              tools=example.get("tools"))  # fmt: skip
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = _response_spans(text, messages)
-        regions = {}
-        for record in example[STAR_COLUMN]:
-            index = first_turn + record["turn"]
-            following = spans[index + 1][0] if index + 1 < len(spans) else len(text)
-            regions[index] = (spans[index][0], following)
+        regions = {i: (spans[i][0], spans[i + 1][0] if i + 1 < len(spans) else len(text)) for i in records}
     else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
         completion = example["completion"]
         if not completion.endswith(tokenizer.eos_token or "\0"):
@@ -73,7 +71,6 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
         encoded = tokenizer(text=text, return_offsets_mapping=True)
         regions = {0: (len(example["prompt"]), len(text))}
     weights = [1.0] * len(encoded["input_ids"])
-    records = {first_turn + r["turn"] if messages is not None else 0: r for r in example[STAR_COLUMN]}
     keep = threshold is None or all(r["scores"][-1] >= threshold for r in records.values())
     for index, (start, stop) in regions.items():
         record = records[index]
