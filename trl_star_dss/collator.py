@@ -19,7 +19,7 @@ from .scoring import STAR_COLUMN, token_scores
 TOKEN_COLUMNS = {"star_weights": 1.0, "ref_logps": 0.0}
 
 
-def _response_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+def message_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
     """Where each message's content sits in the rendered `text`, searched in order."""
     spans, cursor = [], 0
     for i, message in enumerate(messages):
@@ -61,7 +61,7 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
         text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
                                              tools=example.get("tools"))  # fmt: skip
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        spans = _response_spans(text, messages)
+        spans = message_spans(text, messages)
         regions = {i: (spans[i][0], spans[i + 1][0] if i + 1 < len(spans) else len(text)) for i in records}
     else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
         completion = example["completion"]
@@ -70,16 +70,23 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
         text = example["prompt"] + completion
         encoded = tokenizer(text=text, return_offsets_mapping=True)
         regions = {0: (len(example["prompt"]), len(text))}
-    weights = [1.0] * len(encoded["input_ids"])
+    return encoded["input_ids"], region_weights(encoded["offset_mapping"], regions, records, threshold)
+
+
+def region_weights(offsets: list[tuple[int, int]], regions: dict, records: dict, threshold: float | None = None):
+    """Per-token weights from token character `offsets` and, for each scored turn, its character `region`
+    `(start, stop)` in the text (the response plus what follows it up to the next message) and its STAR record
+    (`chunk_ends` in characters from `start`, `scores`). Tokens outside every region weigh 1. With `threshold`
+    (rejection sampling) a record keeps the example (weight 1) only if every response's last score reaches it."""
+    weights = [1.0] * len(offsets)
     keep = threshold is None or all(r["scores"][-1] >= threshold for r in records.values())
     for index, (start, stop) in regions.items():
         record = records[index]
         scores = record["scores"] if threshold is None else [float(keep)] * len(record["scores"])
-        inside = [t for t, (a, b) in enumerate(encoded["offset_mapping"]) if b > start and a < stop and b > a]
-        values = token_scores([encoded["offset_mapping"][t][1] - start for t in inside], record["chunk_ends"], scores)
-        for t, value in zip(inside, values):
+        inside = [t for t, (a, b) in enumerate(offsets) if b > start and a < stop and b > a]
+        for t, value in zip(inside, token_scores([offsets[t][1] - start for t in inside], record["chunk_ends"], scores)):
             weights[t] = value
-    return encoded["input_ids"], weights
+    return weights
 
 
 @dataclass

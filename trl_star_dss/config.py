@@ -92,29 +92,46 @@ class STARDSSConfig(SFTConfig):
 
     def __post_init__(self):
         # Our checks first: they are cheap and name the STAR-DSS field at fault.
-        if self.shaping not in SHAPINGS:
-            raise ValueError(f"shaping={self.shaping!r} is not known. Use one of {SHAPINGS}.")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator={self.kl_estimator!r} is not known. Use one of {KL_ESTIMATORS}.")
-        if not self.kl_coef >= 0:
-            raise ValueError(f"kl_coef={self.kl_coef} must be >= 0 (the paper uses 0.5).")
-        if isinstance(self.star_chunk_size, bool) or not isinstance(self.star_chunk_size, int) or self.star_chunk_size <= 0:
-            raise ValueError(f"star_chunk_size={self.star_chunk_size!r} must be a positive whole number (the paper: 5).")
-        if self.star_unit not in UNITS:
-            raise ValueError(f"star_unit={self.star_unit!r} is not known. Use one of {UNITS}.")
-        if not self.guardrail_temperature > 0:
-            raise ValueError(f"guardrail_temperature={self.guardrail_temperature} must be > 0. Use e.g. 1.0.")
         if isinstance(self.guardrail, str):
             self.guardrail = [self.guardrail]
-        if self.precompute_ref_log_probs and self.kl_estimator == "full":
-            raise ValueError(
-                "precompute_ref_log_probs=True stores log pi_ref of the dataset tokens only, but "
-                "kl_estimator='full' needs the reference's whole distribution at every step. Use kl_estimator='k2' "
-                "(or k1/k3) with precomputed log-probs, or precompute_ref_log_probs=False."
-            )
-        if self.precompute_ref_log_probs and self.shaping in ("sft", "rejection_sampling"):
-            raise ValueError(
-                f"precompute_ref_log_probs=True does nothing with shaping={self.shaping!r}, which uses no reference. "
-                "Set it to False, or use shaping='star_dss' or 'deep_token'."
-            )
+        check_star_settings({name: getattr(self, name) for name in CHECKED_FIELDS})
         super().__post_init__()
+
+
+# The settings both trainers share (`STARDSSConfig` here, the Axolotl plugin's `star_dss_*` keys).
+CHECKED_FIELDS = ("shaping", "kl_coef", "kl_estimator", "star_chunk_size", "star_unit", "guardrail_temperature",
+                  "precompute_ref_log_probs")  # fmt: skip
+
+
+def check_star_settings(values: dict, names: dict | None = None) -> None:
+    """Raise a `ValueError` naming the setting (as the user wrote it: `names` maps our field names to theirs)
+    for the first bad value among `values` (keys from `CHECKED_FIELDS`; missing keys are not checked)."""
+    name = {field: field for field in CHECKED_FIELDS} | (names or {})
+    shaping, estimator = values.get("shaping", "star_dss"), values.get("kl_estimator", "k2")
+    if shaping not in SHAPINGS:
+        raise ValueError(f"{name['shaping']}={shaping!r} is not known. Use one of {SHAPINGS}.")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"{name['kl_estimator']}={estimator!r} is not known. Use one of {KL_ESTIMATORS}.")
+    kl_coef = values.get("kl_coef", 0.5)
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not kl_coef >= 0:
+        raise ValueError(f"{name['kl_coef']}={kl_coef!r} must be a number >= 0 (the paper uses 0.5).")
+    chunk = values.get("star_chunk_size", 5)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"{name['star_chunk_size']}={chunk!r} must be a positive whole number (the paper: 5).")
+    if values.get("star_unit", "token") not in UNITS:
+        raise ValueError(f"{name['star_unit']}={values['star_unit']!r} is not known. Use one of {UNITS}.")
+    temperature = values.get("guardrail_temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{name['guardrail_temperature']}={temperature!r} must be a number > 0. Use e.g. 1.0.")
+    precompute = name["precompute_ref_log_probs"]
+    if values.get("precompute_ref_log_probs") and estimator == "full":
+        raise ValueError(
+            f"{precompute}=True stores log pi_ref of the dataset tokens only, but {name['kl_estimator']}='full' "
+            f"needs the reference's whole distribution at every step. Use {name['kl_estimator']}='k2' (or k1/k3) "
+            f"with precomputed log-probs, or {precompute}=False."
+        )
+    if values.get("precompute_ref_log_probs") and shaping in ("sft", "rejection_sampling"):
+        raise ValueError(
+            f"{precompute}=True does nothing with {name['shaping']}={shaping!r}, which uses no reference. Set it to "
+            f"False, or use {name['shaping']}='star_dss' or 'deep_token'."
+        )

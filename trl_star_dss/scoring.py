@@ -238,6 +238,7 @@ def score_dataset(
     overwrite: bool = False,
     guardrail_id: str | None = None,
     progress: bool = True,
+    distributed: bool = True,
 ):
     """Score every trained assistant turn of `dataset` and return `(scored_dataset, summary)`.
 
@@ -246,7 +247,9 @@ def score_dataset(
     run is loaded without any guard forward, and the scored dataset is saved to `output_dir/dataset`
     (`datasets.load_from_disk`). Under `accelerate launch` the processes split the shards and the main process
     merges them. `guardrail` may be a zero-argument function that builds it, so a fully cached run never loads
-    the guard; then `guardrail_id` (what identifies its scores) is required.
+    the guard; then `guardrail_id` (what identifies its scores) is required. `distributed=False` scores
+    everything in this process even under `accelerate launch` (for callers that run on one process only, such as
+    Axolotl's dataset preparation).
     """
     start_time = time.perf_counter()
     fmt = dataset_format(dataset.column_names)
@@ -263,7 +266,7 @@ def score_dataset(
         "format": fmt,
         "num_examples": len(dataset),
     }
-    rank, world, barrier = _distributed()
+    rank, world, barrier = _distributed() if distributed else (0, 1, lambda: None)
     if world > 1 and output_dir is None:
         raise ValueError(
             f"Scoring under {world} processes needs output_dir: the processes share their work through it. "

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
-from trl.trainer.utils import add_fused_lm_head
+from trl.trainer.utils import add_fused_lm_head, pad
 
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR, example_star_weights
 from .config import STARDSSConfig
@@ -45,7 +45,157 @@ def _add_hidden_state_output(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-class STARDSSTrainer(SFTTrainer):
+
+class STARLossMixin:
+    """The STAR-DSS and Deep Token losses for a `transformers.Trainer` subclass: the reference model, optional
+    precomputed reference log-probs, the loss and its metrics. `STARDSSTrainer` and the Axolotl plugin's trainer
+    both use it, so the training maths are written once (on top of `loss.py`).
+
+    The host sets `self.star_config` (an object with `shaping`, `kl_coef`, `kl_estimator`, `full_kl_chunk_size`,
+    `precompute_ref_log_probs`), gives its model TRL's fused LM head (`add_fused_lm_head`), calls
+    `_init_reference` after `Trainer.__init__`, and implements `_store_star_metrics`.
+    """
+
+    star_config = None
+
+    @staticmethod
+    def _inner_model(model):
+        return model.get_base_model() if _is_peft_model(model) else model
+
+    def _init_reference(self, ref_model=None) -> None:
+        """pi_ref, in order: precomputed log-probs (nothing held), `ref_model`, the model with its PEFT adapters
+        disabled, or a frozen copy of the model taken now, before any update."""
+        config = self.star_config
+        self.ref_model = None
+        needs_reference = config.shaping in ("star_dss", "deep_token")
+        full = config.shaping == "star_dss" and config.kl_estimator == "full"
+        if full:
+            _add_hidden_state_output(self._inner_model(self.model))
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if sharded and full:
+            raise ValueError(
+                "kl_estimator='full' reads the whole output layer, which DeepSpeed/FSDP shard across processes. "
+                "Use kl_estimator='k2' (with precompute_ref_log_probs=True), or train without sharding (DDP)."
+            )
+        if not needs_reference or config.precompute_ref_log_probs:
+            return
+        if ref_model is None and not _is_peft_model(self.model):
+            if sharded:
+                raise ValueError(
+                    "Full finetuning under DeepSpeed/FSDP with no `ref_model` would need a sharded frozen copy of the "
+                    "model. Set precompute_ref_log_probs=True (no reference is held during training), or use PEFT."
+                )
+            import copy
+
+            ref_model = copy.deepcopy(self._inner_model(self.model))
+            # The copy would keep the forward that TRL patched onto the original (bound to its closure).
+            ref_model.__dict__.pop("forward", None)
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+            add_fused_lm_head(ref_model)
+            if full:
+                _add_hidden_state_output(ref_model)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TOKEN_COLUMNS]))
+
+    @torch.no_grad()
+    def _ref_logps_column(self, dataset, batch_size: int):
+        """One pass of the reference over a tokenized dataset: `ref_logps` of every token (0 for the first). Runs
+        before any update, so the model itself is pi_ref (LoRA starts as the identity)."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        device = self.accelerator.device
+
+        def compute(batch):
+            lengths = [len(ids) for ids in batch["input_ids"]]
+            input_ids = pad([torch.tensor(ids) for ids in batch["input_ids"]], padding_value=0, padding_side="right")
+            attention_mask = pad([torch.ones(n, dtype=torch.long) for n in lengths], padding_value=0,
+                                 padding_side="right")  # fmt: skip
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            logps = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                          labels=labels.to(device), fused_lm_head=True).log_probs.float().cpu()  # fmt: skip
+            return {"ref_logps": [[0.0] + logps[i, : n - 1].tolist() for i, n in enumerate(lengths)]}
+
+        dataset = dataset.map(compute, batched=True, batch_size=batch_size, desc="Precomputing reference log-probs")
+        model.train(was_training)
+        return dataset
+
+    def _reference(self, model):
+        """A context in which `ref(**inputs, ...)` runs pi_ref: the explicit/frozen reference or disabled adapters."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        return model, self.accelerator.unwrap_model(model).disable_adapter()
+
+    def star_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """The STAR-DSS (or Deep Token) loss of one batch, normalised like the Trainer's cross-entropy."""
+        config = self.star_config
+        star_weights = inputs.pop("star_weights", None)
+        ref_logps = inputs.pop("ref_logps", None)
+        inputs["use_cache"] = False
+        labels = inputs["labels"][:, 1:]
+        mask = labels != -100
+        kl = None
+        if config.kl_estimator == "full" and config.shaping == "star_dss":
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            ref, context = self._reference(model)
+            with torch.no_grad(), context:
+                ref_hidden = ref(**model_inputs, star_hidden_states=True)[:, :-1]
+            hidden = model(**model_inputs, star_hidden_states=True)[:, :-1]
+            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+            ref_weight = self.accelerator.unwrap_model(ref).get_output_embeddings().weight
+            kl, logps = full_kl(hidden, weight, ref_hidden, ref_weight, labels.clamp(min=0), mask,
+                                config.full_kl_chunk_size)  # fmt: skip
+            ref_logps = None
+        else:
+            if ref_logps is None:
+                ref, context = self._reference(model)
+                with torch.no_grad(), context:
+                    ref_logps = ref(**inputs, fused_lm_head=True).log_probs
+            else:
+                ref_logps = ref_logps[:, 1:]
+            logps = model(**inputs, fused_lm_head=True).log_probs
+        if config.shaping == "star_dss":
+            weights = star_weights[:, 1:].to(logps.dtype)
+            per_token = star_dss_loss(logps, ref_logps, weights, mask, config.kl_coef, config.kl_estimator, "none", kl=kl)
+        else:
+            per_token = deep_token_loss(logps, ref_logps, mask, "none")
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, num_items counts all ranks
+        self._log_star_metrics(logps, ref_logps, kl, star_weights, mask)
+        return loss
+
+    def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
+        raise NotImplementedError("A trainer using STARLossMixin says where its metrics go.")
+
+    @torch.no_grad()
+    def _log_star_metrics(self, logps, ref_logps, kl, star_weights, mask):
+        config = self.star_config
+        gather = self.accelerator.gather_for_metrics
+        mask_f = mask.float()
+        n = gather(mask_f.sum()).sum().clamp(min=1)
+
+        def mean(values):
+            return (gather((values.float() * mask_f).sum()).sum() / n).item()
+
+        if kl is None:  # what the loss used; Deep Token logs the configured token estimator for comparison
+            kl = token_kl(logps.float(), ref_logps.float(), "k2" if config.kl_estimator == "full" else config.kl_estimator)
+        metrics = {"kl": mean(kl)}
+        if star_weights is not None and config.shaping == "star_dss":
+            weights = star_weights[:, 1:]
+            metrics["star/weight_mean"] = mean(weights)
+            metrics["star/kl_share"] = mean(weights < 0.5)
+            metrics["loss/ce"] = mean(weights * -logps)
+            metrics["loss/kl"] = mean((1 - weights) * config.kl_coef * kl)
+        self._store_star_metrics(metrics, "train" if self.model.training else "eval")
+
+
+class STARDSSTrainer(STARLossMixin, SFTTrainer):
     """Finetune with STAR-DSS: `SFTTrainer`'s signature plus `ref_model`.
 
     The train dataset is either scored already (`star-dss score`, a `star` column) or scored at start-up with
@@ -88,35 +238,8 @@ class STARDSSTrainer(SFTTrainer):
         if data_collator is None:  # carry star_weights / ref_logps through TRL's own collation choices
             self.data_collator = DataCollatorForSTAR(**asdict(self.data_collator))
 
-        self.ref_model = None
-        self._needs_reference = args.shaping in ("star_dss", "deep_token")
-        if args.shaping == "star_dss" and args.kl_estimator == "full":
-            _add_hidden_state_output(self._inner_model(self.model))
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        if sharded and args.shaping == "star_dss" and args.kl_estimator == "full":
-            raise ValueError(
-                "kl_estimator='full' reads the whole output layer, which DeepSpeed/FSDP shard across processes. "
-                "Use kl_estimator='k2' (with precompute_ref_log_probs=True), or train without sharding (DDP)."
-            )
-        if self._needs_reference and not args.precompute_ref_log_probs:
-            if ref_model is None and not _is_peft_model(self.model) and sharded:
-                raise ValueError(
-                    "Full finetuning under DeepSpeed/FSDP with no `ref_model` would need a sharded frozen copy of the "
-                    "model. Set precompute_ref_log_probs=True (no reference is held during training), or use PEFT."
-                )
-            if ref_model is None and not _is_peft_model(self.model):
-                # Full finetuning with no reference given: freeze a copy of the model before any update.
-                import copy
-
-                ref_model = copy.deepcopy(self._inner_model(self.model))
-                # The copy would keep the forward that TRL patched onto the original (bound to its closure).
-                ref_model.__dict__.pop("forward", None)
-            if ref_model is not None:
-                ref_model.requires_grad_(False).eval()
-                add_fused_lm_head(ref_model)
-                if args.kl_estimator == "full":
-                    _add_hidden_state_output(ref_model)
-                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.star_config = args
+        self._init_reference(ref_model)
         if self._defer_packing:
             self.train_dataset = self._with_ref_logps(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
@@ -125,10 +248,6 @@ class STARDSSTrainer(SFTTrainer):
                 self.eval_dataset = self._with_ref_logps(self.eval_dataset, "eval")
 
     # -- data ------------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _inner_model(model):
-        return model.get_base_model() if _is_peft_model(model) else model
 
     @staticmethod
     def _write_star_report(dataset, directory: str) -> None:
@@ -235,31 +354,11 @@ class STARDSSTrainer(SFTTrainer):
 
         return prepared.map(attach, desc=f"Attaching STAR weights to {dataset_name} dataset")
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TOKEN_COLUMNS]))
 
     @torch.no_grad()
     def _with_ref_logps(self, dataset, dataset_name: str):
-        """One pass of the reference over the dataset: `ref_logps` of every token, then no reference is needed.
-        Runs before any update, so the model itself is pi_ref. Packs the dataset afterwards if it was to be packed."""
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        device = self.accelerator.device
-        batch_size = self.args.per_device_eval_batch_size
-
-        def compute(batch):
-            examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
-            inputs = DataCollatorForSTAR(pad_token_id=self.processing_class.pad_token_id or 0)(examples)
-            inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels")}
-            inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-            logps = model(**inputs, fused_lm_head=True).log_probs.float().cpu()
-            lengths = [len(ids) for ids in batch["input_ids"]]
-            return {"ref_logps": [[0.0] + logps[i, : n - 1].tolist() for i, n in enumerate(lengths)]}
-
-        dataset = dataset.map(compute, batched=True, batch_size=batch_size, desc="Precomputing reference log-probs")
-        model.train(was_training)
+        """The reference log-probs of every token, then the packing that waited for them (whole examples first)."""
+        dataset = self._ref_logps_column(dataset, self.args.per_device_eval_batch_size)
         if self._deferred_packing.get(dataset_name):
             columns = [c for c in ("input_ids", "labels", *TOKEN_COLUMNS) if c in dataset.column_names]
             dataset = pack_dataset(dataset.select_columns(columns), self.args.max_length, self.args.packing_strategy)
@@ -267,74 +366,15 @@ class STARDSSTrainer(SFTTrainer):
 
     # -- loss ------------------------------------------------------------------------------------------------------
 
-    def _reference(self, model):
-        """A context in which `ref(**inputs, ...)` runs pi_ref: the explicit/frozen reference or disabled adapters."""
-        if self.ref_model is not None:
-            return self.ref_model, contextlib.nullcontext()
-        return model, self.accelerator.unwrap_model(model).disable_adapter()
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args = self.args
-        if args.shaping in ("sft", "rejection_sampling"):
+        if self.args.shaping in ("sft", "rejection_sampling"):
             # Plain cross-entropy; rejection sampling already masked the dropped responses' labels.
             for key in TOKEN_COLUMNS:
                 inputs.pop(key, None)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        star_weights = inputs.pop("star_weights", None)
-        ref_logps = inputs.pop("ref_logps", None)
-        inputs["use_cache"] = False
-        labels = inputs["labels"][:, 1:]
-        mask = labels != -100
-        kl = None
-        if args.kl_estimator == "full" and args.shaping == "star_dss":
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            ref, context = self._reference(model)
-            with torch.no_grad(), context:
-                ref_hidden = ref(**model_inputs, star_hidden_states=True)[:, :-1]
-            hidden = model(**model_inputs, star_hidden_states=True)[:, :-1]
-            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-            ref_weight = self.accelerator.unwrap_model(ref).get_output_embeddings().weight
-            kl, logps = full_kl(hidden, weight, ref_hidden, ref_weight, labels.clamp(min=0), mask,
-                                args.full_kl_chunk_size)  # fmt: skip
-            ref_logps = None
-        else:
-            if ref_logps is None:
-                ref, context = self._reference(model)
-                with torch.no_grad(), context:
-                    ref_logps = ref(**inputs, fused_lm_head=True).log_probs
-            else:
-                ref_logps = ref_logps[:, 1:]
-            outputs = model(**inputs, fused_lm_head=True)
-            logps = outputs.log_probs
-        if args.shaping == "star_dss":
-            weights = star_weights[:, 1:].to(logps.dtype)
-            per_token = star_dss_loss(logps, ref_logps, weights, mask, args.kl_coef, args.kl_estimator, "none", kl=kl)
-        else:
-            per_token = deep_token_loss(logps, ref_logps, mask, "none")
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        if args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, num_items counts all ranks
-        self._log_star_metrics(logps, ref_logps, kl, star_weights, mask)
+        loss = self.star_loss(model, inputs, num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
-    @torch.no_grad()
-    def _log_star_metrics(self, logps, ref_logps, kl, star_weights, mask):
-        mode = "train" if self.model.training else "eval"
-        gather = self.accelerator.gather_for_metrics
-        mask_f = mask.float()
-        n = gather(mask_f.sum()).sum().clamp(min=1)
-
-        def mean(values):
-            return (gather((values.float() * mask_f).sum()).sum() / n).item()
-
-        if kl is None:  # what the loss used; Deep Token logs the configured token estimator for comparison
-            kl = token_kl(logps.float(), ref_logps.float(), "k2" if self.args.kl_estimator == "full" else self.args.kl_estimator)
-        metrics = self._metrics[mode]
-        metrics["kl"].append(mean(kl))
-        if star_weights is not None and self.args.shaping == "star_dss":
-            weights = star_weights[:, 1:]
-            metrics["star/weight_mean"].append(mean(weights))
-            metrics["star/kl_share"].append(mean(weights < 0.5))
-            metrics["loss/ce"].append(mean(weights * -logps))
-            metrics["loss/kl"].append(mean((1 - weights) * self.args.kl_coef * kl))
+    def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
