@@ -1,0 +1,157 @@
+"""The `star_dss_*` configuration keys, checked when Axolotl validates the config (before any model is loaded).
+
+Every key defaults to None, so a config without them validates exactly as before; `settings()` turns them into
+the trainer's values with `STARDSSConfig`'s defaults (the paper's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pydantic import BaseModel, Field, model_validator
+
+PLUGIN_NAME = "star_dss.StarDSSPlugin"
+
+# Axolotl key -> `STARDSSConfig` field: one concept, one name; the prefix keeps Axolotl's flat namespace clear.
+FIELDS = {
+    "star_dss_shaping": "shaping",
+    "star_dss_kl_coef": "kl_coef",
+    "star_dss_kl_estimator": "kl_estimator",
+    "star_dss_chunk_size": "star_chunk_size",
+    "star_dss_guardrail_temperature": "guardrail_temperature",
+    "star_dss_precompute_ref": "precompute_ref_log_probs",
+}
+DEFAULTS = {
+    "shaping": "star_dss",
+    "kl_coef": 0.5,
+    "kl_estimator": "k2",
+    "star_chunk_size": 5,
+    "guardrail_temperature": 1.0,
+    "precompute_ref_log_probs": False,
+    "rejection_threshold": 0.5,
+    "full_kl_chunk_size": 1024,
+}
+
+
+def star_dss_enabled(cfg) -> bool:
+    """On with `star_dss: true`, or when the plugin is listed under `plugins:` (unless `star_dss: false`)."""
+    flag = cfg.get("star_dss")
+    if flag is not None:
+        return bool(flag)
+    listed = {name.replace(":", ".") for name in cfg.get("plugins") or []}
+    return PLUGIN_NAME in listed
+
+
+def settings(cfg) -> dict:
+    """The trainer-side values (`STARDSSConfig` names) of a config's `star_dss_*` keys, defaults filled in."""
+    values = dict(DEFAULTS)
+    for key, name in FIELDS.items():
+        if cfg.get(key) is not None:
+            values[name] = cfg.get(key)
+    if cfg.get("star_dss_rejection_threshold") is not None:
+        values["rejection_threshold"] = cfg.get("star_dss_rejection_threshold")
+    guardrail = cfg.get("star_dss_guardrail")
+    values["guardrail"] = [guardrail] if isinstance(guardrail, str) else guardrail
+    values["guardrail_family"] = cfg.get("star_dss_guardrail_family")
+    values["scores_path"] = cfg.get("star_dss_scores_path")
+    return values
+
+
+def _zero3(deepspeed) -> bool:
+    if isinstance(deepspeed, dict):
+        config = deepspeed
+    elif isinstance(deepspeed, str) and os.path.exists(deepspeed):
+        with open(deepspeed) as handle:
+            config = json.load(handle)
+    else:
+        return False
+    return (config.get("zero_optimization") or {}).get("stage") == 3
+
+
+class StarDSSArgs(BaseModel):
+    """STAR-DSS (arXiv 2505.17196) for supervised finetuning: `star_dss: true` plus a guardrail or scores."""
+
+    star_dss: bool | None = Field(default=None, description="Turn STAR-DSS on (the plugin does nothing otherwise).")
+    star_dss_guardrail: str | list[str] | None = Field(
+        default=None,
+        description="Guard model(s) (hub ids, paths or `module:function` rules) that score the training data during "
+        "`axolotl preprocess` / the start of `axolotl train`; several are averaged.",
+    )
+    star_dss_guardrail_family: str | None = Field(
+        default=None, description="Force the guard family (`llama_guard`, `granite_guardian`); default: recognised."
+    )
+    star_dss_scores_path: str | None = Field(
+        default=None,
+        description="Scores made by `star-dss score --output DIR` (DIR, or DIR/dataset) for the same conversations, "
+        "instead of scoring here.",
+    )
+    star_dss_chunk_size: int | None = Field(default=None, description="M: score after every M response tokens (5).")
+    star_dss_kl_coef: float | None = Field(default=None, description="lambda: weight of the KL on unsafe spans (0.5).")
+    star_dss_kl_estimator: str | None = Field(default=None, description="`k2` (default), `k1`, `k3` or `full`.")
+    star_dss_shaping: str | None = Field(
+        default=None, description="`star_dss` (default), `deep_token`, `rejection_sampling` or `sft`."
+    )
+    star_dss_guardrail_temperature: float | None = Field(default=None, description="T in the STAR sigmoid (1.0).")
+    star_dss_rejection_threshold: float | None = Field(
+        default=None, description="With `star_dss_shaping: rejection_sampling`: drop examples scored below it (0.5)."
+    )
+    star_dss_precompute_ref: bool | None = Field(
+        default=None,
+        description="Compute the reference log-probs of the dataset in one pass before training; training then holds "
+        "no reference model (token KL estimators only).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_star_dss(cls, data):
+        if not isinstance(data, dict) or not star_dss_enabled(data):
+            return data
+        from trl_star_dss.config import check_star_settings
+
+        values = settings(data)
+        check_star_settings(values, names={name: key for key, name in FIELDS.items()})
+        shaping = values["shaping"]
+        if shaping in ("star_dss", "rejection_sampling") and not values["guardrail"] and not values["scores_path"]:
+            raise ValueError(
+                f"star_dss_shaping={shaping!r} needs STAR scores, but neither star_dss_guardrail nor "
+                "star_dss_scores_path is set. Name a guard (e.g. `star_dss_guardrail: meta-llama/Llama-Guard-3-1B`) "
+                "or point star_dss_scores_path at the output of `star-dss score`."
+            )
+        if values["guardrail"] and values["scores_path"]:
+            raise ValueError(
+                "star_dss_guardrail and star_dss_scores_path are both set, so it is unclear which scores to use. "
+                "Keep one of them."
+            )
+        if values["scores_path"] and not os.path.exists(values["scores_path"]):
+            raise ValueError(
+                f"star_dss_scores_path={values['scores_path']!r} does not exist. Point it at the directory written by "
+                "`star-dss score --output DIR`."
+            )
+        if data.get("rl"):
+            raise ValueError(
+                f"star_dss is for supervised finetuning, but rl={data['rl']!r} is set. Remove `rl:` (STAR-DSS shapes "
+                "the SFT loss), or turn star_dss off."
+            )
+        parallel = {k: data.get(k) for k in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size")}
+        if any((v or 1) > 1 for v in parallel.values()):
+            raise ValueError(
+                f"star_dss does not support context/sequence/tensor parallelism ({parallel}): the per-token STAR "
+                "weights are not split with the sequence. Set these to 1 (data parallel, DeepSpeed or FSDP work)."
+            )
+        sharded = bool(data.get("fsdp") or data.get("fsdp_config") or _zero3(data.get("deepspeed")))
+        uses_reference = shaping in ("star_dss", "deep_token")
+        if sharded and uses_reference and values["kl_estimator"] == "full":
+            raise ValueError(
+                "star_dss_kl_estimator='full' reads the whole output layer, which DeepSpeed ZeRO-3/FSDP shard across "
+                "processes. Use star_dss_kl_estimator: k2 (with star_dss_precompute_ref: true), or train without "
+                "sharding."
+            )
+        full_finetune = not data.get("adapter")
+        if sharded and uses_reference and full_finetune and not values["precompute_ref_log_probs"]:
+            raise ValueError(
+                "A full finetune under DeepSpeed ZeRO-3/FSDP would need a sharded frozen copy of the model as the "
+                "reference. Set star_dss_precompute_ref: true (no reference is held during training), or use "
+                "adapter: lora / qlora (the reference is the model with its adapters disabled)."
+            )
+        return data

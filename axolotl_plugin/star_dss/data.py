@@ -1,0 +1,253 @@
+"""STAR weights in Axolotl's data pipeline: scored before tokenization, attached during it, carried through its
+truncation, packing and collation.
+
+Axolotl has no hook between loading a raw dataset and tokenizing it, so while STAR-DSS prepares the datasets it
+swaps in, for that call only, the one function every prompt strategy goes through
+(`axolotl.utils.data.wrappers.wrap_dataset_for_tokenized_prompt`) and adds the STAR settings to the prepared
+dataset's cache key. Each raw example is read as its conversation through the strategy itself (so Axolotl's field
+mappings, role names and system prompts apply), scored (or looked up in `star_dss_scores_path`), and its tokens get
+`star_weights` next to `input_ids` and `labels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+
+from trl_star_dss.collator import TOKEN_COLUMNS, message_spans, region_weights
+from trl_star_dss.scoring import STAR_COLUMN
+
+from .args import settings as star_settings
+
+# Config keys that change the prepared dataset: Axolotl's cache key gets them while STAR-DSS prepares data.
+HASH_FIELDS = ("star_dss", "star_dss_guardrail", "star_dss_guardrail_family", "star_dss_guardrail_temperature",
+               "star_dss_chunk_size", "star_dss_scores_path", "star_dss_scores_fingerprint", "star_dss_shaping",
+               "star_dss_rejection_threshold")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _swapped(module, name: str, value):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield original
+    finally:
+        setattr(module, name, original)
+
+
+def load_star_datasets(cfg, preprocess: bool = False):
+    """Axolotl's own `load_datasets`, with STAR weights attached to every tokenized training example."""
+    from axolotl.common.datasets import load_datasets
+    from axolotl.utils.data import shared, wrappers
+
+    if cfg.get("star_dss_scores_path"):
+        cfg["star_dss_scores_fingerprint"] = _scores_fingerprint(cfg["star_dss_scores_path"])
+    with contextlib.ExitStack() as stack:
+        original = stack.enter_context(_swapped(wrappers, "wrap_dataset_for_tokenized_prompt", None))
+
+        def wrap(prompt_tokenizer, dataset, **kwargs):
+            strategy, dataset = with_star(prompt_tokenizer, dataset, cfg)
+            return original(strategy, dataset, **kwargs)
+
+        wrappers.wrap_dataset_for_tokenized_prompt = wrap
+        stack.enter_context(_swapped(shared, "DATASET_HASH_CONFIG_EXTRA_FIELDS",
+                                     shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + HASH_FIELDS))  # fmt: skip
+        meta = load_datasets(cfg=cfg)
+    if meta.train_dataset is not None and "star_weights" not in meta.train_dataset.column_names:
+        raise ValueError(
+            "The prepared training dataset has no `star_weights` column: it was loaded already tokenized, or its "
+            "dataset type does not tokenize through a prompt strategy. Use `type: chat_template` (or an instruction "
+            "type such as alpaca) on the raw data, and delete stale prepared data under dataset_prepared_path."
+        )
+    return meta
+
+
+# -- the conversation of a raw example, read through Axolotl's own strategy ---------------------------------------
+
+
+def conversation_reader(strategy):
+    """A function `row -> [{"role", "content"}, ...]` for an Axolotl prompt strategy: chat templates read the turns
+    the way they render them; instruction types (alpaca & co) become one user turn and one assistant turn."""
+    from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy
+    from axolotl.prompt_tokenizers import InstructionPromptTokenizingStrategy
+
+    if isinstance(strategy, ChatTemplateStrategy):
+
+        def read(row):
+            turns = strategy.get_conversation_thread(row)
+            return [{"role": t["role"], "content": t.get("content") or ""} for t in turns]
+
+        return read
+    if isinstance(strategy, InstructionPromptTokenizingStrategy):
+
+        def read(row):
+            instruction, extra, response = strategy.parse_instruction_fields(row)[:3]
+            prompt = f"{instruction}\n\n{extra}" if extra else instruction
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+        return read
+    raise ValueError(
+        f"STAR-DSS cannot read the conversations of a {type(strategy).__name__} dataset. Use `type: chat_template` "
+        "(messages) or an instruction type (alpaca, ...), or score a converted copy with `star-dss score` and train "
+        "on that."
+    )
+
+
+def with_star(strategy, dataset, cfg):
+    """(wrapped strategy, dataset with a `star` column): scores for every example, then the strategy that turns
+    them into per-token weights while it tokenizes."""
+    read = conversation_reader(strategy)
+    values = star_settings(cfg)
+    conversations = [read(row) for row in dataset]
+    if values["scores_path"]:
+        records = _look_up(conversations, values["scores_path"])
+    else:
+        records = _score(conversations, strategy.tokenizer, values, cfg)
+    threshold = values["rejection_threshold"] if values["shaping"] == "rejection_sampling" else None
+    return STARStrategy(strategy, read, threshold), dataset.add_column(STAR_COLUMN, records)
+
+
+def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
+    from datasets import Dataset
+
+    from trl_star_dss.guardrails import load_guardrail
+    from trl_star_dss.scoring import score_dataset
+
+    def build():
+        return load_guardrail(values["guardrail"], family=values["guardrail_family"],
+                              temperature=values["guardrail_temperature"])  # fmt: skip
+
+    guard_id = f"{values['guardrail']}|family={values['guardrail_family']}|T={values['guardrail_temperature']}"
+    # One cache per dataset and scoring settings, beside the prepared data: an interrupted preprocess resumes where
+    # it stopped, and a config naming another guard scores into its own directory.
+    key = json.dumps([conversations, guard_id, values["star_chunk_size"], tokenizer.name_or_path], sort_keys=True)
+    directory = os.path.join(cfg.get("dataset_prepared_path") or "last_run_prepared", "star_scores",
+                             hashlib.md5(key.encode()).hexdigest()[:16])  # fmt: skip
+    # Axolotl prepares data on one process while the others wait, so this process scores everything.
+    scored, summary = score_dataset(Dataset.from_dict({"messages": conversations}), build, tokenizer=tokenizer, chunk_size=values["star_chunk_size"],
+                                    output_dir=directory, guardrail_id=guard_id, distributed=False)  # fmt: skip
+    print(f"STAR scoring: {summary.format()}")
+    return list(scored[STAR_COLUMN])
+
+
+def _key(messages: list[dict]) -> str:
+    # System turns are left out: Axolotl may add a default system prompt that the scored copy did not have.
+    return json.dumps([(m["role"], m["content"]) for m in messages if m["role"] != "system"])
+
+
+def _load_scored(path: str):
+    from datasets import load_from_disk
+
+    return load_from_disk(os.path.join(path, "dataset") if os.path.isdir(os.path.join(path, "dataset")) else path)
+
+
+def _scores_fingerprint(path: str) -> str:
+    return _load_scored(path)._fingerprint
+
+
+def _look_up(conversations: list, path: str) -> list:
+    """Each conversation's scores from a `star-dss score` output, matched by content (not by position, which
+    Axolotl's shuffling, sharding and subsampling change), turn numbers moved to this conversation's turns."""
+    scored = _load_scored(path)
+    if STAR_COLUMN not in scored.column_names:
+        raise ValueError(f"star_dss_scores_path={path!r} has no `{STAR_COLUMN}` column. Make it with `star-dss score`.")
+    table = {}
+    for row in scored:
+        messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
+        offset = 0 if "messages" in row else len(row["prompt"])
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        table[_key(messages)] = [(assistant.index(offset + r["turn"]), r) for r in row[STAR_COLUMN]]
+    records, missing = [], 0
+    for messages in conversations:
+        found = table.get(_key(messages))
+        if found is None:
+            missing += 1
+            continue
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        records.append([{**r, "turn": assistant[k]} for k, r in found])
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(conversations)} training conversations have no scores in star_dss_scores_path={path!r}. "
+            "Score the same data with `star-dss score` (the turns must match after Axolotl's field mappings), or set "
+            "star_dss_guardrail to score here."
+        )
+    return records
+
+
+# -- tokenization with weights ------------------------------------------------------------------------------------
+
+
+class STARStrategy:
+    """An Axolotl prompt strategy that also returns `star_weights`, one per token of `input_ids`.
+
+    The tokens are Axolotl's own. They are decoded and re-tokenized with character offsets (checked to give the
+    same ids), each turn's content is found in that text in order, and the tokens from a scored response up to the
+    next turn take the response's chunk scores (`region_weights`); the others weigh 1.
+    """
+
+    supports_batched = False  # one row at a time: the weights need the row and its tokens together
+
+    def __init__(self, inner, read, threshold: float | None = None):
+        self.inner, self.read, self.threshold = inner, read, threshold
+        filter_rows = getattr(inner, "filter_rows", None)
+        if threshold is not None:  # rejection sampling drops whole examples before tokenizing them
+
+            def keep(row):
+                scores_ok = all(r["scores"][-1] >= threshold for r in row[STAR_COLUMN])
+                return scores_ok and (filter_rows is None or filter_rows(row))
+
+            self.filter_rows = keep
+        else:
+            self.filter_rows = filter_rows
+
+    def __getattr__(self, name):  # everything else is the wrapped strategy's
+        return getattr(self.inner, name)
+
+    def tokenize_prompt(self, row: dict) -> dict:
+        records = row[STAR_COLUMN]
+        row = {k: v for k, v in row.items() if k != STAR_COLUMN}
+        tokenized = dict(self.inner.tokenize_prompt(row))
+        tokenized["star_weights"] = self.token_weights(self.read(row), records, tokenized["input_ids"])
+        return tokenized
+
+    def token_weights(self, messages: list[dict], records: list[dict], input_ids: list[int]) -> list[float]:
+        tokenizer = self.inner.tokenizer
+        text = tokenizer.decode(input_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if encoded["input_ids"] != list(input_ids):
+            raise ValueError(
+                "Decoding a tokenized example and tokenizing the text again gives other tokens, so STAR weights cannot "
+                f"be placed on Axolotl's tokens (tokenizer {tokenizer.name_or_path!r}). Use a fast tokenizer whose "
+                "decode/encode round-trips (byte-level BPE such as Llama 3, Qwen, SmolLM)."
+            )
+        by_turn = {record["turn"]: record for record in records}
+        return region_weights(encoded["offset_mapping"], _regions(text, messages, by_turn), by_turn, self.threshold)
+
+
+def _regions(text: str, messages: list[dict], by_turn: dict) -> dict[int, tuple[int, int]]:
+    """For each scored turn, the characters from its response to the next turn (or the end of the text).
+
+    A chat template writes every turn verbatim, so the turns are found in order. An instruction prompt rewrites
+    the user turn; there the responses are found from the end backwards (the prompt comes first and may quote them).
+    """
+    try:
+        spans = message_spans(text, messages)
+        return {i: (spans[i][0], spans[i + 1][0] if i + 1 < len(spans) else len(text)) for i in by_turn}
+    except ValueError:
+        pass
+    regions, end = {}, len(text)
+    for i in sorted(by_turn, reverse=True):
+        content = messages[i]["content"].strip()
+        start = text.rfind(content, 0, end)
+        if start < 0:
+            raise ValueError(
+                f"A response ({content[:40]!r}...) does not appear in its tokenized example, so its STAR scores "
+                "cannot be placed on tokens. Use a prompt format that writes responses verbatim."
+            )
+        regions[i], end = (start, end), start
+    return regions
+
+
+__all__ = ["TOKEN_COLUMNS", "STARStrategy", "conversation_reader", "load_star_datasets", "with_star"]
