@@ -86,22 +86,26 @@ def _config(world, name: str, **extra) -> dict:
 _RUNS: dict = {}
 
 
-def train(world, name: str, pythonpath: str | None = None, **extra):
-    """`axolotl train` in a subprocess; returns (stdout + stderr, the saved weights, the logged train steps)."""
-    if name in _RUNS:
-        return _RUNS[name]
+def axolotl(world, command: str, name: str, pythonpath: str | None = None, **extra) -> str:
+    """`axolotl <command>` on a config in a subprocess; returns its stdout + stderr."""
     path = world / f"{name}.yml"
     path.write_text(yaml.safe_dump(_config(world, name, **extra)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(world / "guards")]))}  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "axolotl.cli.main", "train", str(path)], env=env,
+    result = subprocess.run([sys.executable, "-m", "axolotl.cli.main", command, str(path)], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    output = world / "runs" / name
-    file = "adapter_model.safetensors" if extra.get("adapter") else "model.safetensors"
-    steps = [eval(m) for m in re.findall(r"\{'loss': .*?\}", log)]  # the Trainer's printed log dicts
-    _RUNS[name] = (log, load_file(output / file), steps)
+    return log
+
+
+def train(world, name: str, pythonpath: str | None = None, **extra):
+    """`axolotl train`; returns (its log, the saved weights, the logged train steps). Runs once per name."""
+    if name not in _RUNS:
+        log = axolotl(world, "train", name, pythonpath, **extra)
+        file = "adapter_model.safetensors" if extra.get("adapter") else "model.safetensors"
+        steps = [eval(m) for m in re.findall(r"\{'loss': .*?\}", log)]  # the Trainer's printed log dicts
+        _RUNS[name] = (log, load_file(world / "runs" / name / file), steps)
     return _RUNS[name]
 
 
@@ -287,10 +291,12 @@ def test_star_weights_reach_the_loss(world):
     assert _distance(unsafe, initial) < 1e-3 * _distance(off, initial)
 
 
-def test_full_finetune_packed_with_start_up_scoring(world):
-    log, _, steps = train(world, "full_packed", sample_packing=True, star_dss=True,
-                          star_dss_guardrail="trl_star_dss.demo:scripted_guardrail")  # fmt: skip
+def test_full_finetune_packed_scored_by_axolotl_preprocess(world):
+    settings = dict(sample_packing=True, star_dss=True, star_dss_guardrail="trl_star_dss.demo:scripted_guardrail")
+    log = axolotl(world, "preprocess", "full_packed", **settings)
     assert re.search(r"STAR scoring: examples 32 \(scored now \d+", log)
+    log, _, steps = train(world, "full_packed", **settings)
+    assert "STAR scoring" not in log  # the prepared dataset, weights included, is reused
     assert len(steps) == 4 and all(0 < float(s["star/weight_mean"]) < 1 for s in steps)
     assert float(steps[0]["kl"]) == 0 and float(steps[-1]["kl"]) > 0  # the frozen copy is pi_ref
 
@@ -305,3 +311,15 @@ def test_qlora_with_scores_from_star_dss_score_and_precomputed_reference(world):
     assert "Precomputing reference log-probs" in log
     assert len(steps) == 4 and all(0 < float(s["star/kl_share"]) < 1 for s in steps)
     assert float(steps[-1]["kl"]) > 0 and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b-instruct-qlora.yml", "llama-3.1-8b-qlora.yml"])
+def test_example_configs_are_axolotl_configs_plus_the_star_dss_block(name):
+    from star_dss.args import StarDSSArgs
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "examples", "axolotl", name)).read()
+    stock, block = text.split("# --- STAR-DSS")
+    assert "star_dss" not in stock and yaml.safe_load(stock)["adapter"] == "qlora"
+    star = yaml.safe_load(block.split("\n", 1)[1])
+    assert star["star_dss"] is True and all(key.startswith("star_dss") for key in star)
+    StarDSSArgs.model_validate({**yaml.safe_load(stock), **star})  # the plugin's checks pass

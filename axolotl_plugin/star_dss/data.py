@@ -129,6 +129,10 @@ def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
     scored, summary = score_dataset(Dataset.from_dict({"messages": conversations}), build, tokenizer=tokenizer, chunk_size=values["star_chunk_size"],
                                     output_dir=directory, guardrail_id=guard_id, distributed=False)  # fmt: skip
     print(f"STAR scoring: {summary.format()}")
+    import torch
+
+    if torch.cuda.is_available():  # the guard is gone; give its memory back before the policy loads
+        torch.cuda.empty_cache()
     return list(scored[STAR_COLUMN])
 
 
