@@ -206,7 +206,9 @@ class STARStrategy:
         else:
             self.filter_rows = filter_rows
 
-    def __getattr__(self, name):  # everything else is the wrapped strategy's
+    def __getattr__(self, name):  # everything else is the wrapped object's
+        if name == "inner":  # not set yet (unpickling in a worker process): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def tokenize_prompt(self, row: dict) -> dict:

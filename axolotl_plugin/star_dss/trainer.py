@@ -26,7 +26,9 @@ class STARCollator:
     def __init__(self, inner, padding_side: str):
         self.inner, self.padding_side = inner, padding_side
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # everything else is the wrapped object's
+        if name == "inner":  # not set yet (unpickling in a worker process): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __call__(self, features, return_tensors=None):
