@@ -32,7 +32,7 @@ def _swapped(module, name: str, value):
     original = getattr(module, name)
     setattr(module, name, value)
     try:
-        yield original
+        yield
     finally:
         setattr(module, name, original)
 
@@ -44,16 +44,15 @@ def load_star_datasets(cfg, preprocess: bool = False):
 
     if cfg.get("star_dss_scores_path"):
         cfg["star_dss_scores_fingerprint"] = _scores_fingerprint(cfg["star_dss_scores_path"])
-    with contextlib.ExitStack() as stack:
-        original = stack.enter_context(_swapped(wrappers, "wrap_dataset_for_tokenized_prompt", None))
+    original = wrappers.wrap_dataset_for_tokenized_prompt
 
-        def wrap(prompt_tokenizer, dataset, **kwargs):
-            strategy, dataset = with_star(prompt_tokenizer, dataset, cfg)
-            return original(strategy, dataset, **kwargs)
+    def wrap(prompt_tokenizer, dataset, **kwargs):
+        strategy, dataset = with_star(prompt_tokenizer, dataset, cfg)
+        return original(strategy, dataset, **kwargs)
 
-        wrappers.wrap_dataset_for_tokenized_prompt = wrap
-        stack.enter_context(_swapped(shared, "DATASET_HASH_CONFIG_EXTRA_FIELDS",
-                                     shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + HASH_FIELDS))  # fmt: skip
+    extra_fields = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + HASH_FIELDS
+    with _swapped(wrappers, "wrap_dataset_for_tokenized_prompt", wrap), \
+            _swapped(shared, "DATASET_HASH_CONFIG_EXTRA_FIELDS", extra_fields):  # fmt: skip
         meta = load_datasets(cfg=cfg)
     if meta.train_dataset is not None and "star_weights" not in meta.train_dataset.column_names:
         raise ValueError(
