@@ -10,6 +10,8 @@ from .loss import KL_ESTIMATORS
 from .scoring import UNITS
 
 SHAPINGS = ("star_dss", "deep_token", "rejection_sampling", "sft")
+SCORED_SHAPINGS = ("star_dss", "rejection_sampling")  # read the STAR scores
+REFERENCE_SHAPINGS = ("star_dss", "deep_token")  # pull toward pi_ref (`star_loss`); the others train plain CE
 
 
 @dataclass
@@ -130,7 +132,7 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
             f"needs the reference's whole distribution at every step. Use {name['kl_estimator']}='k2' (or k1/k3) "
             f"with precomputed log-probs, or {precompute}=False."
         )
-    if values.get("precompute_ref_log_probs") and shaping in ("sft", "rejection_sampling"):
+    if values.get("precompute_ref_log_probs") and shaping not in REFERENCE_SHAPINGS:
         raise ValueError(
             f"{precompute}=True does nothing with {name['shaping']}={shaping!r}, which uses no reference. Set it to "
             f"False, or use {name['shaping']}='star_dss' or 'deep_token'."

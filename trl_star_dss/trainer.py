@@ -19,7 +19,7 @@ from trl.data_utils import pack_dataset
 from trl.trainer.utils import add_fused_lm_head, pad
 
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR, example_star_weights
-from .config import STARDSSConfig
+from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .scoring import STAR_COLUMN, score_dataset
 
@@ -45,7 +45,6 @@ def _add_hidden_state_output(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-
 class STARLossMixin:
     """The STAR-DSS and Deep Token losses for a `transformers.Trainer` subclass: the reference model, optional
     precomputed reference log-probs, the loss and its metrics. `STARDSSTrainer` and the Axolotl plugin's trainer
@@ -53,7 +52,8 @@ class STARLossMixin:
 
     The host sets `self.star_config` (an object with `shaping`, `kl_coef`, `kl_estimator`, `full_kl_chunk_size`,
     `precompute_ref_log_probs`), gives its model TRL's fused LM head (`add_fused_lm_head`), calls
-    `_init_reference` after `Trainer.__init__`, and implements `_store_star_metrics`.
+    `_init_reference` after `Trainer.__init__`, and implements `_store_star_metrics`. `compute_loss` sends
+    STAR-DSS and Deep Token to `star_loss` and the other shapings to the host's own cross-entropy.
     """
 
     star_config = None
@@ -67,7 +67,7 @@ class STARLossMixin:
         disabled, or a frozen copy of the model taken now, before any update."""
         config = self.star_config
         self.ref_model = None
-        needs_reference = config.shaping in ("star_dss", "deep_token")
+        needs_reference = config.shaping in REFERENCE_SHAPINGS
         full = config.shaping == "star_dss" and config.kl_estimator == "full"
         if full:
             _add_hidden_state_output(self._inner_model(self.model))
@@ -170,6 +170,15 @@ class STARLossMixin:
         self._log_star_metrics(logps, ref_logps, kl, star_weights, mask)
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.star_config.shaping not in REFERENCE_SHAPINGS:
+            # The host's own cross-entropy; rejection sampling already dropped the rejected responses in the data.
+            for key in TOKEN_COLUMNS:
+                inputs.pop(key, None)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.star_loss(model, inputs, num_items_in_batch)
+        return (loss, None) if return_outputs else loss
+
     def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
         raise NotImplementedError("A trainer using STARLossMixin says where its metrics go.")
 
@@ -216,7 +225,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"args is a {type(args).__name__}; STARDSSTrainer needs a STARDSSConfig. Build one with the same "
                 "fields: STARDSSConfig(**your_config.to_dict()) plus the STAR-DSS fields."
             )
-        uses_scores = args.shaping in ("star_dss", "rejection_sampling")
+        uses_scores = args.shaping in SCORED_SHAPINGS
         columns = train_dataset.column_names if train_dataset is not None else []
         if uses_scores and STAR_COLUMN not in columns and "star_weights" not in columns and train_dataset is not None:
             if not args.guardrail:
@@ -231,7 +240,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         if args.star_report and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
             self._write_star_report(train_dataset, os.path.join(args.output_dir, "star_report"))
         # With precomputed reference log-probs, packing waits until they exist (the reference runs on whole examples).
-        self._defer_packing = args.precompute_ref_log_probs and args.shaping in ("star_dss", "deep_token")
+        self._defer_packing = args.precompute_ref_log_probs and args.shaping in REFERENCE_SHAPINGS
         self._deferred_packing: dict[str, bool] = {}
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
@@ -280,7 +289,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         columns = dataset.column_names
-        uses_scores = args.shaping in ("star_dss", "rejection_sampling")
+        uses_scores = args.shaping in SCORED_SHAPINGS
         tokenized = "input_ids" in columns
         if tokenized and args.shaping == "rejection_sampling":
             raise ValueError(
@@ -318,9 +327,14 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         if self._defer_packing:
             self._deferred_packing[dataset_name] = packing
         elif packing:
-            kept = [c for c in ("input_ids", "labels", *TOKEN_COLUMNS) if c in prepared.column_names]
-            prepared = pack_dataset(prepared.select_columns(kept), args.max_length, args.packing_strategy)
+            prepared = self._pack(prepared, args)
         return prepared
+
+    @staticmethod
+    def _pack(dataset, args):
+        """TRL's packing of the token columns, per-token STAR columns included (they move like `labels`)."""
+        kept = [c for c in ("input_ids", "labels", *TOKEN_COLUMNS) if c in dataset.column_names]
+        return pack_dataset(dataset.select_columns(kept), args.max_length, args.packing_strategy)
 
     @staticmethod
     def _keep(values: list, length: int, args) -> list:
@@ -354,26 +368,15 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
         return prepared.map(attach, desc=f"Attaching STAR weights to {dataset_name} dataset")
 
-
     @torch.no_grad()
     def _with_ref_logps(self, dataset, dataset_name: str):
         """The reference log-probs of every token, then the packing that waited for them (whole examples first)."""
         dataset = self._ref_logps_column(dataset, self.args.per_device_eval_batch_size)
         if self._deferred_packing.get(dataset_name):
-            columns = [c for c in ("input_ids", "labels", *TOKEN_COLUMNS) if c in dataset.column_names]
-            dataset = pack_dataset(dataset.select_columns(columns), self.args.max_length, self.args.packing_strategy)
+            dataset = self._pack(dataset, self.args)
         return dataset
 
-    # -- loss ------------------------------------------------------------------------------------------------------
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.shaping in ("sft", "rejection_sampling"):
-            # Plain cross-entropy; rejection sampling already masked the dropped responses' labels.
-            for key in TOKEN_COLUMNS:
-                inputs.pop(key, None)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.star_loss(model, inputs, num_items_in_batch)
-        return (loss, None) if return_outputs else loss
+    # -- loss (`STARLossMixin.compute_loss`) -------------------------------------------------------------------------
 
     def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
         for key, value in metrics.items():

@@ -107,12 +107,12 @@ class StarDSSArgs(BaseModel):
     def check_star_dss(cls, data):
         if not isinstance(data, dict) or not star_dss_enabled(data):
             return data
-        from trl_star_dss.config import check_star_settings
+        from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, check_star_settings
 
         values = settings(data)
         check_star_settings(values, names={name: key for key, name in FIELDS.items()})
         shaping = values["shaping"]
-        if shaping in ("star_dss", "rejection_sampling") and not values["guardrail"] and not values["scores_path"]:
+        if shaping in SCORED_SHAPINGS and not values["guardrail"] and not values["scores_path"]:
             raise ValueError(
                 f"star_dss_shaping={shaping!r} needs STAR scores, but neither star_dss_guardrail nor "
                 "star_dss_scores_path is set. Name a guard (e.g. `star_dss_guardrail: meta-llama/Llama-Guard-3-1B`) "
@@ -140,7 +140,7 @@ class StarDSSArgs(BaseModel):
                 "weights are not split with the sequence. Set these to 1 (data parallel, DeepSpeed or FSDP work)."
             )
         sharded = bool(data.get("fsdp") or data.get("fsdp_config") or _zero3(data.get("deepspeed")))
-        uses_reference = shaping in ("star_dss", "deep_token")
+        uses_reference = shaping in REFERENCE_SHAPINGS
         if sharded and uses_reference and values["kl_estimator"] == "full":
             raise ValueError(
                 "star_dss_kl_estimator='full' reads the whole output layer, which DeepSpeed ZeRO-3/FSDP shard across "

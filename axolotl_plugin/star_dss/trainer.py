@@ -10,6 +10,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_star_dss.collator import TOKEN_COLUMNS
+from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS
 from trl_star_dss.trainer import STARLossMixin
 
 from .args import settings
@@ -68,7 +69,7 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
         super().post_set_axolotl_cfg()
         values = settings(self.axolotl_cfg)
         self.star_config = SimpleNamespace(**values)
-        if values["shaping"] in ("star_dss", "rejection_sampling") and self.train_dataset is not None:
+        if values["shaping"] in SCORED_SHAPINGS and self.train_dataset is not None:
             if "star_weights" not in self.train_dataset.column_names:
                 raise ValueError(
                     "The training dataset has no `star_weights` column, so STAR-DSS has nothing to shape the loss "
@@ -80,7 +81,7 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
         self.train_data_collator = self.data_collator
         if self.eval_data_collator is not None:
             self.eval_data_collator = STARCollator(self.eval_data_collator, padding_side)
-        if values["shaping"] not in ("star_dss", "deep_token"):
+        if values["shaping"] not in REFERENCE_SHAPINGS:
             return
         # Per-token log-probs without full logits: TRL's fused LM head, on the model under any PEFT wrapper.
         add_fused_lm_head(self._inner_model(self.model))
@@ -90,15 +91,10 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
             if self.eval_dataset is not None:
                 self.eval_dataset = self._ref_logps_column(self.eval_dataset, self.args.per_device_eval_batch_size)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.star_config.shaping in ("sft", "rejection_sampling"):
-            for key in TOKEN_COLUMNS:
-                inputs.pop(key, None)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def star_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         if self.args.include_tkps and model.training:  # Axolotl's tokens/s metric, as its own compute_loss does
             self._accumulate_token_counts(inputs)
-        loss = self.star_loss(model, inputs, num_items_in_batch)
-        return (loss, None) if return_outputs else loss
+        return super().star_loss(model, inputs, num_items_in_batch)
 
     def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
         self.store_metrics(metrics, train_eval=mode)
