@@ -463,6 +463,16 @@ def load_guardrail(
     return cls(model, tokenizer, temperature=temperature, name=spec, **kwargs)
 
 
+def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0):
+    """`(build, guardrail_id)` for `score_dataset`: a function that loads the guard only if something is left to
+    score (a fully cached run never loads it), and the string that identifies its scores in the cache."""
+
+    def build() -> Guardrail:
+        return load_guardrail(spec, family=family, temperature=temperature)
+
+    return build, f"{spec}|family={family}|T={temperature}"
+
+
 def _python_guardrail(spec: str) -> Guardrail:
     module_name, _, attribute = spec.partition(":")
     try:

@@ -270,11 +270,9 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     @staticmethod
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
-        from .guardrails import load_guardrail
+        from .guardrails import deferred_guardrail
 
-        def build():
-            return load_guardrail(args.guardrail, family=args.guardrail_family, temperature=args.guardrail_temperature)
-
+        build, guardrail_id = deferred_guardrail(args.guardrail, args.guardrail_family, args.guardrail_temperature)
         scored, summary = score_dataset(
             dataset,
             build,
@@ -282,7 +280,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             chunk_size=args.star_chunk_size,
             unit=args.star_unit,
             output_dir=args.star_scores_dir or os.path.join(args.output_dir, "star_scores"),
-            guardrail_id=f"{args.guardrail}|family={args.guardrail_family}|T={args.guardrail_temperature}",
+            guardrail_id=guardrail_id,
         )
         print(f"STAR scoring: {summary.format()}")
         return scored

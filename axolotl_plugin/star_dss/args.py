@@ -21,16 +21,7 @@ FIELDS = {
     "star_dss_chunk_size": "star_chunk_size",
     "star_dss_guardrail_temperature": "guardrail_temperature",
     "star_dss_precompute_ref": "precompute_ref_log_probs",
-}
-DEFAULTS = {
-    "shaping": "star_dss",
-    "kl_coef": 0.5,
-    "kl_estimator": "k2",
-    "star_chunk_size": 5,
-    "guardrail_temperature": 1.0,
-    "precompute_ref_log_probs": False,
-    "rejection_threshold": 0.5,
-    "full_kl_chunk_size": 1024,
+    "star_dss_rejection_threshold": "rejection_threshold",
 }
 
 
@@ -44,13 +35,17 @@ def star_dss_enabled(cfg) -> bool:
 
 
 def settings(cfg) -> dict:
-    """The trainer-side values (`STARDSSConfig` names) of a config's `star_dss_*` keys, defaults filled in."""
-    values = dict(DEFAULTS)
+    """The trainer-side values (`STARDSSConfig` names) of a config's `star_dss_*` keys, `STARDSSConfig`'s defaults
+    filled in."""
+    from dataclasses import fields
+
+    from trl_star_dss.config import STARDSSConfig
+
+    wanted = {*FIELDS.values(), "full_kl_chunk_size"}
+    values = {field.name: field.default for field in fields(STARDSSConfig) if field.name in wanted}
     for key, name in FIELDS.items():
         if cfg.get(key) is not None:
             values[name] = cfg.get(key)
-    if cfg.get("star_dss_rejection_threshold") is not None:
-        values["rejection_threshold"] = cfg.get("star_dss_rejection_threshold")
     guardrail = cfg.get("star_dss_guardrail")
     values["guardrail"] = [guardrail] if isinstance(guardrail, str) else guardrail
     values["guardrail_family"] = cfg.get("star_dss_guardrail_family")

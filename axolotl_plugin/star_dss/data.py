@@ -109,27 +109,24 @@ def with_star(strategy, dataset, cfg):
 
 
 def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
+    import torch
     from datasets import Dataset
 
-    from trl_star_dss.guardrails import load_guardrail
+    from trl_star_dss.guardrails import deferred_guardrail
     from trl_star_dss.scoring import score_dataset
 
-    def build():
-        return load_guardrail(values["guardrail"], family=values["guardrail_family"],
-                              temperature=values["guardrail_temperature"])  # fmt: skip
-
-    guard_id = f"{values['guardrail']}|family={values['guardrail_family']}|T={values['guardrail_temperature']}"
+    build, guard_id = deferred_guardrail(values["guardrail"], values["guardrail_family"],
+                                         values["guardrail_temperature"])  # fmt: skip
     # One cache per dataset and scoring settings, beside the prepared data: an interrupted preprocess resumes where
     # it stopped, and a config naming another guard scores into its own directory.
     key = json.dumps([conversations, guard_id, values["star_chunk_size"], tokenizer.name_or_path], sort_keys=True)
     directory = os.path.join(cfg.get("dataset_prepared_path") or "last_run_prepared", "star_scores",
                              hashlib.md5(key.encode()).hexdigest()[:16])  # fmt: skip
     # Axolotl prepares data on one process while the others wait, so this process scores everything.
-    scored, summary = score_dataset(Dataset.from_dict({"messages": conversations}), build, tokenizer=tokenizer, chunk_size=values["star_chunk_size"],
-                                    output_dir=directory, guardrail_id=guard_id, distributed=False)  # fmt: skip
+    scored, summary = score_dataset(Dataset.from_dict({"messages": conversations}), build, tokenizer=tokenizer,
+                                    chunk_size=values["star_chunk_size"], output_dir=directory, guardrail_id=guard_id,
+                                    distributed=False)  # fmt: skip
     print(f"STAR scoring: {summary.format()}")
-    import torch
-
     if torch.cuda.is_available():  # the guard is gone; give its memory back before the policy loads
         torch.cuda.empty_cache()
     return list(scored[STAR_COLUMN])
