@@ -134,17 +134,14 @@ def eval_capability_command(args) -> None:
     import torch
 
     from .evaluation import evaluate_capability
+    from .scoring import write_text_atomic
 
     if os.path.exists(args.output):
         raise ValueError(f"--output {args.output!r} exists; it is never overwritten. Choose another file.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = evaluate_capability(args.model, args.tasks, args.adapter, args.include_path, args.batch_size, device,
                                   args.dtype, args.limit, args.num_fewshot)  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = f"{args.output}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(results, handle, indent=2, default=str)
-    os.replace(tmp, args.output)
+    write_text_atomic(args.output, json.dumps(results, indent=2, default=str))
     for task, metrics in results.items():
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k}
         print(f"{task}: {shown}")

@@ -237,20 +237,16 @@ def format_table(table: dict) -> str:
 
 
 def _write_table(table: dict, path: str, seconds: float) -> None:
-    from .report import _write
+    from .scoring import write_text_atomic
 
-    _write(path, "SIMULATION (toy world, scripted guardrail): safety / capability in %\n\n" + format_table(table)
-           + f"\n\n({seconds:.0f} s)\n")  # fmt: skip
+    write_text_atomic(path, "SIMULATION (toy world, scripted guardrail): safety / capability in %\n\n"
+                      + format_table(table) + f"\n\n({seconds:.0f} s)\n")  # fmt: skip
 
 
 def _chart(table: dict, path: str) -> None:
-    import matplotlib
+    from .report import _pyplot, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import _save
-
+    plt = _pyplot()
     attacks = [a for a in table if a != "aligned model"]
     methods = [m for m in METHODS if m in table[attacks[0]]]
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=100)
@@ -364,8 +360,8 @@ def run_smollm2_demo(output_dir: str = "runs/demo-smollm2", seed: int = 0, attac
     from peft import LoraConfig, get_peft_model
 
     from .guardrails import PythonGuardrail
-    from .report import _write, heatmap_html
-    from .scoring import score_dataset
+    from .report import heatmap_html
+    from .scoring import score_dataset, write_text_atomic
 
     start = time.perf_counter()
     world = build_world(seed)
@@ -401,7 +397,8 @@ def run_smollm2_demo(output_dir: str = "runs/demo-smollm2", seed: int = 0, attac
             evaluate(f"{attack}: {method}", change)
     result = {"rows": rows, "samples": examples, "prompts": prompts[:samples], "scoring": scoring, "scored": scored_sets,
               "steps": steps, "batch_size": batch_size, "lr": lr, "seconds": time.perf_counter() - start}  # fmt: skip
-    _write(os.path.join(output_dir, "table.md"), SMOLLM2_DISCLAIMER + "\n\n" + format_smollm2_report(result) + "\n")
+    report = SMOLLM2_DISCLAIMER + "\n\n" + format_smollm2_report(result) + "\n"
+    write_text_atomic(os.path.join(output_dir, "table.md"), report)
     return result
 
 

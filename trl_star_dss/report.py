@@ -9,7 +9,7 @@ import html
 import os
 from collections.abc import Sequence
 
-from .scoring import STAR_COLUMN, dataset_format, response_turns, token_scores, unit_ends
+from .scoring import STAR_COLUMN, dataset_format, response_turns, token_scores, unit_ends, write_text_atomic
 
 
 def _colour(score: float) -> str:
@@ -74,17 +74,13 @@ def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | No
         f'<span style="background:{_colour(1)}">1 safe (cross-entropy)</span>. Hover a unit for its score and chunk.'
         f"</p>{''.join(blocks)}</body></html>"
     )
-    _write(path, page)
+    write_text_atomic(path, page)
     return count
 
 
 def trajectory_png(dataset, path: str, indices: Sequence[int]) -> None:
     """A PNG (1200 x 600 px) of the STAR score against the position in the response, one line per chosen turn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(12, 6), dpi=100)
     for index, record, _, response in _scored_turns(dataset, indices):
         positions = [0] + [end / len(response) for end in record["chunk_ends"]]
@@ -100,11 +96,7 @@ def trajectory_png(dataset, path: str, indices: Sequence[int]) -> None:
 def summary_png(dataset, path: str, max_listed: int = 8) -> dict:
     """A PNG (1200 x 800 px) summarising a scored dataset: the distribution of each example's lowest STAR, the share
     of response units under KL (STAR < 0.5), and the flagged examples with the span where the score dropped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     lowest, units, under, flagged = [], 0, 0, []
     for index, record, _, response in _scored_turns(dataset, range(len(dataset))):
         spans = _pieces(response, None)
@@ -133,12 +125,14 @@ def summary_png(dataset, path: str, max_listed: int = 8) -> dict:
     return {"responses": len(lowest), "flagged": len(flagged), "share_under_kl": share}
 
 
-def _write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend: the pictures are written, never shown (CI, servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(figure, path: str) -> None:

@@ -216,9 +216,11 @@ def _empty_record(index: int, digest: str) -> dict:
             "units_below_half": 0}  # fmt: skip
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` (UTF-8) beside `path`, then swap it in: a reader or an interrupted run never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
+    with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -302,7 +304,8 @@ def score_dataset(
             if bar is not None:
                 bar.update(hi - lo)
         if shard_dir:
-            _write_atomic(os.path.join(shard_dir, f"shard-{s:06d}.jsonl"), "".join(json.dumps(r) + "\n" for r in shard))
+            lines = "".join(json.dumps(r) + "\n" for r in shard)
+            write_text_atomic(os.path.join(shard_dir, f"shard-{s:06d}.jsonl"), lines)
         records[s] = shard
         work["scored_now"] += len(shard)
         work["guard_tokens"] += sum(record["guard_tokens"] for record in shard)
@@ -311,7 +314,7 @@ def score_dataset(
 
     if world > 1:
         # Every shard is on disk: the main process merges them, and the work counts of all processes.
-        _write_atomic(os.path.join(shard_dir, f"work-{rank}.json"), json.dumps(work))
+        write_text_atomic(os.path.join(shard_dir, f"work-{rank}.json"), json.dumps(work))
         barrier()
         records = {s: _read_shard(shard_dir, s) for s in range(num_shards)}
         work = {key: 0 for key in work}
@@ -325,7 +328,7 @@ def score_dataset(
     scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
     if output_dir is not None and rank == 0:
         _save_dataset(scored, os.path.join(output_dir, "dataset"))
-        _write_atomic(os.path.join(output_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
+        write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
     if world > 1:
         barrier()
     return scored, summary
@@ -368,7 +371,7 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: b
             shutil.rmtree(os.path.join(output_dir, "shards"), ignore_errors=True)
         os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
         if existing != settings:
-            _write_atomic(path, json.dumps(settings, indent=2))
+            write_text_atomic(path, json.dumps(settings, indent=2))
     barrier()
 
 
