@@ -208,14 +208,16 @@ def demo_command(args) -> None:
 
 def show_command(args) -> None:
     from .report import heatmap_html, summary_png, trajectory_png
-    from .scoring import STAR_COLUMN
+    from .scoring import STAR_COLUMN, scored_dataset_path
 
     path = args.dataset
-    if os.path.isdir(os.path.join(path, "dataset")):  # a `star-dss score --output` directory
-        path = os.path.join(path, "dataset")
+    if os.path.isdir(scored_dataset_path(path)):  # a `star-dss score --output` directory
+        path = scored_dataset_path(path)
     dataset = load_dataset_arg(path, args.split)
     if STAR_COLUMN not in dataset.column_names:
-        raise ValueError(f"--dataset {args.dataset!r} has no `{STAR_COLUMN}` column. Score it first with `star-dss score`.")
+        raise ValueError(
+            f"--dataset {args.dataset!r} has no `{STAR_COLUMN}` column. Score it first with `star-dss score`."
+        )
     tokenizer = None
     if args.policy_tokenizer:
         from transformers import AutoTokenizer
@@ -240,7 +242,7 @@ def show_command(args) -> None:
 
 def score_command(args) -> None:
     from .guardrails import load_guardrail
-    from .scoring import score_dataset
+    from .scoring import score_dataset, scored_dataset_path
 
     dataset = load_dataset_arg(args.dataset, args.split)
     tokenizer = None
@@ -279,7 +281,7 @@ def score_command(args) -> None:
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary.format())
-        print(f"scored dataset: {os.path.join(args.output, 'dataset')} (datasets.load_from_disk)")
+        print(f"scored dataset: {scored_dataset_path(args.output)} (datasets.load_from_disk)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -327,7 +327,7 @@ def score_dataset(
     scored = dataset.remove_columns([STAR_COLUMN]) if STAR_COLUMN in dataset.column_names else dataset
     scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
     if output_dir is not None and rank == 0:
-        _save_dataset(scored, os.path.join(output_dir, "dataset"))
+        _save_dataset(scored, scored_dataset_path(output_dir))
         write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
     if world > 1:
         barrier()
@@ -403,6 +403,11 @@ def _summarize(records: list[dict], seconds: float, scored_now: int, guard_token
         summary.flagged += min(scores) < 0.5
         summary.context_cut += record["context_cut"]
     return summary
+
+
+def scored_dataset_path(output_dir: str) -> str:
+    """Where `score_dataset` saves the scored dataset in its `output_dir`."""
+    return os.path.join(output_dir, "dataset")
 
 
 def _save_dataset(dataset, path: str) -> None:

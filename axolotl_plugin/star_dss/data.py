@@ -140,7 +140,9 @@ def _key(messages: list[dict]) -> str:
 def _load_scored(path: str):
     from datasets import load_from_disk
 
-    return load_from_disk(os.path.join(path, "dataset") if os.path.isdir(os.path.join(path, "dataset")) else path)
+    from trl_star_dss.scoring import scored_dataset_path
+
+    return load_from_disk(scored_dataset_path(path) if os.path.isdir(scored_dataset_path(path)) else path)
 
 
 def _scores_fingerprint(path: str) -> str:
@@ -169,8 +171,8 @@ def _look_up(conversations: list, path: str) -> list:
         records.append([{**r, "turn": assistant[k]} for k, r in found])
     if missing:
         raise ValueError(
-            f"{missing} of {len(conversations)} training conversations have no scores in star_dss_scores_path={path!r}. "
-            "Score the same data with `star-dss score` (the turns must match after Axolotl's field mappings), or set "
+            f"{missing} of {len(conversations)} training conversations have no scores in "
+            f"star_dss_scores_path={path!r}. Score the same data with `star-dss score` (the turns must match after Axolotl's field mappings), or set "
             "star_dss_guardrail to score here."
         )
     return records
