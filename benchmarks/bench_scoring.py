@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from trl_star_dss.audit import Auditor
 from trl_star_dss.guardrails import LlamaGuard, PrefixQuery
 from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import llama3_tokenizer
@@ -131,6 +132,13 @@ def main(argv=None) -> None:
         seconds, results = timed(guard, group, "fast", args.device)
         fast_s, fast = fast_s + seconds, fast + results
 
+    # The audit `score_dataset` runs on every example (its messages, once), against the guard's and policy's rules.
+    auditor = Auditor.for_guardrail(guard, tokenizer)
+    start = time.perf_counter()
+    for i, q in enumerate(queries):
+        auditor.audit_messages(i, "messages", q.context + [{"role": "assistant", "content": q.response}])
+    audit_s = time.perf_counter() - start
+
     naive_tokens = sum(r.guard_tokens for r in naive)
     fast_tokens = sum(r.guard_tokens for r in fast)
     diff = max(abs(a - b) for n, f in zip(naive, fast) for a, b in zip(n.scores, f.scores))
@@ -156,6 +164,7 @@ def main(argv=None) -> None:
     print(f"token bound   {naive_tokens / fast_tokens:.2f}  (naive / fast guard tokens; DESIGN formula "
           f"{formula:.2f})")  # fmt: skip
     print(f"max |fast - naive| score  {diff:.2e}")
+    print(f"audit {audit_s:.4f} s = {100 * audit_s / fast_s:.2f}% of fast scoring time")
     print(f"speedup {naive_s / fast_s:.2f}")
 
 

@@ -65,6 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overwrite", action="store_true", help="Delete scores in --output made with other "
                        "settings and score again.")
     score.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    score.add_argument("--no-audit", action="store_true", help="Skip the audit of message contents (special-token "
+                       "strings, invisible characters, imitation of the guard's template; written to "
+                       "OUTPUT/audit.jsonl by default).")
 
     show = commands.add_parser("show", help="Pictures of a scored dataset: token heat map (HTML), STAR trajectories "
                                "and a dataset summary (PNG).")
@@ -278,6 +281,7 @@ def score_command(args) -> None:
         overwrite=args.overwrite,
         guardrail_id=guardrail_id,
         progress=not args.no_progress,
+        audit=not args.no_audit,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary.format())

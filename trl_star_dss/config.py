@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .audit import CONTENT_SPECIAL_TOKENS
 from .loss import KL_ESTIMATORS
 from .scoring import UNITS
 
@@ -88,6 +89,16 @@ class STARDSSConfig(SFTConfig):
             "(heatmap.html, summary.png) to `<output_dir>/star_report`."
         },
     )
+    content_special_tokens: str = field(
+        default="refuse",
+        metadata={
+            "help": "What to do with training examples whose message content holds a special-token string of the "
+            "policy tokenizer (e.g. `<|eot_id|>`), which the chat template would turn into a real turn boundary: "
+            "`refuse` (stop with an error naming the example), `drop` (do not train them) or `keep` (train them as "
+            "they are, for data that holds such strings on purpose). Applies to every shaping.",
+            "choices": list(CONTENT_SPECIAL_TOKENS),
+        },
+    )
     full_kl_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the full-vocabulary KL (`kl_estimator='full'`)."}
     )
@@ -102,7 +113,7 @@ class STARDSSConfig(SFTConfig):
 
 # The settings both trainers share (`STARDSSConfig` here, the Axolotl plugin's `star_dss_*` keys).
 CHECKED_FIELDS = ("shaping", "kl_coef", "kl_estimator", "star_chunk_size", "star_unit", "guardrail_temperature",
-                  "precompute_ref_log_probs")  # fmt: skip
+                  "precompute_ref_log_probs", "content_special_tokens")  # fmt: skip
 
 
 def check_star_settings(values: dict, names: dict | None = None) -> None:
@@ -125,6 +136,12 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
     temperature = values.get("guardrail_temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"{name['guardrail_temperature']}={temperature!r} must be a number > 0. Use e.g. 1.0.")
+    mode = values.get("content_special_tokens", "refuse")
+    if mode not in CONTENT_SPECIAL_TOKENS:
+        raise ValueError(
+            f"{name['content_special_tokens']}={mode!r} is not known. Use one of {CONTENT_SPECIAL_TOKENS}: 'refuse' "
+            "(the default: stop on content holding the policy's special-token strings), 'drop' or 'keep'."
+        )
     precompute = name["precompute_ref_log_probs"]
     if values.get("precompute_ref_log_probs") and estimator == "full":
         raise ValueError(

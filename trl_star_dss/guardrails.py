@@ -13,12 +13,20 @@ the whole response once and lets each prefix's closing suffix attend only to the
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .audit import TemplateMarkers, first_special_token, special_token_pattern, special_token_strings
+
 Conversation = list[dict[str, str]]
+# A numbered stand-in for a message's content (private-use code points, which no template writes): rendering a
+# conversation with stand-ins shows where the template puts each content (`CausalLMGuardrail.content_spans`).
+_SLOT = "\ue000{}\ue001"
+_SLOT_SPLIT = re.compile("\ue000(\\d+)\ue001")
 
 FAMILIES = ("llama_guard", "granite_guardian")
 
@@ -62,6 +70,11 @@ class Guardrail:
     def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
         _check_method(method)
         return [PrefixScores(self.score(prefix_conversations(query))) for query in queries]
+
+    def audit_sources(self) -> tuple[list[str], TemplateMarkers]:
+        """What the audit looks for on this guard's behalf: the special-token strings of its tokenizer and the
+        markers of its template (`audit.Auditor`). A Python rule reads plain text: nothing."""
+        return [], TemplateMarkers()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -109,6 +122,14 @@ class EnsembleGuardrail(Guardrail):
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         per_guard = [guard.score(conversations) for guard in self.guardrails]
         return [sum(values) / len(values) for values in zip(*per_guard)]
+
+    def audit_sources(self) -> tuple[list[str], TemplateMarkers]:
+        specials, markers = set(), TemplateMarkers()
+        for guard in self.guardrails:
+            guard_specials, guard_markers = guard.audit_sources()
+            specials.update(guard_specials)
+            markers.update(guard_markers)
+        return sorted(specials), markers
 
     def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
         per_guard = [guard.score_prefixes(queries, method) for guard in self.guardrails]
@@ -180,6 +201,10 @@ class CausalLMGuardrail(Guardrail):
         self.max_tokens_per_forward = max_tokens_per_forward
         self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
         self.max_length = max_length or _context_length(model, tokenizer)
+        specials = special_token_strings(tokenizer)
+        self._special_pattern = special_token_pattern(specials)
+        self._special_ids = set(tokenizer.convert_tokens_to_ids(specials))
+        self._slots: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
         self.safe_id = self._label_id(safe_label, "safe_label")
         self.unsafe_id = self._label_id(unsafe_label, "unsafe_label")
         if self.safe_id == self.unsafe_id:
@@ -201,9 +226,88 @@ class CausalLMGuardrail(Guardrail):
         return text + self.verdict_prefix
 
     def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
+        """The guard's token ids of each conversation. Message content is always text (docs/method.md 2.1): a
+        special-token string inside it (`<|eot_id|>`, ...) never becomes a special token, while the template's own
+        special tokens stay special. Clean content tokenizes exactly as the rendered text always did."""
         texts = [self.render(conversation) for conversation in conversations]
         # The template writes its own special tokens (BOS etc.), so the tokenizer must not add them again.
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if not self.tokenizer.is_fast:
+            for conversation in conversations:
+                self._refuse_special_content(conversation, "a slow tokenizer gives no character offsets")
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [self._content_as_text(conversation, text, ids, offsets) for conversation, text, ids, offsets
+                in zip(conversations, texts, encoded["input_ids"], encoded["offset_mapping"])]  # fmt: skip
+
+    def _content_as_text(self, conversation: Conversation, text: str, ids: list[int], offsets) -> list[int]:
+        """`ids` (of `text`, the rendering of `conversation`) with every stretch of tokens that overlaps a message's
+        content and holds a special token tokenized again as plain text; the rest, template included, as it was."""
+        if not self._special_ids.intersection(ids):
+            return ids
+        spans = self.content_spans(conversation, text)
+        if spans is None:
+            self._refuse_special_content(conversation, "the template does not write message content verbatim")
+            return ids
+        starts, ends = [a for a, _ in offsets], [b for _, b in offsets]
+        regions: list[list[int]] = []  # token index ranges [first, last] to tokenize again
+        for a, b in spans:
+            first, last = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b) - 1
+            if first <= last and self._special_ids.intersection(ids[first : last + 1]):
+                if regions and first <= regions[-1][1]:
+                    regions[-1][1] = max(regions[-1][1], last)
+                else:
+                    regions.append([first, last])
+        out, done = [], 0
+        for first, last in regions:
+            piece = text[starts[first] : ends[last]]
+            out += ids[done:first] + self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            done = last + 1
+        return out + ids[done:]
+
+    def _refuse_special_content(self, conversation: Conversation, reason: str) -> None:
+        hit = first_special_token(conversation, self._special_pattern)
+        if hit is not None:
+            raise ValueError(
+                f"Message {hit[0]} holds the guard tokenizer's special-token string {hit[1]!r}, and it cannot be kept as "
+                f"text for guard {self.name!r} ({reason}), so scoring it could let the content forge the guard's "
+                "input. Remove such examples first (the audit lists them), or use a guard with a fast tokenizer "
+                "and a template that writes message content verbatim."
+            )
+
+    def _slotted(self, roles: tuple[str, ...]) -> tuple[list[str], list[int]]:
+        """The template rendered with a numbered stand-in for each message's content, split at the stand-ins:
+        the literal pieces around them, and which message each stand-in is (a template may repeat or skip one).
+        Kept per role sequence: every prefix of a response shares one."""
+        if roles not in self._slots:
+            stand_ins = [{"role": role, "content": _SLOT.format(i)} for i, role in enumerate(roles)]
+            parts = _SLOT_SPLIT.split(self.render(stand_ins))
+            self._slots[roles] = parts[0::2], [int(number) for number in parts[1::2]]
+        return self._slots[roles]
+
+    def content_spans(self, conversation: Conversation, text: str) -> list[tuple[int, int]] | None:
+        """Where the template wrote each message's content in `text` (the conversation's rendering), as character
+        spans, or None when the rendering is not the stand-in rendering with each content put in verbatim (or
+        stripped, as templates often do)."""
+        literals, slots = self._slotted(tuple(message["role"] for message in conversation))
+        if not text.startswith(literals[0]):
+            return None
+        spans, position = [], len(literals[0])
+        for slot, literal in zip(slots, literals[1:]):
+            content = conversation[slot]["content"]
+            for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                end = position + len(candidate)
+                if text.startswith(candidate, position) and text.startswith(literal, end):
+                    break
+            else:
+                return None
+            spans.append((position, end))
+            position = end + len(literal)
+        return spans if position == len(text) else None
+
+    def audit_sources(self) -> tuple[list[str], TemplateMarkers]:
+        literals, _ = self._slotted(("user", "assistant"))
+        specials = special_token_strings(self.tokenizer)
+        return specials, TemplateMarkers.from_literals(literals, specials)
 
     def _label_id(self, label: str, argument: str) -> int:
         probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])

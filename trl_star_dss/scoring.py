@@ -21,13 +21,15 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from .audit import AUDIT_VERSION, Auditor, count_findings
 from .guardrails import Conversation, Guardrail, PrefixQuery
 
 STAR_COLUMN = "star"
 UNITS = ("token", "word")
 _SETTINGS_FILE = "star_settings.json"
+AUDIT_FILE = "audit.jsonl"
 
 
 def chunk_ends(response: str, chunk_size: int = 5, unit: str = "token", tokenizer=None) -> list[int]:
@@ -76,12 +78,15 @@ def token_scores(token_ends: Sequence[int], chunk_ends: Sequence[int], scores: S
 # -- datasets ------------------------------------------------------------------------------------------------------
 
 
-def dataset_format(column_names: Sequence[str]) -> str:
-    """`messages` or `prompt_completion`: the TRL dataset formats that say which text is the response."""
+def dataset_format(column_names: Sequence[str], required: bool = True) -> str | None:
+    """`messages` or `prompt_completion`: the TRL dataset formats that say which text is the response. Otherwise
+    an error, or None when not `required` (e.g. plain `text` for language modeling)."""
     if "messages" in column_names:
         return "messages"
     if "prompt" in column_names and "completion" in column_names:
         return "prompt_completion"
+    if not required:
+        return None
     raise ValueError(
         f"The dataset has columns {list(column_names)}, so STAR cannot tell which text is the assistant response. "
         "Use a TRL format that separates it: 'messages' (conversational) or 'prompt' + 'completion' "
@@ -139,6 +144,16 @@ def response_turns(example: dict, fmt: str, index: int) -> list[tuple[int, Conve
     return turns
 
 
+def example_columns(example: dict, fmt: str) -> list[tuple[str, list[dict]]]:
+    """Every message of an example, by the column that holds it: `(column, messages)` (a plain-text prompt or
+    completion is one user or assistant message)."""
+    if fmt == "messages":
+        return [("messages", example["messages"])]
+    return [(column, [{"role": role, "content": value}] if isinstance(value, str) else value)
+            for column, role, value in (("prompt", "user", example["prompt"]),
+                                        ("completion", "assistant", example["completion"]))]  # fmt: skip
+
+
 def example_hash(example: dict, fmt: str) -> str:
     fields = ("messages",) if fmt == "messages" else ("prompt", "completion")
     payload = json.dumps([example[name] for name in fields], sort_keys=True, ensure_ascii=False)
@@ -160,6 +175,10 @@ class ScoringSummary:
     context_cut: int = 0
     scored_now: int = 0
     seconds: float = 0.0
+    audit: dict[str, int] | None = None  # findings per kind (None: no audit); the records are `findings`
+    audited_examples: int = 0  # examples with at least one finding
+    audit_seconds: float = 0.0  # spent auditing in this run
+    findings: list[dict] = field(default_factory=list, repr=False)  # written to `audit.jsonl`, not summary.json
 
     @property
     def below_half_share(self) -> float:
@@ -171,21 +190,27 @@ class ScoringSummary:
             f"turns {self.turns} | chunks {self.chunks} | guard tokens {self.guard_tokens} | "
             f"response units with STAR < 0.5: {100 * self.below_half_share:.1f}% | "
             f"flagged examples (min STAR < 0.5): {self.flagged} | context cut: {self.context_cut} | "
-            f"time {self.seconds:.1f}s"
+            f"time {self.seconds:.1f}s" + ("" if self.audit is None else f"\n{self.format_audit()}")
         )
+
+    def format_audit(self) -> str:
+        counts = ", ".join(f"{kind} {n}" for kind, n in (self.audit or {}).items())
+        return f"audit: {counts} (in {self.audited_examples} of {self.examples} examples; records in {AUDIT_FILE})"
 
 
 class STARScorer:
     """Scores examples: chunking with the policy tokenizer, then the guardrail on every prefix."""
 
     def __init__(self, guardrail: Guardrail, tokenizer=None, chunk_size: int = 5, unit: str = "token",
-                 method: str = "fast"):  # fmt: skip
+                 method: str = "fast", audit: bool = True):  # fmt: skip
         check_chunking(chunk_size, unit, tokenizer)
         self.guardrail, self.tokenizer = guardrail, tokenizer
         self.chunk_size, self.unit, self.method = chunk_size, unit, method
+        self.auditor = Auditor.for_guardrail(guardrail, tokenizer) if audit else None
 
     def score_examples(self, examples: Sequence[dict], fmt: str, indices: Sequence[int]) -> list[dict]:
-        """One record per example: `star` (per turn chunk ends and scores) plus what the summary needs."""
+        """One record per example: `star` (per turn chunk ends and scores), its `audit` findings (with an auditor)
+        and what the summary needs."""
         queries, owners = [], []
         for example, index in zip(examples, indices):
             for turn, context, response in response_turns(example, fmt, index):
@@ -201,6 +226,12 @@ class STARScorer:
             record["guard_tokens"] += result.guard_tokens
             record["units"] += sum(units)
             record["units_below_half"] += sum(n for n, score in zip(units, result.scores) if score < 0.5)
+        if self.auditor is not None:
+            for example, index in zip(examples, indices):
+                start = time.perf_counter()
+                records[index]["audit"] = [finding for column, messages in example_columns(example, fmt)
+                                           for finding in self.auditor.audit_messages(index, column, messages)]
+                records[index]["audit_seconds"] = time.perf_counter() - start
         return [records[index] for index in indices]
 
     def _units(self, response: str, ends: list[int]) -> list[int]:
@@ -241,6 +272,7 @@ def score_dataset(
     guardrail_id: str | None = None,
     progress: bool = True,
     distributed: bool = True,
+    audit: bool = True,
 ):
     """Score every trained assistant turn of `dataset` and return `(scored_dataset, summary)`.
 
@@ -252,6 +284,11 @@ def score_dataset(
     the guard; then `guardrail_id` (what identifies its scores) is required. `distributed=False` scores
     everything in this process even under `accelerate launch` (for callers that run on one process only, such as
     Axolotl's dataset preparation).
+
+    `audit` (on by default) looks through every message of every example for what could steer the guard or the
+    policy (`audit.Auditor`: special-token strings of the guard's or `tokenizer`'s vocabulary, invisible characters,
+    imitation of the guard's template). The summary carries the counts and the records (`summary.findings`), which
+    are also written to `output_dir/audit.jsonl`. Nothing is dropped: the findings are for the user to read.
     """
     start_time = time.perf_counter()
     fmt = dataset_format(dataset.column_names)
@@ -260,13 +297,16 @@ def score_dataset(
         guardrail_id = guardrail_id or f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}"
     elif guardrail_id is None:
         raise ValueError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
+    tokenizer_id = _tokenizer_id(tokenizer) if tokenizer is not None else None
     settings = {
         "guardrail": guardrail_id,
         "chunk_size": chunk_size,
         "unit": unit,
-        "policy_tokenizer": _tokenizer_id(tokenizer) if unit == "token" else None,
+        "policy_tokenizer": tokenizer_id if unit == "token" else None,
         "format": fmt,
         "num_examples": len(dataset),
+        # The audit's findings depend on its rules, the guard (named above) and the policy tokenizer's specials.
+        "audit": {"version": AUDIT_VERSION, "policy_tokenizer": tokenizer_id} if audit else None,
     }
     rank, world, barrier = _distributed() if distributed else (0, 1, lambda: None)
     if world > 1 and output_dir is None:
@@ -291,12 +331,12 @@ def score_dataset(
             records[s] = cached
         else:
             todo.append(s)
-    work = {"scored_now": 0, "guard_tokens": 0}  # what this process did in this run
+    work = {"scored_now": 0, "guard_tokens": 0, "audit_seconds": 0.0}  # what this process did in this run
     bar = _progress(sum(min(shard_size, len(dataset) - s * shard_size) for s in todo), progress and rank == 0)
     for s in todo:
         if scorer is None:
             scorer = STARScorer(guardrail if isinstance(guardrail, Guardrail) else guardrail(), tokenizer,
-                                chunk_size, unit, method)  # fmt: skip
+                                chunk_size, unit, method, audit)  # fmt: skip
         shard = []
         for lo in range(s * shard_size, min((s + 1) * shard_size, len(dataset)), batch_size):
             hi = min(lo + batch_size, (s + 1) * shard_size, len(dataset))
@@ -309,6 +349,7 @@ def score_dataset(
         records[s] = shard
         work["scored_now"] += len(shard)
         work["guard_tokens"] += sum(record["guard_tokens"] for record in shard)
+        work["audit_seconds"] += sum(record.get("audit_seconds", 0.0) for record in shard)
     if bar is not None:
         bar.close()
 
@@ -323,12 +364,16 @@ def score_dataset(
                 for key, value in json.load(handle).items():
                     work[key] += value
     flat = [record for s in sorted(records) for record in records[s]]
-    summary = _summarize(flat, time.perf_counter() - start_time, **work)
+    summary = _summarize(flat, time.perf_counter() - start_time, audit=audit, **work)
     scored = dataset.remove_columns([STAR_COLUMN]) if STAR_COLUMN in dataset.column_names else dataset
     scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
     if output_dir is not None and rank == 0:
         _save_dataset(scored, scored_dataset_path(output_dir))
-        write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
+        if audit:
+            lines = "".join(json.dumps(finding, ensure_ascii=False) + "\n" for finding in summary.findings)
+            write_text_atomic(os.path.join(output_dir, AUDIT_FILE), lines)
+        saved = {k: v for k, v in asdict(summary).items() if k != "findings"}
+        write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(saved, indent=2))
     if world > 1:
         barrier()
     return scored, summary
@@ -358,6 +403,7 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: b
     if os.path.exists(path):
         with open(path) as handle:
             existing = json.load(handle)
+        existing.setdefault("audit", None)  # written before audits existed: scores without one
     if existing is not None and existing != settings and not overwrite:
         changed = {k: (existing.get(k), v) for k, v in settings.items() if existing.get(k) != v}
         raise ValueError(
@@ -392,8 +438,14 @@ def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str) -> No
             )
 
 
-def _summarize(records: list[dict], seconds: float, scored_now: int, guard_tokens: int) -> ScoringSummary:
-    summary = ScoringSummary(examples=len(records), seconds=seconds, scored_now=scored_now, guard_tokens=guard_tokens)
+def _summarize(records: list[dict], seconds: float, scored_now: int, guard_tokens: int, audit_seconds: float,
+               audit: bool) -> ScoringSummary:  # fmt: skip
+    summary = ScoringSummary(examples=len(records), seconds=seconds, scored_now=scored_now, guard_tokens=guard_tokens,
+                             audit_seconds=audit_seconds)  # fmt: skip
+    if audit:
+        summary.findings = [finding for record in records for finding in record["audit"]]
+        summary.audit = count_findings(summary.findings)
+        summary.audited_examples = sum(bool(record["audit"]) for record in records)
     for record in records:
         scores = [score for turn in record["star"] for score in turn["scores"]]
         summary.turns += len(record["star"])

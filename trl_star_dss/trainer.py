@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import types
 from dataclasses import asdict
@@ -18,10 +19,13 @@ from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.utils import add_fused_lm_head, pad
 
+from .audit import content_special_token_rule
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR, example_star_weights
 from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
-from .scoring import STAR_COLUMN, score_dataset
+from .scoring import STAR_COLUMN, dataset_format, example_columns, score_dataset
+
+logger = logging.getLogger(__name__)
 
 
 def _is_peft_model(model) -> bool:
@@ -304,6 +308,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
                 "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
             )
+        if not tokenized:
+            dataset = self._apply_content_rule(dataset, processing_class, args, dataset_name)
         # Tokenize (unless done), build labels and truncate with TRL; pack later, once the per-token columns exist.
         prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
         if tokenized:
@@ -327,6 +333,23 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         elif packing:
             prepared = self._pack(prepared, args)
         return prepared
+
+    @staticmethod
+    def _apply_content_rule(dataset, processing_class, args, dataset_name):
+        """`content_special_tokens` (docs/method.md 2.1): message content that holds the policy tokenizer's
+        special-token strings is refused, dropped or kept. Plain `text` data has no content to tell from a template."""
+        fmt = dataset_format(dataset.column_names, required=False)
+        if fmt is None or args.content_special_tokens == "keep":
+            return dataset
+        conversations = [[m for _, messages in example_columns(example, fmt) for m in messages] for example in dataset]
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+        kept = content_special_token_rule(conversations, tokenizer, args.content_special_tokens,
+                                          "content_special_tokens", f"{dataset_name} dataset")  # fmt: skip
+        if len(kept) < len(dataset):
+            logger.warning(f"content_special_tokens='drop': {len(dataset) - len(kept)} of {len(dataset)} examples of "
+                           f"the {dataset_name} dataset hold the policy's special-token strings and are not trained.")  # fmt: skip
+            dataset = dataset.select(kept)
+        return dataset
 
     @staticmethod
     def _pack(dataset, args):

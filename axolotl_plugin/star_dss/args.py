@@ -22,6 +22,7 @@ FIELDS = {
     "star_dss_guardrail_temperature": "guardrail_temperature",
     "star_dss_precompute_ref": "precompute_ref_log_probs",
     "star_dss_rejection_threshold": "rejection_threshold",
+    "star_dss_content_special_tokens": "content_special_tokens",
 }
 
 
@@ -90,6 +91,11 @@ class StarDSSArgs(BaseModel):
     star_dss_guardrail_temperature: float | None = Field(default=None, description="T in the STAR sigmoid (1.0).")
     star_dss_rejection_threshold: float | None = Field(
         default=None, description="With `star_dss_shaping: rejection_sampling`: drop examples scored below it (0.5)."
+    )
+    star_dss_content_special_tokens: str | None = Field(
+        default=None,
+        description="Training examples whose message content holds the policy tokenizer's special-token strings: "
+        "`refuse` (default: stop with an error), `drop` (not trained) or `keep` (trained as they are).",
     )
     star_dss_precompute_ref: bool | None = Field(
         default=None,

@@ -14,17 +14,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 
+from trl_star_dss.audit import content_special_token_rule
 from trl_star_dss.collator import TOKEN_COLUMNS, message_spans, region_weights
 from trl_star_dss.scoring import STAR_COLUMN
 
 from .args import settings as star_settings
 
+LOG = logging.getLogger(__name__)
+
 # Config keys that change the prepared dataset: Axolotl's cache key gets them while STAR-DSS prepares data.
 HASH_FIELDS = ("star_dss", "star_dss_guardrail", "star_dss_guardrail_family", "star_dss_guardrail_temperature",
                "star_dss_chunk_size", "star_dss_scores_path", "star_dss_scores_fingerprint", "star_dss_shaping",
-               "star_dss_rejection_threshold")  # fmt: skip
+               "star_dss_rejection_threshold", "star_dss_content_special_tokens")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -100,6 +104,12 @@ def with_star(strategy, dataset, cfg):
     read = conversation_reader(strategy)
     values = star_settings(cfg)
     conversations = [read(row) for row in dataset]
+    kept = content_special_token_rule(conversations, strategy.tokenizer, values["content_special_tokens"],
+                                      "star_dss_content_special_tokens")  # fmt: skip
+    if len(kept) < len(conversations):
+        LOG.warning(f"star_dss_content_special_tokens: drop: {len(conversations) - len(kept)} of {len(conversations)} "
+                    "examples hold the policy's special-token strings and are not trained.")  # fmt: skip
+        dataset, conversations = dataset.select(kept), [conversations[i] for i in kept]
     if values["scores_path"]:
         records = _look_up(conversations, values["scores_path"])
     else:
