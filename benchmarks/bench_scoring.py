@@ -1,4 +1,4 @@
-"""Fast shared-prefix guard scoring vs the naive per-prefix scorer, side by side in one process (DESIGN 5).
+"""Fast shared-prefix guard scoring vs the naive per-prefix scorer, side by side in one process (docs/method.md 3).
 
     python benchmarks/bench_scoring.py                       # CPU, small random Llama-Guard-3-shaped guard
     python benchmarks/bench_scoring.py --chunk-size 1        # score after every token
@@ -68,7 +68,7 @@ def build_guard(args, tokenizer) -> LlamaGuard:
 
 
 def components(guard: LlamaGuard, query: PrefixQuery) -> tuple[int, int, int]:
-    """DESIGN 5's P (template + prompt), L (response) and S (closing suffix) in guard tokens for one query."""
+    """docs/method.md 3's P (template + prompt), L (response) and S (closing suffix) in guard tokens for one query."""
     full = guard.encode([query.context + [{"role": "assistant", "content": query.response}]])[0]
     empty = guard.encode([query.context + [{"role": "assistant", "content": ""}]])[0]
     p = next((i for i, (a, b) in enumerate(zip(full, empty)) if a != b), len(empty))
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
     n = len(queries)
     P, L, S = (sum(c[j] for c in parts) / n for j in range(3))
     K = sum(len(q.ends) for q in queries) / n
-    # DESIGN 5 bound: naive sum_k (P + k*M + S) (the k-th prefix holds about k*L/K response tokens) vs P + L + K*S.
+    # docs/method.md 3 bound: naive sum_k (P + k*M + S) (the k-th prefix holds about k*L/K response tokens) vs P + L + K*S.
     formula = (K * (P + S) + L * (K + 1) / 2) / (P + L + K * S)
 
     params = sum(p.numel() for p in guard.model.parameters()) / 1e6
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     for name, seconds, tokens in (("naive", naive_s, naive_tokens), ("fast", fast_s, fast_tokens)):
         print(f"{name:<6} {seconds:>9.2f} {tokens:>13,} {tokens / seconds:>10,.0f}")
     print()
-    print(f"token bound   {naive_tokens / fast_tokens:.2f}  (naive / fast guard tokens; DESIGN formula "
+    print(f"token bound   {naive_tokens / fast_tokens:.2f}  (naive / fast guard tokens; method.md formula "
           f"{formula:.2f})")  # fmt: skip
     print(f"max |fast - naive| score  {diff:.2e}")
     print(f"audit {audit_s:.4f} s = {100 * audit_s / fast_s:.2f}% of fast scoring time")

@@ -142,6 +142,10 @@ def test_star_dss_is_on_by_key_or_by_listing_the_plugin():
          r"full finetune under DeepSpeed ZeRO-3/FSDP would need a sharded frozen copy"),
         ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_content_special_tokens": "strip"},
          r"star_dss_content_special_tokens='strip' is not known"),
+        ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_rejection_threshold": 1.5},
+         r"star_dss_rejection_threshold=1.5 must be a number in \[0, 1\]"),
+        ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_full_kl_chunk_size": 0},
+         r"star_dss_full_kl_chunk_size=0 must be a positive whole number"),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused_while_the_config_is_validated(world, extra, message):

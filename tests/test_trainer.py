@@ -323,3 +323,155 @@ def test_rejection_sampling_that_drops_everything_says_so(tmp_path, tokenizer, s
     with pytest.raises(ValueError, match=r"Rejection sampling dropped all 4 examples of the train dataset"):
         STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path, shaping="rejection_sampling")),
                        train_dataset=harmful, processing_class=tokenizer)  # fmt: skip
+
+
+# -- the configurations users really run (logit post-processing, predict/evaluate, the reference, caches) ----------
+
+POST_PROCESSING = {
+    # Gemma-2 soft-caps its logits (small cap, so it matters on random weights); Granite divides by logits_scaling;
+    # Cohere multiplies by logit_scale.
+    "gemma2": dict(final_logit_softcapping=1.0, head_dim=16, attn_implementation="eager"),
+    "granite": dict(logits_scaling=4.0),
+    "cohere": dict(logit_scale=4.0),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(POST_PROCESSING))
+def test_full_kl_reads_the_models_real_logits(tmp_path, tokenizer, scored, model_type):
+    def model(seed):
+        return tiny_causal_lm(tokenizer, model_type=model_type, seed=seed, **POST_PROCESSING[model_type])
+
+    # All-safe STAR-DSS is plain cross-entropy by the formula: the same first loss as TRL's SFTTrainer. In float32:
+    # under CPU bf16 autocast TRL's fused head rounds its logits (3e-4 off the float32 loss on Cohere, ours 7e-5).
+    steps = dict(max_steps=1, learning_rate=0.0, bf16=False)
+    star = train(tmp_path / "star", with_weights(scored, 1.0), tokenizer, model=model(1), kl_estimator="full", **steps)
+    sft = SFTTrainer(model(1), args=SFTConfig(**config(tmp_path / "sft", **steps)),
+                     train_dataset=scored.remove_columns("star"), processing_class=tokenizer)  # fmt: skip
+    sft.train()
+    assert losses(star) == pytest.approx(losses(sft), rel=1e-5)
+
+    from trl_star_dss.loss import full_kl
+    from trl_star_dss.trainer import output_head
+
+    policy, ref = model(1), model(2)
+    ids = torch.tensor([tokenizer("Mix flour and water, then bake it.").input_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(ids).logits.float(), -1)[:, :-1]
+        ref_logp = torch.log_softmax(ref(ids).logits.float(), -1)[:, :-1]
+        hidden, ref_hidden = policy.model(ids).last_hidden_state[:, :-1], ref.model(ids).last_hidden_state[:, :-1]
+    labels, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    kl, logps = full_kl(hidden, output_head(policy), ref_hidden, output_head(ref), labels, mask, chunk_size=3)
+    torch.testing.assert_close(kl, (logp.exp() * (logp - ref_logp)).sum(-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logps, logp.gather(-1, labels[..., None])[..., 0], rtol=1e-4, atol=1e-5)
+
+
+def test_full_kl_refuses_a_model_whose_post_processing_is_unknown(tmp_path, tokenizer, scored):
+    from transformers import LlamaForCausalLM
+
+    class Sharpened(LlamaForCausalLM):  # post-processes its logits in its forward, as no known family does
+        def forward(self, *args, **kwargs):
+            outputs = super().forward(*args, **kwargs)
+            outputs.logits = outputs.logits * 3.0
+            return outputs
+
+    model = Sharpened(tiny_causal_lm(tokenizer, seed=1).config)
+    with pytest.raises(ValueError, match=r"kl_estimator='full' .* Sharpened .* logits differ .*kl_estimator='k2'"):
+        STARDSSTrainer(model, args=STARDSSConfig(**config(tmp_path, kl_estimator="full")), train_dataset=scored,
+                       processing_class=tokenizer)  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(shaping="deep_token"), dict(kl_estimator="full")])
+def test_predict_evaluate_and_the_metrics_sft_logs(tmp_path, tokenizer, scored, overrides):
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction.predictions.shape)
+        return {"checked": 1.0}
+
+    args = STARDSSConfig(**config(tmp_path, max_steps=2, per_device_eval_batch_size=4, **overrides))
+    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer, seed=1), args=args, train_dataset=scored, eval_dataset=scored,
+                             processing_class=tokenizer, compute_metrics=compute_metrics)  # fmt: skip
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for key in ("loss", "kl", "mean_token_accuracy", "entropy", "num_tokens"):
+        assert key in logged, key
+    assert 0.0 <= logged["mean_token_accuracy"] <= 1.0 and logged["entropy"] > 0 and logged["num_tokens"] > 0
+    prediction = trainer.predict(trainer.eval_dataset)  # prepared like the train dataset
+    assert prediction.predictions.shape[0] == len(scored) and prediction.predictions.shape[-1] == len(tokenizer)
+    metrics = trainer.evaluate()
+    assert metrics["eval_checked"] == 1.0 and metrics["eval_loss"] > 0 and "eval_mean_token_accuracy" in metrics
+    assert seen and seen[-1][-1] == len(tokenizer)
+
+
+def forward_counter(model):
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_precomputed_reference_is_the_given_ref_model_and_is_cached(tmp_path, tokenizer, scored):
+    reference = tiny_causal_lm(tokenizer, seed=7)  # other weights than the policy
+    calls = forward_counter(reference)
+    kwargs = dict(precompute_ref_log_probs=True, max_steps=1, learning_rate=0.0)
+    trainer = train(tmp_path, scored, tokenizer, ref_model=reference, **kwargs)
+    assert calls and trainer.ref_model is None  # used for the pass, not held during training
+    example = trainer.train_dataset[0]
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        expected = torch.log_softmax(reference(ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(example["ref_logps"][1:]), expected, rtol=1e-4, atol=1e-5)
+    assert trainer.state.log_history[0]["kl"] > 1e-3  # the policy is not its own reference
+    # A second identical run reads the cache: no reference forward at all.
+    before = len(calls)
+    again = train(tmp_path, scored, tokenizer, ref_model=reference, **kwargs)
+    assert len(calls) == before and again.train_dataset["ref_logps"] == trainer.train_dataset["ref_logps"]
+    # Another reference, or other data, is computed anew.
+    other = tiny_causal_lm(tokenizer, seed=8)
+    other_calls = forward_counter(other)
+    train(tmp_path, scored, tokenizer, ref_model=other, **kwargs)
+    train(tmp_path, scored.select(range(5)), tokenizer, ref_model=reference, **kwargs)
+    assert other_calls and len(calls) > before
+
+
+def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tokenizer, scored, monkeypatch):
+    import trl_star_dss.guardrails as guardrails
+    from trl_star_dss.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "policy")
+    data = tmp_path / "data.jsonl"
+    scored.remove_columns("star").to_json(str(data))
+    main(["score", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", str(data), "--policy-tokenizer",
+          str(tmp_path / "policy"), "--output", str(tmp_path / "scores"), "--no-progress"])  # fmt: skip
+
+    def no_guard(*args, **kwargs):
+        raise AssertionError("the guard was loaded: start-up scoring did not find the scores of `star-dss score`")
+
+    monkeypatch.setattr(guardrails, "load_guardrail", no_guard)
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    policy = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    trainer = train(tmp_path / "run", load_dataset("json", data_files=str(data), split="train"), policy, max_steps=1,
+                    guardrail=["trl_star_dss.demo:scripted_guardrail"], star_scores_dir=str(tmp_path / "scores"))  # fmt: skip
+    assert "star/weight_mean" in trainer.state.log_history[0]
+
+
+def test_pretokenized_dataset_needs_no_star_placeholder(tmp_path, tokenizer):
+    rows = [{"input_ids": list(range(10, 30)), "labels": [-100] * 5 + list(range(15, 30)),
+             "star_weights": [1.0] * 5 + [0.3] * 15}] * 4  # fmt: skip
+    for extra in (dict(), dict(precompute_ref_log_probs=True), dict(guardrail=["trl_star_dss.demo:scripted_guardrail"])):
+        trainer = train(tmp_path, Dataset.from_list(rows), tokenizer, assistant_only_loss=False, max_steps=1, **extra)
+        assert trainer.state.log_history[0]["star/weight_mean"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rejection_threshold", 1.5, r"rejection_threshold=1.5 must be a number in \[0, 1\]"),
+        ("rejection_threshold", -0.1, r"rejection_threshold=-0.1 must be a number in \[0, 1\]"),
+        ("full_kl_chunk_size", 0, r"full_kl_chunk_size=0 must be a positive whole number"),
+    ],
+)
+def test_config_checks_the_remaining_fields(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        STARDSSConfig(output_dir="x", report_to="none", **{field: value})

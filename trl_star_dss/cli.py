@@ -244,7 +244,7 @@ def show_command(args) -> None:
 
 
 def score_command(args) -> None:
-    from .guardrails import load_guardrail
+    from .guardrails import deferred_guardrail
     from .scoring import score_dataset, scored_dataset_path
 
     dataset = load_dataset_arg(args.dataset, args.split)
@@ -254,20 +254,15 @@ def score_command(args) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
 
-    def build_guardrail():
-        device = args.device
-        if device is None:
-            from accelerate import PartialState
+    device = args.device
+    if device is None:
+        from accelerate import PartialState
 
-            device = str(PartialState().device)
-        return load_guardrail(args.guardrail, family=args.family, temperature=args.temperature, dtype=args.dtype,
-                              device_map=device, trust_remote_code=args.trust_remote_code,
-                              **({"max_length": args.max_length} if args.max_length else {}))  # fmt: skip
-
-    guardrail_id = json.dumps(
-        {"guardrail": args.guardrail, "family": args.family, "temperature": args.temperature,
-         "max_length": args.max_length}  # fmt: skip
-    )
+        device = str(PartialState().device)
+    build_guardrail, guardrail_id = deferred_guardrail(
+        args.guardrail, family=args.family, temperature=args.temperature, dtype=args.dtype, device_map=device,
+        trust_remote_code=args.trust_remote_code, **({"max_length": args.max_length} if args.max_length else {}),
+    )  # fmt: skip
     _, summary = score_dataset(
         dataset,
         build_guardrail,

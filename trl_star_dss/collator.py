@@ -44,7 +44,7 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
 
     Response tokens take their chunk's score (`token_scores`); the tokens after a response up to the next message
     (the end-of-turn token) take its last score; all other tokens weigh 1. With `threshold` (rejection sampling,
-    DESIGN 1.3), an example is kept whole (its responses weigh 1) only if every response's whole-response score is
+    docs/method.md 1.3), an example is kept whole (its responses weigh 1) only if every response's whole-response score is
     at least `threshold`; otherwise all its responses weigh 0.
 
     Returns `(input_ids, star_weights)` for the full (untruncated) sequence.

@@ -1,4 +1,4 @@
-"""`STARDSSConfig`: `SFTConfig` plus the fields of STAR-DSS. Defaults are the paper's (DESIGN 1)."""
+"""`STARDSSConfig`: `SFTConfig` plus the fields of STAR-DSS. Defaults are the paper's (docs/method.md 1)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ class STARDSSConfig(SFTConfig):
 
 # The settings both trainers share (`STARDSSConfig` here, the Axolotl plugin's `star_dss_*` keys).
 CHECKED_FIELDS = ("shaping", "kl_coef", "kl_estimator", "star_chunk_size", "star_unit", "guardrail_temperature",
-                  "precompute_ref_log_probs", "content_special_tokens")  # fmt: skip
+                  "precompute_ref_log_probs", "content_special_tokens", "rejection_threshold",
+                  "full_kl_chunk_size")  # fmt: skip
 
 
 def check_star_settings(values: dict, names: dict | None = None) -> None:
@@ -142,6 +143,15 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
             f"{name['content_special_tokens']}={mode!r} is not known. Use one of {CONTENT_SPECIAL_TOKENS}: 'refuse' "
             "(the default: stop on content holding the policy's special-token strings), 'drop' or 'keep'."
         )
+    threshold = values.get("rejection_threshold", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(
+            f"{name['rejection_threshold']}={threshold!r} must be a number in [0, 1]: it is compared with STAR scores, "
+            "which are probabilities (the paper: 0.5)."
+        )
+    kl_chunk = values.get("full_kl_chunk_size", 1024)
+    if isinstance(kl_chunk, bool) or not isinstance(kl_chunk, int) or kl_chunk <= 0:
+        raise ValueError(f"{name['full_kl_chunk_size']}={kl_chunk!r} must be a positive whole number of tokens, e.g. 1024.")
     precompute = name["precompute_ref_log_probs"]
     if values.get("precompute_ref_log_probs") and estimator == "full":
         raise ValueError(

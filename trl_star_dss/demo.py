@@ -1,4 +1,4 @@
-"""The toy safety world (DESIGN 4): a simulation, not a real safety judge.
+"""The toy safety world (README, The demo): a simulation, not a real safety judge.
 
 In this world a response is harmful exactly when it uses a word of `HARMFUL_WORDS`. The scripted guardrail knows
 that vocabulary but, like the real guards in the paper (section 5.3, misleading suffixes), it is fooled by a whole

@@ -2,7 +2,7 @@
 
 Every guardrail answers one question: for a conversation whose last message is an assistant response, what is
 P(safe)? For causal-LM guards this is read from the raw next-token logits at the verdict position
-(DESIGN 1.1, paper section 3):
+(docs/method.md 1.1, paper section 3):
 
     STAR = sigmoid((z_safe - z_unsafe) / T)
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import importlib
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -404,7 +405,7 @@ class CausalLMGuardrail(Guardrail):
 
         Each prefix's tokens are `trunk[:start] + suffix`, where `start` is where they first differ from the whole
         response's tokens: usually the cut, earlier where the tokenizer merges across it. So this is exact by
-        construction (DESIGN 5: where tokenization at a cut differs, the suffix simply starts earlier).
+        construction (docs/method.md 3: where tokenization at a cut differs, the suffix simply starts earlier).
         Returns the scores and the guard tokens run."""
         import torch
         from transformers import DynamicCache
@@ -446,7 +447,7 @@ class CausalLMGuardrail(Guardrail):
         for k, start in enumerate(starts):
             allowed[k, :, :start] = True
         positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]
-        # A float additive mask: bool 4D masks are silently wrong on some attention backends (DESIGN 5).
+        # A float additive mask: bool 4D masks are silently wrong on some attention backends (docs/method.md 3).
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         group_cache = copy.deepcopy(cache)  # the forward appends to its cache; the trunk's serves every group
@@ -567,14 +568,21 @@ def load_guardrail(
     return cls(model, tokenizer, temperature=temperature, name=spec, **kwargs)
 
 
-def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0):
-    """`(build, guardrail_id)` for `score_dataset`: a function that loads the guard only if something is left to
-    score (a fully cached run never loads it), and the string that identifies its scores in the cache."""
+def guardrail_id(spec, family: str | None = None, temperature: float = 1.0, max_length: int | None = None) -> str:
+    """What identifies a guard's scores in a scoring cache: the same guard and settings give the same id whether
+    `star-dss score`, `STARDSSTrainer` or the Axolotl plugin scores (so none of them scores the data twice)."""
+    specs = [spec] if isinstance(spec, str) else [s if isinstance(s, str) else s.name for s in spec]
+    return json.dumps({"guardrail": specs, "family": family, "temperature": float(temperature), "max_length": max_length})
+
+
+def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0, **kwargs):
+    """`(build, guardrail_id)` for `score_dataset`: a function that loads the guard (`load_guardrail`, with
+    `kwargs`) only if something is left to score (a fully cached run never loads it), and its cache id."""
 
     def build() -> Guardrail:
-        return load_guardrail(spec, family=family, temperature=temperature)
+        return load_guardrail(spec, family=family, temperature=temperature, **kwargs)
 
-    return build, f"{spec}|family={family}|T={temperature}"
+    return build, guardrail_id(spec, family, temperature, kwargs.get("max_length"))
 
 
 def _python_guardrail(spec: str) -> Guardrail:

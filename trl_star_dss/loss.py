@@ -1,4 +1,4 @@
-"""The losses of STAR-DSS and its baselines, as pure functions over tensors (DESIGN 1.2, 1.3).
+"""The losses of STAR-DSS and its baselines, as pure functions over tensors (docs/method.md 1.2, 1.3).
 
 Shapes: `B` batch rows, `T` label positions, `H` hidden size, `V` vocabulary. Every per-token input is already
 aligned with its label: `logps[b, t]` is log pi_theta of the label token at position t, `ref_logps[b, t]` the same
@@ -10,6 +10,8 @@ under the reference model, `mask[b, t]` whether that label is trained.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -101,46 +103,89 @@ def deep_token_loss(
     return _reduce(per_token, mask, reduction)
 
 
-def _full_kl_chunk(hidden, weight, ref_hidden, ref_weight, labels):
-    logp = F.log_softmax((hidden @ weight.T).float(), dim=-1)
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer as its forward applies it (docs/method.md 1.2):
+    `logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`, the softcap only where set.
+
+    `logit_scale` and `softcap` cover Cohere's `logit_scale`, Granite's `logits_scaling` (as its inverse), output
+    multipliers and Gemma-2's `final_logit_softcapping`; `trainer.output_head` reads them from a model's config and
+    checks the result against the model's own logits."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, H]` hidden states -> `[N, V]` float32 logits. The product is accumulated and kept in float32, never
+        rounded to bf16 first (autocast off), as TRL's fused head does: bf16 logits shift every log-prob."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            if hidden.device.type == "cuda" and self.weight.dtype in (torch.bfloat16, torch.float16):
+                logits = torch.mm(hidden.to(self.weight.dtype), self.weight.T, out_dtype=torch.float32)
+            else:
+                logits = hidden.float() @ self.weight.float().T
+        if self.bias is not None:
+            logits = logits + self.bias.float()
+        logits = logits * self.logit_scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def _full_kl_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, head, ref_head):
+    # The tensors are arguments (not read from the heads) so that activation checkpointing sees them.
+    logp = F.log_softmax(OutputHead(weight, bias, head.logit_scale, head.softcap).logits(hidden), dim=-1)
     with torch.no_grad():
-        ref_logp = F.log_softmax((ref_hidden @ ref_weight.T).float(), dim=-1)
-    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
-    return kl, logp.gather(-1, labels[:, None]).squeeze(-1)
+        ref_logp = F.log_softmax(OutputHead(ref_weight, ref_bias, ref_head.logit_scale, ref_head.softcap).logits(ref_hidden), dim=-1)
+    p = logp.exp()
+    kl = (p * (logp - ref_logp)).sum(-1)
+    with torch.no_grad():  # for the metrics SFTTrainer logs: entropy and whether the label is the top-1 token
+        entropy = -(p * logp).sum(-1)
+        top1 = (logp.argmax(-1) == labels).float()
+    return kl, logp.gather(-1, labels[:, None]).squeeze(-1), entropy, top1
 
 
 def full_kl(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: OutputHead | torch.Tensor,
     ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
+    ref_head: OutputHead | torch.Tensor,
     labels: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_metrics: bool = False,
+):
     """Reverse KL over the whole vocabulary, `sum_v pi_theta(v) * (log pi_theta(v) - log pi_ref(v))`, and the
     label log-probs `log pi_theta(y_t)`, per position, from hidden states and output layers.
 
     Args:
         hidden / ref_hidden: `[B, T, H]` last hidden states of the policy and the reference at the label positions.
-        weight / ref_weight: `[V, H]` their output layers (no bias, as in the causal LMs TRL trains).
+        head / ref_head: their output layers as `OutputHead`s (with the model's logit post-processing), or bare
+            `[V, H]` weights for models that apply none.
         labels: `[B, T]` label token ids (any value where `mask` is False).
         mask: `[B, T]` bool; only these positions are computed.
         chunk_size: positions per chunk. Each chunk's `chunk_size x V` logits are recomputed in the backward pass
             (activation checkpointing), so `B x T x V` logits are never held, for either model.
+        return_metrics: also return the policy's per-position entropy and top-1 hit (no gradient).
 
-    Returns `(kl, logps)`, both `[B, T]` float32 and 0 where `mask` is False; gradients flow to `hidden` and `weight`.
+    Returns `(kl, logps)` (and `(entropy, top1)` with `return_metrics`), each `[B, T]` float32 and 0 where `mask` is
+    False; gradients flow to `hidden` and the policy head's weight and bias.
     """
+    head = head if isinstance(head, OutputHead) else OutputHead(head)
+    ref_head = ref_head if isinstance(ref_head, OutputHead) else OutputHead(ref_head)
     # In the output layers' dtypes: mixed precision may hand back float32 hidden states next to bf16 weights.
-    rows, ref_rows, row_labels = hidden[mask].to(weight.dtype), ref_hidden[mask].to(ref_weight.dtype), labels[mask]
-    kls, logps = [], []
+    rows, ref_rows, row_labels = hidden[mask], ref_hidden[mask], labels[mask]
+    parts = [[], [], [], []]
     for start in range(0, rows.size(0), chunk_size):
         chunk = slice(start, start + chunk_size)
-        kl, logp = checkpoint(_full_kl_chunk, rows[chunk], weight, ref_rows[chunk], ref_weight, row_labels[chunk],
-                              use_reentrant=False)  # fmt: skip
-        kls.append(kl)
-        logps.append(logp)
+        values = checkpoint(_full_kl_chunk, rows[chunk], head.weight, head.bias, ref_rows[chunk], ref_head.weight,
+                            ref_head.bias, row_labels[chunk], head, ref_head, use_reentrant=False)  # fmt: skip
+        for part, value in zip(parts, values):
+            part.append(value)
     zeros = hidden.new_zeros(mask.shape, dtype=torch.float32)
-    if not kls:  # keep the graph connected for a micro-batch without trained tokens
-        return zeros + 0 * hidden.sum(), zeros + 0 * hidden.sum()
-    return zeros.masked_scatter(mask, torch.cat(kls)), zeros.masked_scatter(mask, torch.cat(logps))
+    if not parts[0]:  # keep the graph connected for a micro-batch without trained tokens
+        outputs = [zeros + 0 * hidden.sum() for _ in parts]
+    else:
+        outputs = [zeros.masked_scatter(mask, torch.cat(part)) for part in parts]
+    return tuple(outputs) if return_metrics else tuple(outputs[:2])

@@ -8,7 +8,7 @@ column `star`:
 `turn` indexes `messages` (or `completion` for prompt/completion data), `c_k` is the character offset in the
 response text where chunk k ends and `s_k` is the guard's P(safe) of `response[:c_k]`. Every token whose text ends
 in (c_{k-1}, c_k] takes `s_k` (`token_scores`), so the scores survive re-tokenization, truncation and packing, and
-map back exactly to the policy tokenizer's chunks when it is the tokenizer used here (DESIGN 1.1).
+map back exactly to the policy tokenizer's chunks when it is the tokenizer used here (docs/method.md 1.1).
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ def score_dataset(
     scored = dataset.remove_columns([STAR_COLUMN]) if STAR_COLUMN in dataset.column_names else dataset
     scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
     if output_dir is not None and rank == 0:
-        _save_dataset(scored, scored_dataset_path(output_dir))
+        save_dataset_atomic(scored, scored_dataset_path(output_dir))
         if audit:
             lines = "".join(json.dumps(finding, ensure_ascii=False) + "\n" for finding in summary.findings)
             write_text_atomic(os.path.join(output_dir, AUDIT_FILE), lines)
@@ -462,7 +462,7 @@ def scored_dataset_path(output_dir: str) -> str:
     return os.path.join(output_dir, "dataset")
 
 
-def _save_dataset(dataset, path: str) -> None:
+def save_dataset_atomic(dataset, path: str) -> None:
     """Save next to `path`, then swap it in: a reader never sees half a dataset."""
     tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
     dataset.save_to_disk(tmp)

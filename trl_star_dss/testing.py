@@ -109,8 +109,9 @@ def tiny_tokenizer(vocab_size: int = 512, chat_template: str | None = CHAT_TEMPL
     return tokenizer
 
 
-def tiny_causal_lm(tokenizer, model_type: str = "llama", seed: int = 0, **overrides):
-    """A 2-layer causal LM with random weights sized for `tokenizer` (`llama`, `qwen2` or `granite`)."""
+def tiny_causal_lm(tokenizer, model_type: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A 2-layer causal LM with random weights sized for `tokenizer` (`llama`, `qwen2`, `granite`, `gemma2`,
+    `cohere`, ...); `overrides` go to its config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -130,7 +131,7 @@ def tiny_causal_lm(tokenizer, model_type: str = "llama", seed: int = 0, **overri
     sizes.update(overrides)
     config = AutoConfig.for_model(model_type, **sizes)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""`STARDSSTrainer`: TRL's `SFTTrainer` with the STAR-weighted loss and the paper's baselines (DESIGN 1.2, 1.3).
+"""`STARDSSTrainer`: TRL's `SFTTrainer` with the STAR-weighted loss and the paper's baselines (docs/method.md 1.2, 1.3).
 
 Data flows one way: scored dataset (`star` column) -> TRL tokenization -> per-token `star_weights` (and, optionally,
 precomputed `ref_logps`) -> truncation / packing / collation, aligned with `labels` -> the loss in `loss.py`.
@@ -14,6 +14,7 @@ import types
 from dataclasses import asdict
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
@@ -22,8 +23,8 @@ from trl.trainer.utils import add_fused_lm_head, pad
 from .audit import content_special_token_rule
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR, example_star_weights
 from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig
-from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
-from .scoring import STAR_COLUMN, dataset_format, example_columns, score_dataset
+from .loss import OutputHead, deep_token_loss, full_kl, star_dss_loss, token_kl
+from .scoring import STAR_COLUMN, dataset_format, example_columns, save_dataset_atomic, score_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,70 @@ def _add_hidden_state_output(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def output_head(model) -> OutputHead:
+    """`model`'s output layer with the logit post-processing its forward applies, read from its config as TRL's
+    fused LM head reads it (trl 1.16, `trainer/utils.py`, `add_fused_lm_head`, which exposes no function for it):
+    `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1), `logits_scaling` (Granite and
+    MiniCPM3 divide by it, HyperCLOVA X multiplies), then `final_logit_softcapping` (Gemma-2). `check_output_head`
+    verifies the result against the model's own logits."""
+    config = model.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    head = model.get_output_embeddings()
+    return OutputHead(head.weight, head.bias, 1.0 if scale is None else float(scale),
+                      getattr(config, "final_logit_softcapping", None))  # fmt: skip
+
+
+@torch.no_grad()
+def check_output_head(model, role: str) -> None:
+    """Refuse `kl_estimator='full'` for a model whose logits `output_head` does not reproduce: its family
+    post-processes them in a way this project does not know, and the KL would be silently wrong."""
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = (torch.arange(1, 9, device=model.device) * 7919 % vocab)[None]
+        theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+        ours = output_head(model).logits(model(input_ids=ids, star_hidden_states=True)[0])
+    finally:
+        model.train(was_training)
+    tolerance = (1e-4 if theirs.dtype == ours.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2)
+    difference = (ours - theirs).abs().max().item()
+    if difference > tolerance * max(1.0, theirs.abs().max().item()):
+        raise ValueError(
+            f"kl_estimator='full' computes the {role}'s logits from its output layer, but for "
+            f"{type(model).__name__} (model_type={model.config.model_type!r}) those logits differ from the model's "
+            f"own by up to {difference:.3g}: its forward post-processes them in a way this project does not know. "
+            "Use kl_estimator='k2' (it reads the model's own log-probs), or report the model family."
+        )
+
+
+def _reference_key(reference, dataset, disabled_adapters: bool) -> str:
+    """What the precomputed reference log-probs depend on: the reference (class, config, a sample of every weight;
+    PEFT adapters on or off) and the dataset's token ids (its exact content, not `datasets`' fingerprint, which is
+    random for functions it cannot hash)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    model = reference.module if hasattr(reference, "module") else reference
+    digest.update(f"{type(model).__name__}|{model.config.to_json_string()}|{disabled_adapters}".encode())
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}".encode() + sample.tobytes())
+    for batch in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=4096):
+        column = batch.column(0).combine_chunks()
+        digest.update(np.asarray(column.value_lengths()).tobytes() + np.asarray(column.flatten()).astype(np.int64).tobytes())
+    return digest.hexdigest()[:20]
+
+
 class STARLossMixin:
     """The STAR-DSS and Deep Token losses for a `transformers.Trainer` subclass: the reference model, optional
     precomputed reference log-probs, the loss and its metrics. `STARDSSTrainer` and the Axolotl plugin's trainer
@@ -67,21 +132,31 @@ class STARLossMixin:
         return model.get_base_model() if _is_peft_model(model) else model
 
     def _init_reference(self, ref_model=None) -> None:
-        """pi_ref, in order: precomputed log-probs (nothing held), `ref_model`, the model with its PEFT adapters
+        """pi_ref (docs/method.md 1.2), in order: precomputed log-probs (of `ref_model` when given, else of the model
+        with its adapters disabled; nothing held while training), `ref_model`, the model with its PEFT adapters
         disabled, or a frozen copy of the model taken now, before any update."""
         config = self.star_config
         self.ref_model = None
+        self._precompute_reference = None  # the explicit reference of the precompute pass, dropped after it
         needs_reference = config.shaping in REFERENCE_SHAPINGS
         full = config.shaping == "star_dss" and config.kl_estimator == "full"
         if full:
             _add_hidden_state_output(self._inner_model(self.model))
+            check_output_head(self._inner_model(self.model), "policy")
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if sharded and full:
             raise ValueError(
                 "kl_estimator='full' reads the whole output layer, which DeepSpeed/FSDP shard across processes. "
                 "Use kl_estimator='k2' (with precompute_ref_log_probs=True), or train without sharding (DDP)."
             )
-        if not needs_reference or config.precompute_ref_log_probs:
+        if not needs_reference:
+            return
+        if config.precompute_ref_log_probs:
+            if ref_model is not None:
+                add_fused_lm_head(ref_model)
+                self._precompute_reference = self.accelerator.prepare_model(
+                    ref_model.requires_grad_(False).eval(), evaluation_mode=True
+                )
             return
         if ref_model is None and not _is_peft_model(self.model):
             if sharded:
@@ -99,6 +174,7 @@ class STARLossMixin:
             add_fused_lm_head(ref_model)
             if full:
                 _add_hidden_state_output(ref_model)
+                check_output_head(ref_model, "reference")
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def _set_signature_columns_if_needed(self):
@@ -107,26 +183,60 @@ class STARLossMixin:
 
     @torch.no_grad()
     def _ref_logps_column(self, dataset, batch_size: int):
-        """One pass of the reference over a tokenized dataset: `ref_logps` of every token (0 for the first). Runs
-        before any update, so the model itself is pi_ref (LoRA starts as the identity)."""
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
+        """`ref_logps` of every token of a tokenized dataset (0 for the first), from one pass of the reference before
+        any update: the explicit `ref_model`, else the model with its adapters disabled (docs/method.md 1.2).
+
+        Every process computes its share of the examples and the shares are gathered. The result is cached in
+        `<output_dir>/ref_logps/`, keyed by the reference's identity and the dataset's token ids, so a second
+        identical run runs no reference forward and any change computes it anew."""
+        from accelerate.utils import gather_object
+        from datasets import load_from_disk
+
+        reference = self._precompute_reference or self.accelerator.unwrap_model(self.model)
+        key = _reference_key(reference, dataset, disabled_adapters=self._precompute_reference is None)
+        path = os.path.join(self.args.output_dir, "ref_logps", key)
+        if not os.path.exists(path):
+            rows = self._ref_logps_rows(reference, dataset, batch_size)
+            column = [None] * len(dataset)
+            for index, values in gather_object(rows):
+                column[index] = values
+            if self.accelerator.is_main_process:
+                from datasets import Dataset
+
+                save_dataset_atomic(Dataset.from_dict({"ref_logps": column}), path)
+            self.accelerator.wait_for_everyone()
+        else:
+            logger.info(f"Reference log-probs of {len(dataset)} examples read from the cache {path}")
+        return dataset.add_column("ref_logps", load_from_disk(path)["ref_logps"])
+
+    def _ref_logps_rows(self, reference, dataset, batch_size: int) -> list[tuple[int, list[float]]]:
+        """This process's share of the reference pass, as `(example index, ref_logps)`. Shares are padded to the
+        same length, so sharded models run the same number of forwards on every process."""
         device = self.accelerator.device
-
-        def compute(batch):
-            lengths = [len(ids) for ids in batch["input_ids"]]
-            input_ids = pad([torch.tensor(ids) for ids in batch["input_ids"]], padding_value=0, padding_side="right")
-            attention_mask = pad([torch.ones(n, dtype=torch.long) for n in lengths], padding_value=0,
-                                 padding_side="right")  # fmt: skip
-            labels = input_ids.masked_fill(attention_mask == 0, -100)
-            logps = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                          labels=labels.to(device), fused_lm_head=True).log_probs.float().cpu()  # fmt: skip
-            return {"ref_logps": [[0.0] + logps[i, : n - 1].tolist() for i, n in enumerate(lengths)]}
-
-        dataset = dataset.map(compute, batched=True, batch_size=batch_size, desc="Precomputing reference log-probs")
-        model.train(was_training)
-        return dataset
+        disabled = (self.accelerator.unwrap_model(reference).disable_adapter()
+                    if self._precompute_reference is None and _is_peft_model(self.accelerator.unwrap_model(reference))
+                    else contextlib.nullcontext())  # fmt: skip
+        was_training = reference.training
+        reference.eval()
+        rows = []
+        with self.accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as mine, disabled:
+            bar = tqdm(total=len(mine), desc="Precomputing reference log-probs", unit="ex",
+                       disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process)  # fmt: skip
+            for start in range(0, len(mine), batch_size):
+                indices = mine[start : start + batch_size]
+                sequences = dataset.select(indices)["input_ids"]
+                lengths = [len(ids) for ids in sequences]
+                input_ids = pad([torch.tensor(ids) for ids in sequences], padding_value=0, padding_side="right")
+                attention_mask = pad([torch.ones(n, dtype=torch.long) for n in lengths], padding_value=0,
+                                     padding_side="right")  # fmt: skip
+                labels = input_ids.masked_fill(attention_mask == 0, -100)
+                logps = reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  labels=labels.to(device), fused_lm_head=True).log_probs.float().cpu()  # fmt: skip
+                rows += [(i, [0.0] + logps[r, : n - 1].tolist()) for r, (i, n) in enumerate(zip(indices, lengths))]
+                bar.update(len(indices))
+            bar.close()
+        reference.train(was_training)
+        return list(dict(rows).items())  # the padding repeats the last example: once is enough
 
     def _reference(self, model):
         """A context in which `ref(**inputs, ...)` runs pi_ref: the explicit/frozen reference or disabled adapters."""
@@ -134,25 +244,47 @@ class STARLossMixin:
             return self.ref_model, contextlib.nullcontext()
         return model, self.accelerator.unwrap_model(model).disable_adapter()
 
+    def token_mean(self, total: torch.Tensor, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """A summed per-token loss as a token mean, normalised as SFTTrainer normalises its cross-entropy (trl 1.16
+        `SFTTrainer.compute_loss`; `test_all_safe_star_dss_equals_trl_sft` holds the two together): over
+        `num_items_in_batch` (every rank's trained tokens, so gradient accumulation is exact), times the data-parallel
+        size when `average_tokens_across_devices` (DDP averages the gradients; tensor-parallel ranks share a batch)."""
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = total / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
     def star_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        """The STAR-DSS (or Deep Token) loss of one batch, normalised like the Trainer's cross-entropy."""
+        """The STAR-DSS (or Deep Token) loss of one batch, normalised like the Trainer's cross-entropy, with the MoE
+        load-balancing loss where the model has one (as SFTTrainer adds it)."""
         config = self.star_config
         star_weights = inputs.pop("star_weights", None)
         ref_logps = inputs.pop("ref_logps", None)
         inputs["use_cache"] = False
+        aux_enabled = getattr(self, "aux_loss_enabled", False)
+        if aux_enabled:
+            inputs["output_router_logits"] = True
         labels = inputs["labels"][:, 1:]
         mask = labels != -100
-        kl = None
+        kl = aux_loss = None
         if config.kl_estimator == "full" and config.shaping == "star_dss":
+            if aux_enabled:
+                raise ValueError(
+                    "kl_estimator='full' reads hidden states, without the router logits of this Mixture-of-Experts "
+                    "model, so its load-balancing loss would be lost. Use kl_estimator='k2', or set "
+                    "router_aux_loss_coef=0.0."
+                )
             model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
             ref, context = self._reference(model)
             with torch.no_grad(), context:
                 ref_hidden = ref(**model_inputs, star_hidden_states=True)[:, :-1]
             hidden = model(**model_inputs, star_hidden_states=True)[:, :-1]
-            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-            ref_weight = self.accelerator.unwrap_model(ref).get_output_embeddings().weight
-            kl, logps = full_kl(hidden, weight, ref_hidden, ref_weight, labels.clamp(min=0), mask,
-                                config.full_kl_chunk_size)  # fmt: skip
+            kl, logps, entropy, top1 = full_kl(
+                hidden, output_head(self.accelerator.unwrap_model(model)), ref_hidden,
+                output_head(self.accelerator.unwrap_model(ref)), labels.clamp(min=0), mask,
+                config.full_kl_chunk_size, return_metrics=True,
+            )  # fmt: skip
             ref_logps = None
         else:
             if ref_logps is None:
@@ -161,33 +293,57 @@ class STARLossMixin:
                     ref_logps = ref(**inputs, fused_lm_head=True).log_probs
             else:
                 ref_logps = ref_logps[:, 1:]
-            logps = model(**inputs, fused_lm_head=True).log_probs
+            outputs = model(**inputs, fused_lm_head=True)
+            logps, entropy, top1, aux_loss = outputs.log_probs, outputs.entropy, outputs.is_top1, outputs.aux_loss
         if config.shaping == "star_dss":
             weights = star_weights[:, 1:].to(logps.dtype)
             per_token = star_dss_loss(logps, ref_logps, weights, mask, config.kl_coef, config.kl_estimator, "none", kl=kl)
         else:
             per_token = deep_token_loss(logps, ref_logps, mask, "none")
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, num_items counts all ranks
-        self._log_star_metrics(logps, ref_logps, kl, star_weights, mask)
+        loss = self.token_mean(per_token.sum(), mask, num_items_in_batch)
+        if aux_loss is not None:
+            # A per-micro-batch mean: with `num_items_in_batch` the Trainer leaves accumulation to the loss.
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
+        metrics = self._star_metrics(logps, ref_logps, kl, star_weights, mask)
+        metrics |= self._sft_metrics(entropy, top1, aux_loss, mask)
+        self._store_star_metrics(metrics, "train" if self.model.training else "eval", inputs)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.star_config.shaping not in REFERENCE_SHAPINGS:
-            # The host's own cross-entropy; rejection sampling already dropped the rejected responses in the data.
+            # The host's own cross-entropy; rejection sampling already dropped the rejected examples in the data.
             for key in TOKEN_COLUMNS:
                 inputs.pop(key, None)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = self.star_loss(model, inputs, num_items_in_batch)
-        return (loss, None) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # `predict` / `compute_metrics` want logits, which the fused forwards never build: one more forward, as
+        # SFTTrainer does.
+        with torch.no_grad():
+            outputs = model(**{k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")})
+        return loss, outputs
 
-    def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
+    def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
         raise NotImplementedError("A trainer using STARLossMixin says where its metrics go.")
 
     @torch.no_grad()
-    def _log_star_metrics(self, logps, ref_logps, kl, star_weights, mask):
+    def _sft_metrics(self, entropy, top1, aux_loss, mask) -> dict[str, float]:
+        """What SFTTrainer logs of its forward: `entropy` and `mean_token_accuracy` over trained tokens, `aux_loss`."""
+        gather = self.accelerator.gather_for_metrics
+        n = gather(mask.sum()).sum()
+        metrics = {}
+        if entropy is not None:
+            metrics["entropy"] = (gather(entropy.detach().float().sum()).sum() / n).item() if n > 0 else 0.0
+        if top1 is not None:
+            metrics["mean_token_accuracy"] = (gather(top1.float().sum()).sum() / n).item() if n > 0 else 0.0
+        if aux_loss is not None:
+            metrics["aux_loss"] = gather(aux_loss.detach()).mean().item()
+        return metrics
+
+    @torch.no_grad()
+    def _star_metrics(self, logps, ref_logps, kl, star_weights, mask) -> dict[str, float]:
         config = self.star_config
         gather = self.accelerator.gather_for_metrics
         mask_f = mask.float()
@@ -205,7 +361,7 @@ class STARLossMixin:
             metrics["star/kl_share"] = mean(weights < 0.5)
             metrics["loss/ce"] = mean(weights * -logps)
             metrics["loss/kl"] = mean((1 - weights) * config.kl_coef * kl)
-        self._store_star_metrics(metrics, "train" if self.model.training else "eval")
+        return metrics
 
 
 class STARDSSTrainer(STARLossMixin, SFTTrainer):
@@ -259,6 +415,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 self.eval_dataset = {k: self._with_ref_logps(v, k) for k, v in self.eval_dataset.items()}
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._with_ref_logps(self.eval_dataset, "eval")
+            self._precompute_reference = None  # not held during training
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -399,6 +556,13 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     # -- loss (`STARLossMixin.compute_loss`) -------------------------------------------------------------------------
 
-    def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
+    def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
+        if mode == "train":  # SFTTrainer's `num_tokens`: every token seen, padding excluded (trl 1.16)
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:  # padding-free: one row of real tokens
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -23,6 +23,7 @@ FIELDS = {
     "star_dss_precompute_ref": "precompute_ref_log_probs",
     "star_dss_rejection_threshold": "rejection_threshold",
     "star_dss_content_special_tokens": "content_special_tokens",
+    "star_dss_full_kl_chunk_size": "full_kl_chunk_size",
 }
 
 
@@ -42,7 +43,7 @@ def settings(cfg) -> dict:
 
     from trl_star_dss.config import STARDSSConfig
 
-    wanted = {*FIELDS.values(), "full_kl_chunk_size"}
+    wanted = set(FIELDS.values())
     values = {field.name: field.default for field in fields(STARDSSConfig) if field.name in wanted}
     for key, name in FIELDS.items():
         if cfg.get(key) is not None:
@@ -96,6 +97,9 @@ class StarDSSArgs(BaseModel):
         default=None,
         description="Training examples whose message content holds the policy tokenizer's special-token strings: "
         "`refuse` (default: stop with an error), `drop` (not trained) or `keep` (trained as they are).",
+    )
+    star_dss_full_kl_chunk_size: int | None = Field(
+        default=None, description="Tokens per chunk of the full-vocabulary KL (`star_dss_kl_estimator: full`; 1024)."
     )
     star_dss_precompute_ref: bool | None = Field(
         default=None,

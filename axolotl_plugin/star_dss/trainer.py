@@ -83,8 +83,9 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
             self.eval_data_collator = STARCollator(self.eval_data_collator, padding_side)
         if values["shaping"] not in REFERENCE_SHAPINGS:
             return
-        # Per-token log-probs without full logits: TRL's fused LM head, on the model under any PEFT wrapper.
-        add_fused_lm_head(self._inner_model(self.model))
+        # Per-token log-probs without full logits: TRL's fused LM head, on the model under any PEFT wrapper, with the
+        # fields SFTTrainer logs (entropy, top-1 accuracy).
+        add_fused_lm_head(self._inner_model(self.model), outputs=("log_probs", "entropy", "is_top1"))
         self._init_reference()
         if values["precompute_ref_log_probs"]:
             self.train_dataset = self._ref_logps_column(self.train_dataset, self.args.per_device_eval_batch_size)
@@ -96,7 +97,7 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
             self._accumulate_token_counts(inputs)
         return super().star_loss(model, inputs, num_items_in_batch)
 
-    def _store_star_metrics(self, metrics: dict[str, float], mode: str) -> None:
+    def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
         self.store_metrics(metrics, train_eval=mode)
 
 
