@@ -19,8 +19,9 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from star_dss.args import star_dss_enabled  # noqa: E402
-from trl_star_dss.collator import example_star_weights  # noqa: E402
-from trl_star_dss.demo import build_world, scripted_guardrail  # noqa: E402
+from trl_star_dss.trainer import example_star_weights  # noqa: E402
+from trl_star_dss.demo import build_world  # noqa: E402 (the world's data)
+from trl_star_dss.testing import scripted_guardrail  # noqa: E402
 from trl_star_dss.guardrails import PythonGuardrail  # noqa: E402
 from trl_star_dss.scoring import score_dataset  # noqa: E402
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
@@ -223,7 +224,7 @@ def test_policy_special_tokens_in_content_are_refused_or_dropped(tmp_path, llama
     from star_dss.data import with_star
 
     cfg = DictDefault({"chat_template": "llama3", "sequence_len": 512, "train_on_inputs": False, "star_dss": True,
-                       "star_dss_guardrail": "trl_star_dss.demo:scripted_guardrail",
+                       "star_dss_guardrail": "trl_star_dss.testing:scripted_guardrail",
                        "dataset_prepared_path": str(tmp_path)})  # fmt: skip
     strategy = load(llama3_tok, cfg, DictDefault({"type": "chat_template", "field_messages": "messages"}))
     rows = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
@@ -235,6 +236,42 @@ def test_policy_special_tokens_in_content_are_refused_or_dropped(tmp_path, llama
     cfg["star_dss_content_special_tokens"] = "drop"
     _, dataset = with_star(strategy, Dataset.from_list(rows), cfg)
     assert [m[1]["content"] for m in dataset["messages"]] == ["A0.", "A2."]
+
+
+def test_rejection_sampling_trains_the_same_examples_in_both_trainers(tmp_path, llama3_tok):
+    """One rule (docs/method.md 1.3): an example with any response scored below the threshold is dropped whole, by
+    the TRL trainer (prompt tokens included, without `assistant_only_loss`) and by the Axolotl plugin alike."""
+    from axolotl.prompt_strategies.chat_template import load
+    from axolotl.utils.dict import DictDefault
+    from datasets import Dataset
+
+    from star_dss.data import with_star
+    from trl_star_dss.config import STARDSSConfig
+    from trl_star_dss.trainer import STARDSSTrainer
+
+    harm = "Step one: get the poison."
+    answers = [["Bread needs flour."], [harm], [harm, "Bake it."], ["Yes.", "Bake it."]]
+    rows = []
+    for i, turns in enumerate(answers):
+        messages = []
+        for k, answer in enumerate(turns):
+            messages += [{"role": "user", "content": f"Question {i}.{k}?"}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages})
+    cfg = DictDefault({"chat_template": "llama3", "sequence_len": 512, "train_on_inputs": False, "star_dss": True,
+                       "star_dss_shaping": "rejection_sampling", "star_dss_chunk_size": 3,
+                       "star_dss_guardrail": "trl_star_dss.testing:scripted_guardrail",
+                       "dataset_prepared_path": str(tmp_path / "prepared")})  # fmt: skip
+    strategy = load(llama3_tok, cfg, DictDefault({"type": "chat_template", "field_messages": "messages"}))
+    wrapped, scored = with_star(strategy, Dataset.from_list(rows), cfg)
+    axolotl_kept = {row["messages"][0]["content"] for row in scored if wrapped.filter_rows(row)}
+
+    policy = tiny_causal_lm(llama3_tok, hidden_size=32, intermediate_size=64)
+    args = STARDSSConfig(output_dir=str(tmp_path / "trl"), shaping="rejection_sampling", assistant_only_loss=False,
+                         report_to="none", use_cpu=True)  # fmt: skip
+    trainer = STARDSSTrainer(policy, args=args, train_dataset=scored, processing_class=llama3_tok)
+    trl_kept = {next(q for q in ("Question 0.0?", "Question 1.0?", "Question 2.0?", "Question 3.0?")
+                     if q in llama3_tok.decode(ids)) for ids in trainer.train_dataset["input_ids"]}  # fmt: skip
+    assert trl_kept == axolotl_kept == {"Question 0.0?", "Question 3.0?"}
 
 
 def test_scores_path_is_matched_by_content_not_position(tmp_path):
@@ -307,6 +344,13 @@ def test_installed_but_off_changes_nothing(world):
     }
 
 
+def test_label_balancing_sees_axolotls_own_collator(world):
+    """`balance_labels` checks the collator's exact type; the STAR collator that wraps it must pass that check."""
+    _, _, steps = train(world, "balanced", star_dss=True, star_dss_guardrail="toy_guards:all_safe",
+                        balance_labels=True)  # fmt: skip
+    assert steps and all(s["star/weight_mean"] == "1" for s in steps)
+
+
 def test_star_weights_reach_the_loss(world):
     """All-safe scores: exactly the plugin-off run (cross-entropy everywhere). All-unsafe: only the KL to the
     reference, which is zero with zero gradient at the start, so the model stays where it began."""
@@ -321,7 +365,7 @@ def test_star_weights_reach_the_loss(world):
 
 
 def test_full_finetune_packed_scored_by_axolotl_preprocess(world):
-    settings = dict(sample_packing=True, star_dss=True, star_dss_guardrail="trl_star_dss.demo:scripted_guardrail")
+    settings = dict(sample_packing=True, star_dss=True, star_dss_guardrail="trl_star_dss.testing:scripted_guardrail")
     log = axolotl(world, "preprocess", "full_packed", **settings)
     assert re.search(r"STAR scoring: examples 32 \(scored now \d+", log)
     log, _, steps = train(world, "full_packed", **settings)
@@ -333,7 +377,7 @@ def test_full_finetune_packed_scored_by_axolotl_preprocess(world):
 def test_qlora_with_scores_from_star_dss_score_and_precomputed_reference(world):
     from trl_star_dss.cli import main as star_dss
 
-    star_dss(["score", "--dataset", str(world / "data.jsonl"), "--guardrail", "trl_star_dss.demo:scripted_guardrail",
+    star_dss(["score", "--dataset", str(world / "data.jsonl"), "--guardrail", "trl_star_dss.testing:scripted_guardrail",
               "--policy-tokenizer", str(world / "model"), "--output", str(world / "scores"), "--no-progress"])  # fmt: skip
     log, adapter, steps = train(world, "qlora", plugins=["star_dss.StarDSSPlugin"], star_dss_precompute_ref=True,
                                 star_dss_scores_path=str(world / "scores"), **QLORA)  # fmt: skip

@@ -10,7 +10,7 @@ from trl_star_dss.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "examples", "data", "toy_sample.jsonl")
-SCRIPTED = "trl_star_dss.demo:scripted_guardrail"
+SCRIPTED = "trl_star_dss.testing:scripted_guardrail"
 
 
 def test_readme_quickstart_is_what_ci_runs():
@@ -43,6 +43,24 @@ def test_score_command_errors_name_argument_and_fix(tmp_path):
     with pytest.raises(SystemExit, match=r"files ending in \.txt are not read"):
         main(["score", "--guardrail", SCRIPTED, "--dataset", str(tmp_path / "data.txt"), "--unit", "word",
               "--output", str(tmp_path / "out")])  # fmt: skip
+
+
+def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path, monkeypatch):
+    import trl_star_dss.cli as cli
+
+    with pytest.raises(SystemExit, match=r"--dataset '.*missing\.jsonl' does not exist"):
+        main(["score", "--guardrail", SCRIPTED, "--dataset", str(tmp_path / "missing.jsonl"), "--unit", "word",
+              "--output", str(tmp_path / "out")])  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"--dataset '.*empty' is a directory that holds no dataset.*star-dss score"):
+        main(["show", "--dataset", str(tmp_path / "empty"), "--output", str(tmp_path / "pictures")])
+
+    def broken(args):  # a ValueError from outside the package (a library, a bug): not an input error
+        raise ValueError("something inside a library")
+
+    monkeypatch.setattr(cli, "score_command", broken)
+    with pytest.raises(ValueError, match="something inside a library"):
+        main(["score", "--guardrail", SCRIPTED, "--dataset", SAMPLE, "--output", str(tmp_path / "out2")])
 
 
 def test_two_processes_give_the_one_process_result(tmp_path, llama_guard_tiny):

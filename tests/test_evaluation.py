@@ -4,7 +4,7 @@ import os
 import pytest
 
 from trl_star_dss.cli import main as star_dss
-from trl_star_dss.demo import is_harmful, scripted_guardrail
+from trl_star_dss.testing import is_harmful, scripted_guardrail
 from trl_star_dss.evaluation import DecodingConfig, evaluate_safety, load_policy, wilson_interval
 from trl_star_dss.guardrails import PythonGuardrail
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
@@ -30,7 +30,7 @@ def prompts_file(tmp_path):
 
 def run(policy_dir, prompts_file, output, *extra):
     star_dss(["eval", "safety", "--model", str(policy_dir), "--prompts", str(prompts_file), "--guardrail",
-              "trl_star_dss.demo:scripted_guardrail", "--output", str(output), "--max-new-tokens", "8",
+              "trl_star_dss.testing:scripted_guardrail", "--output", str(output), "--max-new-tokens", "8",
               "--batch-size", "3", "--device", "cpu", "--no-progress", *extra])  # fmt: skip
     return [json.loads(line) for line in open(output)]
 

@@ -17,7 +17,7 @@ def test_train_example_runs_its_config_on_a_tiny_local_model(tmp_path, config):
     tokenizer = tiny_tokenizer()
     tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    star_dss(["score", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--policy-tokenizer",
+    star_dss(["score", "--guardrail", "trl_star_dss.testing:scripted_guardrail", "--policy-tokenizer",
               str(tmp_path / "model"), "--dataset", os.path.join(ROOT, "examples", "data", "toy_sample.jsonl"),
               "--output", str(tmp_path / "scored"), "--no-progress"])  # fmt: skip
     command = [sys.executable, os.path.join(ROOT, "examples", "train_star_dss.py"),

@@ -150,7 +150,7 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
         assert type(guard) is cls
     forced = load_guardrail(str(tmp_path / "my-llama-guard"), family="granite_guardian")
     assert type(forced) is GraniteGuardian
-    both = load_guardrail([str(tmp_path / "my-llama-guard"), "trl_star_dss.demo:scripted_guardrail"])
+    both = load_guardrail([str(tmp_path / "my-llama-guard"), "trl_star_dss.testing:scripted_guardrail"])
     assert isinstance(both, EnsembleGuardrail) and len(both.guardrails) == 2
     tokenizer = tiny_tokenizer()  # a plain chat template: no family can be told
     tokenizer.save_pretrained(tmp_path / "plain")

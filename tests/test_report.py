@@ -15,7 +15,7 @@ SAMPLE = os.path.join(ROOT, "examples", "data", "toy_sample.jsonl")
 @pytest.fixture(scope="module")
 def scored_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("scored")
-    star_dss(["score", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", SAMPLE, "--unit", "word",
+    star_dss(["score", "--guardrail", "trl_star_dss.testing:scripted_guardrail", "--dataset", SAMPLE, "--unit", "word",
               "--chunk-size", "3", "--output", str(out), "--no-progress"])  # fmt: skip
     return out
 

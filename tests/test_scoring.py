@@ -4,7 +4,7 @@ import os
 import pytest
 from datasets import Dataset
 
-from trl_star_dss.demo import EXCULPATORY_SENTENCE, scripted_guardrail
+from trl_star_dss.testing import EXCULPATORY_SENTENCE, scripted_guardrail
 from trl_star_dss.guardrails import LlamaGuard, PythonGuardrail
 from trl_star_dss.scoring import STARScorer, chunk_ends, response_turns, score_dataset, token_scores
 

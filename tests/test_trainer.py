@@ -5,13 +5,13 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from trl_star_dss.collator import DataCollatorForSTAR, example_star_weights
+from trl_star_dss.collator import DataCollatorForSTAR
 from trl_star_dss.config import STARDSSConfig
-from trl_star_dss.demo import scripted_guardrail
+from trl_star_dss.testing import scripted_guardrail
 from trl_star_dss.guardrails import PythonGuardrail
 from trl_star_dss.scoring import chunk_ends, score_dataset
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
-from trl_star_dss.trainer import STARDSSTrainer
+from trl_star_dss.trainer import STARDSSTrainer, example_star_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,7 +183,7 @@ def test_unscored_dataset_is_a_clear_error(tmp_path, tokenizer, scored):
 
 def test_guardrail_scores_at_start_up(tmp_path, tokenizer, scored):
     trainer = train(tmp_path, scored.remove_columns("star"), tokenizer, max_steps=1, star_report=True,
-                    guardrail=["trl_star_dss.demo:scripted_guardrail"])  # fmt: skip
+                    guardrail=["trl_star_dss.testing:scripted_guardrail"])  # fmt: skip
     assert os.path.exists(tmp_path / "star_scores" / "dataset")
     assert os.path.getsize(tmp_path / "star_report" / "summary.png") > 0
     assert 'class="t"' in (tmp_path / "star_report" / "heatmap.html").read_text()
@@ -440,7 +440,7 @@ def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tok
     tokenizer.save_pretrained(tmp_path / "policy")
     data = tmp_path / "data.jsonl"
     scored.remove_columns("star").to_json(str(data))
-    main(["score", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", str(data), "--policy-tokenizer",
+    main(["score", "--guardrail", "trl_star_dss.testing:scripted_guardrail", "--dataset", str(data), "--policy-tokenizer",
           str(tmp_path / "policy"), "--output", str(tmp_path / "scores"), "--no-progress"])  # fmt: skip
 
     def no_guard(*args, **kwargs):
@@ -452,14 +452,14 @@ def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tok
 
     policy = AutoTokenizer.from_pretrained(tmp_path / "policy")
     trainer = train(tmp_path / "run", load_dataset("json", data_files=str(data), split="train"), policy, max_steps=1,
-                    guardrail=["trl_star_dss.demo:scripted_guardrail"], star_scores_dir=str(tmp_path / "scores"))  # fmt: skip
+                    guardrail=["trl_star_dss.testing:scripted_guardrail"], star_scores_dir=str(tmp_path / "scores"))  # fmt: skip
     assert "star/weight_mean" in trainer.state.log_history[0]
 
 
 def test_pretokenized_dataset_needs_no_star_placeholder(tmp_path, tokenizer):
     rows = [{"input_ids": list(range(10, 30)), "labels": [-100] * 5 + list(range(15, 30)),
              "star_weights": [1.0] * 5 + [0.3] * 15}] * 4  # fmt: skip
-    for extra in (dict(), dict(precompute_ref_log_probs=True), dict(guardrail=["trl_star_dss.demo:scripted_guardrail"])):
+    for extra in (dict(), dict(precompute_ref_log_probs=True), dict(guardrail=["trl_star_dss.testing:scripted_guardrail"])):
         trainer = train(tmp_path, Dataset.from_list(rows), tokenizer, assistant_only_loss=False, max_steps=1, **extra)
         assert trainer.state.log_history[0]["star/weight_mean"] == pytest.approx(0.3)
 

@@ -11,26 +11,32 @@ from .guardrails import (
     PythonGuardrail,
     load_guardrail,
 )
+from .audit import Auditor
 from .collator import DataCollatorForSTAR
 from .config import STARDSSConfig
-from .loss import deep_token_loss, full_kl, star_dss_loss
-from .scoring import STARScorer, ScoringSummary, chunk_ends, score_dataset, token_scores
-from .trainer import STARDSSTrainer
+from .loss import OutputHead, deep_token_loss, full_kl, star_dss_loss
+from .scoring import STARScorer, ScoringSummary, chunk_ends, score_dataset
+from .trainer import STARDSSTrainer, STARLossMixin, STARSettings
+from .weights import token_scores, token_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Auditor",
     "CausalLMGuardrail",
     "DataCollatorForSTAR",
     "EnsembleGuardrail",
     "GraniteGuardian",
     "Guardrail",
     "LlamaGuard",
+    "OutputHead",
     "PrefixQuery",
     "PrefixScores",
     "PythonGuardrail",
     "STARDSSConfig",
     "STARDSSTrainer",
+    "STARLossMixin",
+    "STARSettings",
     "STARScorer",
     "ScoringSummary",
     "chunk_ends",
@@ -40,4 +46,5 @@ __all__ = [
     "score_dataset",
     "star_dss_loss",
     "token_scores",
+    "token_weights",
 ]

@@ -10,28 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import traceback
 
-
-def load_dataset_arg(path: str, split: str):
-    """A local JSON/JSONL/CSV/Parquet file, a `save_to_disk` directory, a local dataset directory or a hub id."""
-    import datasets
-
-    if os.path.isfile(path):
-        extension = os.path.splitext(path)[1].lstrip(".").lower()
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension)
-        if builder is None:
-            raise SystemExit(
-                f"--dataset {path!r}: files ending in .{extension} are not read. Use .jsonl, .json, .csv or .parquet, "
-                "a directory saved with `save_to_disk`, or a hub id."
-            )
-        return datasets.load_dataset(builder, data_files=path, split=split)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
-        return datasets.load_from_disk(path)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
-        return datasets.load_from_disk(path)[split]
-    return datasets.load_dataset(path, split=split)
+from .loading import load_dataset_arg
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -285,6 +269,11 @@ def score_command(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
+    # The library reports through `logging` (scoring summaries, audit warnings): show its messages here.
+    library = logging.getLogger("trl_star_dss")
+    if not library.handlers:
+        library.addHandler(logging.StreamHandler())
+        library.setLevel(logging.INFO)
     try:
         if args.command == "score":
             score_command(args)
@@ -297,8 +286,18 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "eval" and args.kind == "capability":
             eval_capability_command(args)
     except ValueError as error:
-        # Our errors say what is wrong and how to fix it: show that sentence, not a traceback.
+        # Our own input errors say what is wrong and how to fix it: show that sentence, not a traceback. Anything
+        # raised elsewhere (a library, a bug) keeps its traceback.
+        if not _raised_here(error):
+            raise
         raise SystemExit(f"star-dss {args.command}: error: {error}") from error
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether `error` was raised by this package's code (its innermost frame is in `trl_star_dss`)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__))
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package + os.sep)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,25 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
             f"{precompute}=True does nothing with {name['shaping']}={shaping!r}, which uses no reference. Set it to "
             f"False, or use {name['shaping']}='star_dss' or 'deep_token'."
         )
+
+
+def check_sharding(values: dict, sharded: bool, has_reference: bool, names: dict | None = None) -> None:
+    """DeepSpeed ZeRO-3 and FSDP shard the weights across processes (`sharded`), which two settings cannot work
+    with: the full-vocabulary KL (it reads the whole output layer) and a frozen copy of the model as the reference
+    (a full finetune with neither `ref_model` nor PEFT, `has_reference=False`). `names` as in `check_star_settings`."""
+    name = {field: field for field in CHECKED_FIELDS} | (names or {})
+    shaping = values.get("shaping", "star_dss")
+    if not sharded or shaping not in REFERENCE_SHAPINGS:
+        return
+    if shaping == "star_dss" and values.get("kl_estimator") == "full":
+        raise ValueError(
+            f"{name['kl_estimator']}='full' reads the whole output layer, which DeepSpeed ZeRO-3/FSDP shard across "
+            f"processes. Use {name['kl_estimator']}='k2' (with {name['precompute_ref_log_probs']}=True), or train "
+            "without sharding (DDP)."
+        )
+    if not has_reference and not values.get("precompute_ref_log_probs"):
+        raise ValueError(
+            "A full finetune under DeepSpeed ZeRO-3/FSDP would need a sharded frozen copy of the model as the "
+            f"reference. Set {name['precompute_ref_log_probs']}=True (no reference is held during training), or use "
+            "PEFT (LoRA/QLoRA: the reference is the model with its adapters disabled)."
+        )

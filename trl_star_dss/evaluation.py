@@ -55,9 +55,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 def load_prompts(path: str, column: str = "prompt", split: str = "train") -> tuple[list[str], list[str] | None]:
     """Prompts (and their categories, if the data has a `category` column) from a local JSONL/JSON/CSV file or a
     dataset id (AdvBench, HEx-PHI, ... when the hub is reachable)."""
-    from .cli import load_dataset_arg
+    from .loading import load_dataset_arg
 
-    dataset = load_dataset_arg(path, split)
+    dataset = load_dataset_arg(path, split, flag="--prompts")
     if column not in dataset.column_names:
         raise ValueError(
             f"The prompts in {path!r} have no column {column!r} (columns: {dataset.column_names}). Pass the right "

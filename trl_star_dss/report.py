@@ -9,7 +9,8 @@ import html
 import os
 from collections.abc import Sequence
 
-from .scoring import STAR_COLUMN, dataset_format, response_turns, token_scores, unit_ends, write_text_atomic
+from .scoring import STAR_COLUMN, dataset_format, response_turns, unit_ends, write_text_atomic
+from .weights import token_scores
 
 
 def _colour(score: float) -> str:
@@ -80,7 +81,7 @@ def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | No
 
 def trajectory_png(dataset, path: str, indices: Sequence[int]) -> None:
     """A PNG (1200 x 600 px) of the STAR score against the position in the response, one line per chosen turn."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(12, 6), dpi=100)
     for index, record, _, response in _scored_turns(dataset, indices):
         positions = [0] + [end / len(response) for end in record["chunk_ends"]]
@@ -90,13 +91,13 @@ def trajectory_png(dataset, path: str, indices: Sequence[int]) -> None:
     axes.set(xlabel="position in the response (share of its characters)", ylabel="STAR (guard P(safe))",
              ylim=(-0.02, 1.02), xlim=(0, 1), title="STAR trajectories: score of every prefix, chunk by chunk")  # fmt: skip
     axes.legend(loc="lower left", fontsize=8)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def summary_png(dataset, path: str, max_listed: int = 8) -> dict:
     """A PNG (1200 x 800 px) summarising a scored dataset: the distribution of each example's lowest STAR, the share
     of response units under KL (STAR < 0.5), and the flagged examples with the span where the score dropped."""
-    plt = _pyplot()
+    plt = pyplot()
     lowest, units, under, flagged = [], 0, 0, []
     for index, record, _, response in _scored_turns(dataset, range(len(dataset))):
         spans = _pieces(response, None)
@@ -121,11 +122,11 @@ def summary_png(dataset, path: str, max_listed: int = 8) -> dict:
     if len(flagged) > max_listed:
         lines.append(f"(+{len(flagged) - max_listed} more)")
     right.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=9, wrap=True)
-    _save(figure, path)
+    save_figure(figure, path)
     return {"responses": len(lowest), "flagged": len(flagged), "share_under_kl": share}
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend: the pictures are written, never shown (CI, servers)."""
     import matplotlib
 
@@ -135,7 +136,7 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: str) -> None:
+def save_figure(figure, path: str) -> None:
     import matplotlib.pyplot as plt
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from .audit import AUDIT_VERSION, Auditor, count_findings
 from .guardrails import Conversation, Guardrail, PrefixQuery
+from .weights import token_scores  # noqa: F401 (the scores of a token, as stored here; re-exported)
 
 STAR_COLUMN = "star"
 UNITS = ("token", "word")
@@ -65,14 +66,6 @@ def check_chunking(chunk_size, unit: str, tokenizer) -> None:
             "unit='token' cuts chunks with the policy tokenizer, but none was given. Pass the tokenizer of the "
             "model you will finetune (`--policy-tokenizer`), or use unit='word'."
         )
-
-
-def token_scores(token_ends: Sequence[int], chunk_ends: Sequence[int], scores: Sequence[float]) -> list[float]:
-    """The STAR score of each token of a response, from where each token's text ends (character offsets in the
-    response). A token takes the score of the first chunk that ends at or after its end; a token past the last
-    chunk (an end-of-turn token) takes the last score."""
-    last = len(chunk_ends) - 1
-    return [scores[min(bisect.bisect_left(chunk_ends, end), last)] for end in token_ends]
 
 
 # -- datasets ------------------------------------------------------------------------------------------------------

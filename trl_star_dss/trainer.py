@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import types
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -21,10 +21,11 @@ from trl.data_utils import pack_dataset
 from trl.trainer.utils import add_fused_lm_head, pad
 
 from .audit import content_special_token_rule
-from .collator import TOKEN_COLUMNS, DataCollatorForSTAR, example_star_weights
-from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig
+from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
+from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sharding
 from .loss import OutputHead, deep_token_loss, full_kl, star_dss_loss, token_kl
 from .scoring import STAR_COLUMN, dataset_format, example_columns, save_dataset_atomic, score_dataset
+from .weights import rejected, token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,32 @@ def check_output_head(model, role: str) -> None:
         )
 
 
+def example_star_weights(example: dict, tokenizer, chat_template: str | None = None) -> tuple[list[int], list[float]]:
+    """The token ids and STAR weights of one scored example, rendered and tokenized as TRL's `SFTTrainer` does
+    (the chat template for conversations; prompt + completion + EOS for plain text); `weights.token_weights` places
+    the weights. Returns the full (untruncated) sequence."""
+    if "messages" in example:
+        messages, first_turn = example["messages"], 0
+    elif isinstance(example["prompt"], list):
+        messages, first_turn = example["prompt"] + example["completion"], len(example["prompt"])
+    else:
+        completion = example["completion"]
+        if not completion.endswith(tokenizer.eos_token or "\0"):
+            completion += tokenizer.eos_token or ""
+        messages, first_turn = [{"role": "user", "content": example["prompt"]},
+                                {"role": "assistant", "content": completion}], 1  # fmt: skip
+    # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
+    records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
+    if "messages" in example or isinstance(example["prompt"], list):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+                                             tools=example.get("tools"))  # fmt: skip
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
+        text = messages[0]["content"] + messages[1]["content"]
+        encoded = tokenizer(text=text, return_offsets_mapping=True)
+    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records)
+
+
 def _reference_key(reference, dataset, disabled_adapters: bool) -> str:
     """What the precomputed reference log-probs depend on: the reference (class, config, a sample of every weight;
     PEFT adapters on or off) and the dataset's token ids (its exact content, not `datasets`' fingerprint, which is
@@ -114,18 +141,35 @@ def _reference_key(reference, dataset, disabled_adapters: bool) -> str:
     return digest.hexdigest()[:20]
 
 
+@dataclass(frozen=True)
+class STARSettings:
+    """What `STARLossMixin` reads of its host's configuration (`STARDSSConfig` fields of the same names)."""
+
+    shaping: str = "star_dss"
+    kl_coef: float = 0.5
+    kl_estimator: str = "k2"
+    full_kl_chunk_size: int = 1024
+    precompute_ref_log_probs: bool = False
+
+    @classmethod
+    def of(cls, values) -> STARSettings:
+        """From a `STARDSSConfig` (or any object with these attributes) or a dict with these keys."""
+        get = values.get if isinstance(values, dict) else functools.partial(getattr, values)
+        return cls(**{f.name: get(f.name) for f in fields(cls)})
+
+
 class STARLossMixin:
     """The STAR-DSS and Deep Token losses for a `transformers.Trainer` subclass: the reference model, optional
     precomputed reference log-probs, the loss and its metrics. `STARDSSTrainer` and the Axolotl plugin's trainer
     both use it, so the training maths are written once (on top of `loss.py`).
 
-    The host sets `self.star_config` (an object with `shaping`, `kl_coef`, `kl_estimator`, `full_kl_chunk_size`,
-    `precompute_ref_log_probs`), gives its model TRL's fused LM head (`add_fused_lm_head`), calls
-    `_init_reference` after `Trainer.__init__`, and implements `_store_star_metrics`. `compute_loss` sends
-    STAR-DSS and Deep Token to `star_loss` and the other shapings to the host's own cross-entropy.
+    The contract with the host: it sets `self.star_settings` (a `STARSettings`), gives its model TRL's fused LM head
+    (`add_fused_lm_head` with `entropy` and `is_top1`), calls `_init_reference` after `Trainer.__init__` and
+    implements `_store_star_metrics`. `compute_loss` sends STAR-DSS and Deep Token to `star_loss` and the other
+    shapings to the host's own cross-entropy.
     """
 
-    star_config = None
+    star_settings: STARSettings | None = None
 
     @staticmethod
     def _inner_model(model):
@@ -135,7 +179,7 @@ class STARLossMixin:
         """pi_ref (docs/method.md 1.2), in order: precomputed log-probs (of `ref_model` when given, else of the model
         with its adapters disabled; nothing held while training), `ref_model`, the model with its PEFT adapters
         disabled, or a frozen copy of the model taken now, before any update."""
-        config = self.star_config
+        config = self.star_settings
         self.ref_model = None
         self._precompute_reference = None  # the explicit reference of the precompute pass, dropped after it
         needs_reference = config.shaping in REFERENCE_SHAPINGS
@@ -143,12 +187,10 @@ class STARLossMixin:
         if full:
             _add_hidden_state_output(self._inner_model(self.model))
             check_output_head(self._inner_model(self.model), "policy")
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        if sharded and full:
-            raise ValueError(
-                "kl_estimator='full' reads the whole output layer, which DeepSpeed/FSDP shard across processes. "
-                "Use kl_estimator='k2' (with precompute_ref_log_probs=True), or train without sharding (DDP)."
-            )
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        check_sharding(asdict(config), sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+                       has_reference=ref_model is not None or _is_peft_model(self.model))  # fmt: skip
         if not needs_reference:
             return
         if config.precompute_ref_log_probs:
@@ -159,11 +201,6 @@ class STARLossMixin:
                 )
             return
         if ref_model is None and not _is_peft_model(self.model):
-            if sharded:
-                raise ValueError(
-                    "Full finetuning under DeepSpeed/FSDP with no `ref_model` would need a sharded frozen copy of the "
-                    "model. Set precompute_ref_log_probs=True (no reference is held during training), or use PEFT."
-                )
             import copy
 
             ref_model = copy.deepcopy(self._inner_model(self.model))
@@ -258,7 +295,7 @@ class STARLossMixin:
     def star_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """The STAR-DSS (or Deep Token) loss of one batch, normalised like the Trainer's cross-entropy, with the MoE
         load-balancing loss where the model has one (as SFTTrainer adds it)."""
-        config = self.star_config
+        config = self.star_settings
         star_weights = inputs.pop("star_weights", None)
         ref_logps = inputs.pop("ref_logps", None)
         inputs["use_cache"] = False
@@ -311,7 +348,7 @@ class STARLossMixin:
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.star_config.shaping not in REFERENCE_SHAPINGS:
+        if self.star_settings.shaping not in REFERENCE_SHAPINGS:
             # The host's own cross-entropy; rejection sampling already dropped the rejected examples in the data.
             for key in TOKEN_COLUMNS:
                 inputs.pop(key, None)
@@ -344,7 +381,7 @@ class STARLossMixin:
 
     @torch.no_grad()
     def _star_metrics(self, logps, ref_logps, kl, star_weights, mask) -> dict[str, float]:
-        config = self.star_config
+        config = self.star_settings
         gather = self.accelerator.gather_for_metrics
         mask_f = mask.float()
         n = gather(mask_f.sum()).sum().clamp(min=1)
@@ -374,6 +411,21 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "star-dss"]
+    _name = "STAR-DSS"
+    # Read by TRL's model card (as its own trainers' `_paper`).
+    _paper = {
+        "title": "Shape it Up! Restoring LLM Safety during Finetuning",
+        "id": "2505.17196",
+        "citation": (
+            "@inproceedings{peng2025shape,\n"
+            "    title        = {{Shape it Up! Restoring LLM Safety during Finetuning}},\n"
+            "    author       = {ShengYun Peng and Pin-Yu Chen and Jianfeng Chi and Seongmin Lee and Duen Horng Chau},\n"
+            "    booktitle    = {Advances in Neural Information Processing Systems},\n"
+            "    year         = 2025,\n"
+            "    eprint       = {arXiv:2505.17196},\n"
+            "}"
+        ),
+    }
 
     def __init__(self, model, args: STARDSSConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, ref_model=None, **kwargs):  # fmt: skip
@@ -407,7 +459,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         if data_collator is None:  # carry star_weights / ref_logps through TRL's own collation choices
             self.data_collator = DataCollatorForSTAR(**asdict(self.data_collator))
 
-        self.star_config = args
+        self.star_settings = STARSettings.of(args)
         self._init_reference(ref_model)
         if self._defer_packing:
             self.train_dataset = self._with_ref_logps(self.train_dataset, "train")
@@ -431,6 +483,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     @staticmethod
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
+        from accelerate import PartialState
+
         from .guardrails import deferred_guardrail
 
         build, guardrail_id = deferred_guardrail(args.guardrail, args.guardrail_family, args.guardrail_temperature)
@@ -443,7 +497,11 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             output_dir=args.star_scores_dir or os.path.join(args.output_dir, "star_scores"),
             guardrail_id=guardrail_id,
         )
-        print(f"STAR scoring: {summary.format()}")
+        if PartialState().is_main_process:
+            logger.info(f"STAR scoring: {summary.format()}")
+            if summary.audited_examples:
+                logger.warning(f"{summary.audited_examples} training examples have audit findings; read them before "
+                               f"training: {summary.format_audit()}")  # fmt: skip
         return scored
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
@@ -467,29 +525,34 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             )
         if not tokenized:
             dataset = self._apply_content_rule(dataset, processing_class, args, dataset_name)
+        if args.shaping == "rejection_sampling":
+            dataset = self._reject(dataset, args, dataset_name)
         # Tokenize (unless done), build labels and truncate with TRL; pack later, once the per-token columns exist.
         prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
         if tokenized:
             prepared = self._truncate_token_columns(prepared, args, dataset_name)
-        elif uses_scores:
+        elif args.shaping == "star_dss":
             prepared = self._attach_star_weights(prepared, processing_class, args, dataset_name)
-        if args.shaping == "rejection_sampling":  # rejected examples (weight 0) are not trained at all
-            total = len(prepared)
-            prepared = prepared.map(
-                lambda ex: {"labels": [label if w > 0 else -100 for label, w in zip(ex["labels"], ex["star_weights"])]},
-                desc=f"Dropping rejected responses from {dataset_name} dataset",
-            ).filter(lambda ex: any(label != -100 for label in ex["labels"]))
-            if len(prepared) == 0:
-                raise ValueError(
-                    f"Rejection sampling dropped all {total} examples of the {dataset_name} dataset (every one has a "
-                    f"response scored below rejection_threshold={args.rejection_threshold}), so there is nothing to "
-                    "train on. That is the method's answer for this data: do not finetune on it, or lower the threshold."
-                )
         if self._defer_packing:
             self._deferred_packing[dataset_name] = packing
         elif packing:
             prepared = self._pack(prepared, args)
         return prepared
+
+    @staticmethod
+    def _reject(dataset, args, dataset_name):
+        """Rejection sampling (docs/method.md 1.3): examples with a response scored below the threshold are dropped
+        whole, before tokenization; the rest train with plain cross-entropy."""
+        total = len(dataset)
+        dataset = dataset.filter(lambda example: not rejected(example[STAR_COLUMN], args.rejection_threshold),
+                                 desc=f"Rejection sampling of the {dataset_name} dataset")  # fmt: skip
+        if len(dataset) == 0:
+            raise ValueError(
+                f"Rejection sampling dropped all {total} examples of the {dataset_name} dataset (every one has a "
+                f"response scored below rejection_threshold={args.rejection_threshold}), so there is nothing to "
+                "train on. That is the method's answer for this data: do not finetune on it, or lower the threshold."
+            )
+        return dataset
 
     @staticmethod
     def _apply_content_rule(dataset, processing_class, args, dataset_name):
@@ -531,10 +594,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         )
 
     def _attach_star_weights(self, prepared, processing_class, args, dataset_name):
-        threshold = args.rejection_threshold if args.shaping == "rejection_sampling" else None
-
         def attach(example):
-            ids, weights = example_star_weights(example, processing_class, self.chat_template, threshold)
+            ids, weights = example_star_weights(example, processing_class, self.chat_template)
             n = len(example["input_ids"])
             if self._keep(ids, n, args) != example["input_ids"]:
                 raise ValueError(

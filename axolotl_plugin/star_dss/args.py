@@ -112,7 +112,7 @@ class StarDSSArgs(BaseModel):
     def check_star_dss(cls, data):
         if not isinstance(data, dict) or not star_dss_enabled(data):
             return data
-        from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, check_star_settings
+        from trl_star_dss.config import SCORED_SHAPINGS, check_sharding, check_star_settings
 
         values = settings(data)
         check_star_settings(values, names={name: key for key, name in FIELDS.items()})
@@ -145,18 +145,6 @@ class StarDSSArgs(BaseModel):
                 "weights are not split with the sequence. Set these to 1 (data parallel, DeepSpeed or FSDP work)."
             )
         sharded = bool(data.get("fsdp") or data.get("fsdp_config") or _zero3(data.get("deepspeed")))
-        uses_reference = shaping in REFERENCE_SHAPINGS
-        if sharded and uses_reference and values["kl_estimator"] == "full":
-            raise ValueError(
-                "star_dss_kl_estimator='full' reads the whole output layer, which DeepSpeed ZeRO-3/FSDP shard across "
-                "processes. Use star_dss_kl_estimator: k2 (with star_dss_precompute_ref: true), or train without "
-                "sharding."
-            )
-        full_finetune = not data.get("adapter")
-        if sharded and uses_reference and full_finetune and not values["precompute_ref_log_probs"]:
-            raise ValueError(
-                "A full finetune under DeepSpeed ZeRO-3/FSDP would need a sharded frozen copy of the model as the "
-                "reference. Set star_dss_precompute_ref: true (no reference is held during training), or use "
-                "adapter: lora / qlora (the reference is the model with its adapters disabled)."
-            )
+        check_sharding(values, sharded, has_reference=bool(data.get("adapter")),
+                       names={name: key for key, name in FIELDS.items()})  # fmt: skip
         return data

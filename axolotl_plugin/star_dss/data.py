@@ -18,12 +18,14 @@ import logging
 import os
 
 from trl_star_dss.audit import content_special_token_rule
-from trl_star_dss.collator import TOKEN_COLUMNS, message_spans, region_weights
+from trl_star_dss.collator import TOKEN_COLUMNS
 from trl_star_dss.scoring import STAR_COLUMN
+from trl_star_dss.weights import rejected, token_weights
 
 from .args import settings as star_settings
 
-LOG = logging.getLogger(__name__)
+# Under `axolotl.`: Axolotl's logging shows INFO from its own namespace only.
+LOG = logging.getLogger("axolotl.integrations.star_dss")
 
 # Config keys that change the prepared dataset: Axolotl's cache key gets them while STAR-DSS prepares data.
 HASH_FIELDS = ("star_dss", "star_dss_guardrail", "star_dss_guardrail_family", "star_dss_guardrail_temperature",
@@ -136,7 +138,7 @@ def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
     scored, summary = score_dataset(Dataset.from_dict({"messages": conversations}), build, tokenizer=tokenizer,
                                     chunk_size=values["star_chunk_size"], output_dir=directory, guardrail_id=guard_id,
                                     distributed=False)  # fmt: skip
-    print(f"STAR scoring: {summary.format()}")
+    LOG.info(f"STAR scoring: {summary.format()}")
     if torch.cuda.is_available():  # the guard is gone; give its memory back before the policy loads
         torch.cuda.empty_cache()
     return list(scored[STAR_COLUMN])
@@ -196,7 +198,7 @@ class STARStrategy:
 
     The tokens are Axolotl's own. They are decoded and re-tokenized with character offsets (checked to give the
     same ids), each turn's content is found in that text in order, and the tokens from a scored response up to the
-    next turn take the response's chunk scores (`region_weights`); the others weigh 1.
+    next turn take the response's chunk scores (`weights.token_weights`); the others weigh 1.
     """
 
     supports_batched = False  # one row at a time: the weights need the row and its tokens together
@@ -207,8 +209,7 @@ class STARStrategy:
         if threshold is not None:  # rejection sampling drops whole examples before tokenizing them
 
             def keep(row):
-                scores_ok = all(r["scores"][-1] >= threshold for r in row[STAR_COLUMN])
-                return scores_ok and (filter_rows is None or filter_rows(row))
+                return not rejected(row[STAR_COLUMN], threshold) and (filter_rows is None or filter_rows(row))
 
             self.filter_rows = keep
         else:
@@ -236,32 +237,8 @@ class STARStrategy:
                 f"be placed on Axolotl's tokens (tokenizer {tokenizer.name_or_path!r}). Use a fast tokenizer whose "
                 "decode/encode round-trips (byte-level BPE such as Llama 3, Qwen, SmolLM)."
             )
-        by_turn = {record["turn"]: record for record in records}
-        return region_weights(encoded["offset_mapping"], _regions(text, messages, by_turn), by_turn, self.threshold)
-
-
-def _regions(text: str, messages: list[dict], by_turn: dict) -> dict[int, tuple[int, int]]:
-    """For each scored turn, the characters from its response to the next turn (or the end of the text).
-
-    A chat template writes every turn verbatim, so the turns are found in order. An instruction prompt rewrites
-    the user turn; there the responses are found from the end backwards (the prompt comes first and may quote them).
-    """
-    try:
-        spans = message_spans(text, messages)
-        return {i: (spans[i][0], spans[i + 1][0] if i + 1 < len(spans) else len(text)) for i in by_turn}
-    except ValueError:
-        pass
-    regions, end = {}, len(text)
-    for i in sorted(by_turn, reverse=True):
-        content = messages[i]["content"].strip()
-        start = text.rfind(content, 0, end)
-        if start < 0:
-            raise ValueError(
-                f"A response ({content[:40]!r}...) does not appear in its tokenized example, so its STAR scores "
-                "cannot be placed on tokens. Use a prompt format that writes responses verbatim."
-            )
-        regions[i], end = (start, end), start
-    return regions
+        # Instruction types rewrite the user turn: the responses are then found from the end (`rewritten_prompt`).
+        return token_weights(text, encoded["offset_mapping"], messages, records, rewritten_prompt=True)
 
 
 __all__ = ["TOKEN_COLUMNS", "STARStrategy", "conversation_reader", "load_star_datasets", "with_star"]

@@ -3,15 +3,13 @@ maths: `STARLossMixin` and `trl_star_dss.loss`)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_star_dss.collator import TOKEN_COLUMNS
 from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS
-from trl_star_dss.trainer import STARLossMixin
+from trl_star_dss.trainer import STARLossMixin, STARSettings
 
 from .args import settings
 
@@ -68,7 +66,7 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
     def post_set_axolotl_cfg(self):
         super().post_set_axolotl_cfg()
         values = settings(self.axolotl_cfg)
-        self.star_config = SimpleNamespace(**values)
+        self.star_settings = STARSettings.of(values)
         if values["shaping"] in SCORED_SHAPINGS and self.train_dataset is not None:
             if "star_weights" not in self.train_dataset.column_names:
                 raise ValueError(
@@ -91,6 +89,16 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
             self.train_dataset = self._ref_logps_column(self.train_dataset, self.args.per_device_eval_batch_size)
             if self.eval_dataset is not None:
                 self.eval_dataset = self._ref_logps_column(self.eval_dataset, self.args.per_device_eval_batch_size)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        # Axolotl's label balancing checks the collator's exact type (`type(collator) in (...)`): show it the
+        # collator STARCollator wraps, which is the one that lays out the batch.
+        wrapped = self.data_collator
+        self.data_collator = getattr(wrapped, "inner", wrapped)
+        try:
+            return super()._get_train_sampler(*args, **kwargs)
+        finally:
+            self.data_collator = wrapped
 
     def star_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         if self.args.include_tkps and model.training:  # Axolotl's tokens/s metric, as its own compute_loss does
