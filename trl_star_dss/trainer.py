@@ -179,21 +179,21 @@ class STARLossMixin:
         """pi_ref (docs/method.md 1.2), in order: precomputed log-probs (of `ref_model` when given, else of the model
         with its adapters disabled; nothing held while training), `ref_model`, the model with its PEFT adapters
         disabled, or a frozen copy of the model taken now, before any update."""
-        config = self.star_settings
+        settings = self.star_settings
         self.ref_model = None
         self._precompute_reference = None  # the explicit reference of the precompute pass, dropped after it
-        needs_reference = config.shaping in REFERENCE_SHAPINGS
-        full = config.shaping == "star_dss" and config.kl_estimator == "full"
+        needs_reference = settings.shaping in REFERENCE_SHAPINGS
+        full = settings.shaping == "star_dss" and settings.kl_estimator == "full"
         if full:
             _add_hidden_state_output(self._inner_model(self.model))
             check_output_head(self._inner_model(self.model), "policy")
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        check_sharding(asdict(config), sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+        check_sharding(asdict(settings), sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
                        has_reference=ref_model is not None or _is_peft_model(self.model))  # fmt: skip
         if not needs_reference:
             return
-        if config.precompute_ref_log_probs:
+        if settings.precompute_ref_log_probs:
             if ref_model is not None:
                 add_fused_lm_head(ref_model)
                 self._precompute_reference = self.accelerator.prepare_model(
@@ -295,7 +295,7 @@ class STARLossMixin:
     def star_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """The STAR-DSS (or Deep Token) loss of one batch, normalised like the Trainer's cross-entropy, with the MoE
         load-balancing loss where the model has one (as SFTTrainer adds it)."""
-        config = self.star_settings
+        settings = self.star_settings
         star_weights = inputs.pop("star_weights", None)
         ref_logps = inputs.pop("ref_logps", None)
         inputs["use_cache"] = False
@@ -305,7 +305,7 @@ class STARLossMixin:
         labels = inputs["labels"][:, 1:]
         mask = labels != -100
         kl = aux_loss = None
-        if config.kl_estimator == "full" and config.shaping == "star_dss":
+        if settings.kl_estimator == "full" and settings.shaping == "star_dss":
             if aux_enabled:
                 raise ValueError(
                     "kl_estimator='full' reads hidden states, without the router logits of this Mixture-of-Experts "
@@ -320,7 +320,7 @@ class STARLossMixin:
             kl, logps, entropy, top1 = full_kl(
                 hidden, output_head(self.accelerator.unwrap_model(model)), ref_hidden,
                 output_head(self.accelerator.unwrap_model(ref)), labels.clamp(min=0), mask,
-                config.full_kl_chunk_size, return_metrics=True,
+                settings.full_kl_chunk_size, return_metrics=True,
             )  # fmt: skip
             ref_logps = None
         else:
@@ -332,9 +332,9 @@ class STARLossMixin:
                 ref_logps = ref_logps[:, 1:]
             outputs = model(**inputs, fused_lm_head=True)
             logps, entropy, top1, aux_loss = outputs.log_probs, outputs.entropy, outputs.is_top1, outputs.aux_loss
-        if config.shaping == "star_dss":
+        if settings.shaping == "star_dss":
             weights = star_weights[:, 1:].to(logps.dtype)
-            per_token = star_dss_loss(logps, ref_logps, weights, mask, config.kl_coef, config.kl_estimator, "none", kl=kl)
+            per_token = star_dss_loss(logps, ref_logps, weights, mask, settings.kl_coef, settings.kl_estimator, "none", kl=kl)
         else:
             per_token = deep_token_loss(logps, ref_logps, mask, "none")
         loss = self.token_mean(per_token.sum(), mask, num_items_in_batch)
@@ -381,7 +381,7 @@ class STARLossMixin:
 
     @torch.no_grad()
     def _star_metrics(self, logps, ref_logps, kl, star_weights, mask) -> dict[str, float]:
-        config = self.star_settings
+        settings = self.star_settings
         gather = self.accelerator.gather_for_metrics
         mask_f = mask.float()
         n = gather(mask_f.sum()).sum().clamp(min=1)
@@ -390,14 +390,14 @@ class STARLossMixin:
             return (gather((values.float() * mask_f).sum()).sum() / n).item()
 
         if kl is None:  # what the loss used; Deep Token logs the configured token estimator for comparison
-            kl = token_kl(logps.float(), ref_logps.float(), "k2" if config.kl_estimator == "full" else config.kl_estimator)
+            kl = token_kl(logps.float(), ref_logps.float(), "k2" if settings.kl_estimator == "full" else settings.kl_estimator)
         metrics = {"kl": mean(kl)}
-        if star_weights is not None and config.shaping == "star_dss":
+        if star_weights is not None and settings.shaping == "star_dss":
             weights = star_weights[:, 1:]
             metrics["star/weight_mean"] = mean(weights)
             metrics["star/kl_share"] = mean(weights < 0.5)
             metrics["loss/ce"] = mean(weights * -logps)
-            metrics["loss/kl"] = mean((1 - weights) * config.kl_coef * kl)
+            metrics["loss/kl"] = mean((1 - weights) * settings.kl_coef * kl)
         return metrics
 
 
