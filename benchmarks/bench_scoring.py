@@ -19,6 +19,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench_training import PeakMemory  # the same memory measure as the training benchmark
+
 from trl_star_dss.audit import Auditor
 from trl_star_dss.guardrails import LlamaGuard, PrefixQuery
 from trl_star_dss.scoring import chunk_ends
@@ -76,15 +78,19 @@ def components(guard: LlamaGuard, query: PrefixQuery) -> tuple[int, int, int]:
 
 
 def timed(guard: LlamaGuard, queries: list[PrefixQuery], method: str, device: str):
+    """Seconds, results and peak memory added (CUDA allocator peak, or sampled RSS on CPU) of one scoring call."""
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
     sync()
-    start = time.perf_counter()
-    results = guard.score_prefixes(queries, method=method)
-    sync()
-    return time.perf_counter() - start, results
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        results = guard.score_prefixes(queries, method=method)
+        sync()
+        seconds = time.perf_counter() - start
+    return seconds, results, memory.used
 
 
 def main(argv=None) -> None:
@@ -125,12 +131,13 @@ def main(argv=None) -> None:
     # would otherwise land on one path only. Each call still scores several responses, as a scoring shard does.
     naive_s = fast_s = 0.0
     naive, fast = [], []
+    peak = {"naive": 0, "fast": 0}
     for start in range(0, len(queries), args.group):
         group = queries[start : start + args.group]
-        seconds, results = timed(guard, group, "naive", args.device)
-        naive_s, naive = naive_s + seconds, naive + results
-        seconds, results = timed(guard, group, "fast", args.device)
-        fast_s, fast = fast_s + seconds, fast + results
+        seconds, results, memory = timed(guard, group, "naive", args.device)
+        naive_s, naive, peak["naive"] = naive_s + seconds, naive + results, max(peak["naive"], memory)
+        seconds, results, memory = timed(guard, group, "fast", args.device)
+        fast_s, fast, peak["fast"] = fast_s + seconds, fast + results, max(peak["fast"], memory)
 
     # The audit `score_dataset` runs on every example (its messages, once), against the guard's and policy's rules.
     auditor = Auditor.for_guardrail(guard, tokenizer)
@@ -157,10 +164,12 @@ def main(argv=None) -> None:
           f"naive batch {guard.batch_size}, fast budget {guard.max_tokens_per_forward} tokens/forward")  # fmt: skip
     print(f"averages P={P:.1f} L={L:.1f} S={S:.1f} K={K:.1f}  (guard tokens; K chunks per response)")
     print()
-    print(f"{'path':<6} {'time s':>9} {'guard tokens':>13} {'tokens/s':>10}")
+    memory_kind = "CUDA max allocated" if args.device.startswith("cuda") else "RSS increase, approx."
+    print(f"{'path':<6} {'time s':>9} {'guard tokens':>13} {'tokens/s':>10} {'peak MiB':>9}  ({memory_kind})")
     for name, seconds, tokens in (("naive", naive_s, naive_tokens), ("fast", fast_s, fast_tokens)):
-        print(f"{name:<6} {seconds:>9.2f} {tokens:>13,} {tokens / seconds:>10,.0f}")
+        print(f"{name:<6} {seconds:>9.2f} {tokens:>13,} {tokens / seconds:>10,.0f} {peak[name] / 2**20:>9.0f}")
     print()
+    print(f"share of the bound reached  {(naive_s / fast_s) / (naive_tokens / fast_tokens):.0%}")
     print(f"token bound   {naive_tokens / fast_tokens:.2f}  (naive / fast guard tokens; method.md formula "
           f"{formula:.2f})")  # fmt: skip
     print(f"max |fast - naive| score  {diff:.2e}")
