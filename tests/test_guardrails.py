@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -167,3 +168,14 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
     assert detect_family("meta-llama/Llama-Guard-3-8B", tiny_tokenizer()) == "llama_guard"
     assert detect_family("ibm-granite/granite-guardian-3.1-2b", tiny_tokenizer()) == "granite_guardian"
     json.dumps(repr(both))  # printable
+
+
+@pytest.mark.parametrize("name, version", [("ibm-granite/granite-guardian-3.3-8b", "3.3"),
+                                           ("ibm-granite/granite-guardian-4.1-8b", "4.1"),
+                                           ("meta-llama/Llama-Guard-4-12B", "4"), ("meta-llama/LlamaGuard-7b", "7"),
+                                           ("meta-llama/Meta-Llama-Guard-2-8B", "2")])  # fmt: skip
+def test_unknown_versions_of_a_family_are_refused_not_guessed(name, version):
+    with pytest.raises(ValueError, match=rf"looks like \w+ version {re.escape(version)}, .* family='generic'"):
+        detect_family(name, tiny_tokenizer())
+    for known in ("meta-llama/Llama-Guard-3-1B", "meta-llama/Llama-Guard-3-8B-INT8", "ibm-granite/granite-guardian-3.0-8b"):
+        assert detect_family(known, tiny_tokenizer()) in ("llama_guard", "granite_guardian")

@@ -507,13 +507,29 @@ class GraniteGuardian(CausalLMGuardrail):
         super().__init__(model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs, **kwargs)
 
 
+# The versions each family's rule was written for (docs/method.md 1.1). Other versions read their verdicts elsewhere
+# (Llama Guard 1/2/4; Granite Guardian 3.2+ answer in a <score> tag and may think first): never guessed.
+KNOWN_VERSIONS = {"llama_guard": ("3",), "granite_guardian": ("3.0", "3.1")}
+
+
 def detect_family(name_or_path: str, tokenizer) -> str | None:
-    """Tell a guard's family from its name, else from its chat template; None when neither says."""
+    """Tell a guard's family from its name, else from its chat template; None when neither says. A name of a
+    family's version whose format this project does not read (e.g. `granite-guardian-3.3-8b`, `Llama-Guard-4-12B`)
+    is an error, never scored with another version's rule."""
     name = name_or_path.lower().replace("_", "-")
-    if "llama-guard" in name or "llamaguard" in name:
-        return "llama_guard"
-    if "granite-guardian" in name:
-        return "granite_guardian"
+    for family, pattern in (("llama_guard", r"llama-?guard-?(\d+)"), ("granite_guardian", r"granite-guardian-(\d+(?:\.\d+)?)")):
+        if family.replace("_", "-") not in name.replace("llamaguard", "llama-guard"):
+            continue
+        version = re.search(pattern, name)
+        if version and version.group(1) not in KNOWN_VERSIONS[family]:
+            raise ValueError(
+                f"{name_or_path!r} looks like {family} version {version.group(1)}, but the {family!r} family reads "
+                f"versions {KNOWN_VERSIONS[family]} only, and other versions give their verdict in another format. "
+                "Configure it explicitly: family='generic' with safe_label=, unsafe_label=, verdict_prefix= (and "
+                "template_kwargs=) exactly as the guard's model card defines them, or family=... if you know it is "
+                "read like a known version."
+            )
+        return family
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     if "guardian_config" in template:
         return "granite_guardian"
