@@ -202,9 +202,9 @@ class CausalLMGuardrail(Guardrail):
         self.max_tokens_per_forward = max_tokens_per_forward
         self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
         self.max_length = max_length or _context_length(model, tokenizer)
-        specials = special_token_strings(tokenizer)
-        self._special_pattern = special_token_pattern(specials)
-        self._special_ids = set(tokenizer.convert_tokens_to_ids(specials))
+        self._special_strings = special_token_strings(tokenizer)
+        self._special_pattern = special_token_pattern(self._special_strings)
+        self._special_ids = set(tokenizer.convert_tokens_to_ids(self._special_strings))
         self._slots: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
         self.safe_id = self._label_id(safe_label, "safe_label")
         self.unsafe_id = self._label_id(unsafe_label, "unsafe_label")
@@ -307,8 +307,7 @@ class CausalLMGuardrail(Guardrail):
 
     def audit_sources(self) -> tuple[list[str], TemplateMarkers]:
         literals, _ = self._slotted(("user", "assistant"))
-        specials = special_token_strings(self.tokenizer)
-        return specials, TemplateMarkers.from_literals(literals, specials)
+        return self._special_strings, TemplateMarkers.from_literals(literals, self._special_strings)
 
     def _label_id(self, label: str, argument: str) -> int:
         probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])

@@ -120,7 +120,7 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
     return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records)
 
 
-def _reference_key(reference, dataset, disabled_adapters: bool) -> str:
+def _reference_key(reference, dataset, disable_adapters: bool) -> str:
     """What the precomputed reference log-probs depend on: the reference (class, config, a sample of every weight;
     PEFT adapters on or off) and the dataset's token ids (its exact content, not `datasets`' fingerprint, which is
     random for functions it cannot hash)."""
@@ -130,7 +130,7 @@ def _reference_key(reference, dataset, disabled_adapters: bool) -> str:
 
     digest = hashlib.sha256()
     model = reference.module if hasattr(reference, "module") else reference
-    digest.update(f"{type(model).__name__}|{model.config.to_json_string()}|{disabled_adapters}".encode())
+    digest.update(f"{type(model).__name__}|{model.config.to_json_string()}|{disable_adapters}".encode())
     for name, parameter in model.named_parameters():
         flat = parameter.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
@@ -230,10 +230,12 @@ class STARLossMixin:
         from datasets import load_from_disk
 
         reference = self._precompute_reference or self.accelerator.unwrap_model(self.model)
-        key = _reference_key(reference, dataset, disabled_adapters=self._precompute_reference is None)
+        # The policy itself serves as pi_ref with its PEFT adapters disabled (docs/method.md 1.2).
+        disable_adapters = self._precompute_reference is None and _is_peft_model(self.accelerator.unwrap_model(reference))
+        key = _reference_key(reference, dataset, disable_adapters)
         path = os.path.join(self.args.output_dir, "ref_logps", key)
         if not os.path.exists(path):
-            rows = self._ref_logps_rows(reference, dataset, batch_size)
+            rows = self._ref_logps_rows(reference, dataset, batch_size, disable_adapters)
             column = [None] * len(dataset)
             for index, values in gather_object(rows):
                 column[index] = values
@@ -246,12 +248,11 @@ class STARLossMixin:
             logger.info(f"Reference log-probs of {len(dataset)} examples read from the cache {path}")
         return dataset.add_column("ref_logps", load_from_disk(path)["ref_logps"])
 
-    def _ref_logps_rows(self, reference, dataset, batch_size: int) -> list[tuple[int, list[float]]]:
+    def _ref_logps_rows(self, reference, dataset, batch_size: int, disable_adapters: bool) -> list[tuple[int, list[float]]]:
         """This process's share of the reference pass, as `(example index, ref_logps)`. Shares are padded to the
         same length, so sharded models run the same number of forwards on every process."""
         device = self.accelerator.device
-        disabled = (self.accelerator.unwrap_model(reference).disable_adapter()
-                    if self._precompute_reference is None and _is_peft_model(self.accelerator.unwrap_model(reference))
+        disabled = (self.accelerator.unwrap_model(reference).disable_adapter() if disable_adapters
                     else contextlib.nullcontext())  # fmt: skip
         was_training = reference.training
         reference.eval()
