@@ -1,7 +1,8 @@
 """Fast shared-prefix guard scoring vs the naive per-prefix scorer, side by side in one process (docs/method.md 3).
 
     python benchmarks/bench_scoring.py                       # CPU, small random Llama-Guard-3-shaped guard
-    python benchmarks/bench_scoring.py --chunk-size 1        # score after every token
+    python benchmarks/bench_scoring.py --chunk-size 1 --num-responses 4      # score after every token
+    python benchmarks/bench_scoring.py --response-tokens 2048 --num-responses 2   # long responses: memory
     python benchmarks/bench_scoring.py --device cuda --dtype bfloat16 \
         --layers 16 --hidden 2048 --intermediate 8192 --heads 32 --kv-heads 8   # Llama Guard 3 1B dims
 
@@ -22,9 +23,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from bench_training import PeakMemory  # the same memory measure as the training benchmark
 
 from trl_star_dss.audit import Auditor
-from trl_star_dss.guardrails import LlamaGuard, PrefixQuery
+from trl_star_dss.guardrails import LlamaGuard, PrefixQuery, TokenLevelGuardrail
 from trl_star_dss.scoring import chunk_ends
-from trl_star_dss.testing import llama3_tokenizer
+from trl_star_dss.testing import llama3_tokenizer, tiny_stream_guard
 
 ASKS = ["How do I", "Can you explain how to", "What is the best way to", "Tell me how to", "Is it safe to"]
 TASKS = ["bake sourdough bread", "fix a leaking tap", "plan a trip to Lisbon", "learn the guitar",
@@ -69,6 +70,17 @@ def build_guard(args, tokenizer) -> LlamaGuard:
     return LlamaGuard(model, tokenizer, **{k: v for k, v in kwargs.items() if v is not None})
 
 
+def build_token_level(args, tokenizer) -> TokenLevelGuardrail:
+    """A token-level guard (Qwen3Guard-Stream's interface) of the same backbone size, random weights, reading the
+    same guard input (the Llama Guard 3 prompt on the Llama-3 tokenizer): its cost is one forward per response."""
+    with torch.device(args.device):
+        model = tiny_stream_guard(tokenizer, seed=args.seed, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                  intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                                  num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                                  guard_inner_size=512, max_position_embeddings=8192)  # fmt: skip
+    return TokenLevelGuardrail(model.to(dtype=getattr(torch, args.dtype)), tokenizer)
+
+
 def components(guard: LlamaGuard, query: PrefixQuery) -> tuple[int, int, int]:
     """docs/method.md 3's P (template + prompt), L (response) and S (closing suffix) in guard tokens for one query."""
     full = guard.encode([query.context + [{"role": "assistant", "content": query.response}]])[0]
@@ -77,7 +89,7 @@ def components(guard: LlamaGuard, query: PrefixQuery) -> tuple[int, int, int]:
     return p, len(full) - len(empty), len(empty) - p
 
 
-def timed(guard: LlamaGuard, queries: list[PrefixQuery], method: str, device: str):
+def timed(guard, queries: list[PrefixQuery], method: str, device: str):
     """Seconds, results and peak memory added (CUDA allocator peak, or sampled RSS on CPU) of one scoring call."""
 
     def sync():
@@ -113,6 +125,7 @@ def main(argv=None) -> None:
 
     tokenizer = llama3_tokenizer()  # also the policy tokenizer that cuts the chunks
     guard = build_guard(args, tokenizer)
+    token_level = build_token_level(args, tokenizer)
     rng = random.Random(args.seed)
     queries = []
     for i in range(args.num_responses):
@@ -126,18 +139,22 @@ def main(argv=None) -> None:
     warm = PrefixQuery(queries[0].context, short, chunk_ends(short, args.chunk_size, "token", tokenizer))
     for method in ("naive", "fast"):
         guard.score_prefixes([warm], method=method)
+    token_level.score_prefixes([warm])
 
     # Interleaved in groups of responses: load from other processes on a shared machine drifts over minutes and
     # would otherwise land on one path only. Each call still scores several responses, as a scoring shard does.
-    naive_s = fast_s = 0.0
-    naive, fast = [], []
-    peak = {"naive": 0, "fast": 0}
+    paths = {"naive": (guard, "naive"), "fast": (guard, "fast"), "token": (token_level, "fast")}
+    seconds = dict.fromkeys(paths, 0.0)
+    results = {name: [] for name in paths}
+    peak = dict.fromkeys(paths, 0)
     for start in range(0, len(queries), args.group):
         group = queries[start : start + args.group]
-        seconds, results, memory = timed(guard, group, "naive", args.device)
-        naive_s, naive, peak["naive"] = naive_s + seconds, naive + results, max(peak["naive"], memory)
-        seconds, results, memory = timed(guard, group, "fast", args.device)
-        fast_s, fast, peak["fast"] = fast_s + seconds, fast + results, max(peak["fast"], memory)
+        for name, (scorer, method) in paths.items():
+            took, scored, memory = timed(scorer, group, method, args.device)
+            seconds[name] += took
+            results[name] += scored
+            peak[name] = max(peak[name], memory)
+    naive_s, fast_s, naive, fast = seconds["naive"], seconds["fast"], results["naive"], results["fast"]
 
     # The audit `score_dataset` runs on every example (its messages, once), against the guard's and policy's rules.
     auditor = Auditor.for_guardrail(guard, tokenizer)
@@ -146,8 +163,8 @@ def main(argv=None) -> None:
         auditor.audit_messages(i, "messages", q.context + [{"role": "assistant", "content": q.response}])
     audit_s = time.perf_counter() - start
 
-    naive_tokens = sum(r.guard_tokens for r in naive)
-    fast_tokens = sum(r.guard_tokens for r in fast)
+    tokens = {name: sum(r.guard_tokens for r in scored) for name, scored in results.items()}
+    naive_tokens, fast_tokens = tokens["naive"], tokens["fast"]
     diff = max(abs(a - b) for n, f in zip(naive, fast) for a, b in zip(n.scores, f.scores))
     parts = [components(guard, q) for q in queries]
     n = len(queries)
@@ -166,13 +183,16 @@ def main(argv=None) -> None:
     print()
     memory_kind = "CUDA max allocated" if args.device.startswith("cuda") else "RSS increase, approx."
     print(f"{'path':<6} {'time s':>9} {'guard tokens':>13} {'tokens/s':>10} {'peak MiB':>9}  ({memory_kind})")
-    for name, seconds, tokens in (("naive", naive_s, naive_tokens), ("fast", fast_s, fast_tokens)):
-        print(f"{name:<6} {seconds:>9.2f} {tokens:>13,} {tokens / seconds:>10,.0f} {peak[name] / 2**20:>9.0f}")
+    for name in paths:
+        print(f"{name:<6} {seconds[name]:>9.2f} {tokens[name]:>13,} {tokens[name] / seconds[name]:>10,.0f} "
+              f"{peak[name] / 2**20:>9.0f}")  # fmt: skip
+    print("(token: a token-level guard of the same size, one forward per response; its scores are its own)")
     print()
     print(f"share of the bound reached  {(naive_s / fast_s) / (naive_tokens / fast_tokens):.0%}")
     print(f"token bound   {naive_tokens / fast_tokens:.2f}  (naive / fast guard tokens; method.md formula "
           f"{formula:.2f})")  # fmt: skip
     print(f"max |fast - naive| score  {diff:.2e}")
+    print(f"token-level speedup over naive  {naive_s / seconds['token']:.2f}")
     print(f"audit {audit_s:.4f} s = {100 * audit_s / fast_s:.2f}% of fast scoring time")
     print(f"speedup {naive_s / fast_s:.2f}")
 

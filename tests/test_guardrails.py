@@ -63,6 +63,80 @@ def test_fast_equals_naive_real_llama3_tokenizer(llama3_tok):
     assert max_diff(guard.score_prefixes(qs, "fast"), guard.score_prefixes(qs, "naive")) <= 1e-4
 
 
+@pytest.mark.parametrize("model_type,overrides", [
+    # Gemma-2: attention and final-logit soft-capping, eager attention, a sliding window shorter than the inputs
+    # (the shared-prefix kernel's explicit path and its window masks).
+    ("gemma2", dict(attn_implementation="eager", sliding_window=24, attn_logit_softcapping=5.0,
+                    final_logit_softcapping=3.0, head_dim=16, query_pre_attn_scalar=16)),
+    ("qwen2", dict(num_key_value_heads=1)),  # 4 query heads per key head, biased projections
+    ("granite", dict(logits_scaling=4.0, attention_multiplier=0.3)),  # logit and attention scaling
+])  # fmt: skip
+def test_fast_equals_naive_across_architectures(llama_guard_tiny, model_type, overrides):
+    _, tokenizer = llama_guard_tiny
+    model = tiny_causal_lm(tokenizer, model_type=model_type, **overrides)
+    guard = LlamaGuard(model, tokenizer, max_tokens_per_forward=300)
+    qs = queries(tokenizer, 3)
+    fast, naive = guard.score_prefixes(qs, "fast"), guard.score_prefixes(qs, "naive")
+    assert max_diff(fast, naive) <= 1e-4
+    # ... and both equal one plain forward of the model on the whole response (its own logits).
+    conversation = qs[0].context + [{"role": "assistant", "content": qs[0].response}]
+    with torch.no_grad():
+        logits = model(torch.tensor(guard.encode([conversation]))).logits[0, -1]
+    expected = torch.sigmoid(logits[guard.safe_id] - logits[guard.unsafe_id]).item()
+    assert fast[0].scores[-1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_fast_batches_responses_and_never_copies_a_trunk_per_row(llama_guard_tiny, monkeypatch):
+    """Several responses share a forward, a response's suffixes may span forwards, and no keys/values are held per
+    suffix row (before: the trunk's cache was repeated once per row, so memory grew as rows x trunk)."""
+    from transformers import DynamicCache
+
+    model, tokenizer = llama_guard_tiny
+    qs = queries(tokenizer, 2) + queries(tokenizer, 7)
+    cache_rows = []
+    update = DynamicCache.update
+
+    def recording_update(self, key_states, *args, **kwargs):
+        cache_rows.append(key_states.shape[0])
+        return update(self, key_states, *args, **kwargs)
+
+    monkeypatch.setattr(DynamicCache, "update", recording_update)
+    for budget, batched in ((4096, True), (150, False)):
+        cache_rows.clear()
+        guard = LlamaGuard(model, tokenizer, max_tokens_per_forward=budget)
+        fast = guard.score_prefixes(qs, "fast")
+        assert max(cache_rows) <= len(qs)  # caches hold trunks only: one row per response at most
+        # With room, trunks of several responses run in one forward; with 150 tokens, one each (and the suffixes
+        # of a response span several forwards).
+        assert (max(cache_rows) > 1) == batched
+        monkeypatch.setattr(DynamicCache, "update", update)
+        assert max_diff(fast, guard.score_prefixes(qs, "naive")) <= 1e-4
+        monkeypatch.setattr(DynamicCache, "update", recording_update)
+
+
+def test_guard_whose_forward_post_processes_logits_is_read_from_its_own_logits(llama_guard_tiny):
+    """The label rows of the output layer are used only where they reproduce the model's logits."""
+    from transformers import LlamaForCausalLM
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0 + 1.0
+            return out
+
+    model, tokenizer = llama_guard_tiny
+    scaled = ScaledLlama(model.config).eval()
+    scaled.load_state_dict(model.state_dict())
+    guard = LlamaGuard(scaled, tokenizer)
+    conversation = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Knead."}]
+    with torch.no_grad():
+        logits = scaled(torch.tensor(guard.encode([conversation]))).logits[0, -1]
+    expected = torch.sigmoid(logits[guard.safe_id] - logits[guard.unsafe_id]).item()
+    assert guard.score([conversation])[0] == pytest.approx(expected, abs=1e-5)
+    query = PrefixQuery(conversation[:1], "Knead.", [6])
+    assert guard.score_prefixes([query])[0].scores[0] == pytest.approx(expected, abs=1e-5)
+
+
 def test_score_is_sigmoid_of_raw_logit_margin_at_verdict_position(llama3_tok):
     model = tiny_causal_lm(llama3_tok, hidden_size=32, intermediate_size=64, seed=3)
     conversation = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Knead."}]
@@ -156,13 +230,13 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
     tokenizer = tiny_tokenizer()  # a plain chat template: no family can be told
     tokenizer.save_pretrained(tmp_path / "plain")
     tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match=r"Could not tell which guard family .* Pass family='llama_guard'"):
+    with pytest.raises(ValueError, match=r"Could not tell which guard family .* Pass family= one of \('llama_guard'"):
         load_guardrail(str(tmp_path / "plain"))
     generic = load_guardrail(str(tmp_path / "plain"), family="generic", safe_label="safe", unsafe_label="unsafe",
                              chat_template=LLAMA_GUARD_3_TEMPLATE)  # fmt: skip
     assert type(generic) is CausalLMGuardrail
-    with pytest.raises(ValueError, match=r"family='shieldgemma' is not known"):
-        load_guardrail(str(tmp_path / "plain"), family="shieldgemma")
+    with pytest.raises(ValueError, match=r"family='wildguard' is not known"):
+        load_guardrail(str(tmp_path / "plain"), family="wildguard")
     with pytest.raises(ValueError, match=r"neither an existing path nor an importable `module:function`"):
         load_guardrail("no_such_module:rule")
     assert detect_family("meta-llama/Llama-Guard-3-8B", tiny_tokenizer()) == "llama_guard"
@@ -170,12 +244,11 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
     json.dumps(repr(both))  # printable
 
 
-@pytest.mark.parametrize("name, version", [("ibm-granite/granite-guardian-3.3-8b", "3.3"),
-                                           ("ibm-granite/granite-guardian-4.1-8b", "4.1"),
+@pytest.mark.parametrize("name, version", [("ibm-granite/granite-guardian-4.1-8b", "4.1"),
                                            ("meta-llama/Llama-Guard-4-12B", "4"), ("meta-llama/LlamaGuard-7b", "7"),
-                                           ("meta-llama/Meta-Llama-Guard-2-8B", "2")])  # fmt: skip
+                                           ("meta-llama/Meta-Llama-Guard-2-8B", "2"), ("allenai/wildguard", "any")])  # fmt: skip
 def test_unknown_versions_of_a_family_are_refused_not_guessed(name, version):
-    with pytest.raises(ValueError, match=rf"looks like \w+ version {re.escape(version)}, .* family='generic'"):
+    with pytest.raises(ValueError, match=rf"looks like [\w.-]+ \(version {re.escape(version)}\), .* family='generic'"):
         detect_family(name, tiny_tokenizer())
     for known in ("meta-llama/Llama-Guard-3-1B", "meta-llama/Llama-Guard-3-8B-INT8", "ibm-granite/granite-guardian-3.0-8b"):
         assert detect_family(known, tiny_tokenizer()) in ("llama_guard", "granite_guardian")

@@ -14,6 +14,7 @@ the whole response once and lets each prefix's closing suffix attend only to the
 from __future__ import annotations
 
 import bisect
+import contextlib
 import importlib
 import json
 import os
@@ -29,7 +30,8 @@ Conversation = list[dict[str, str]]
 _SLOT = "\ue000{}\ue001"
 _SLOT_SPLIT = re.compile("\ue000(\\d+)\ue001")
 
-FAMILIES = ("llama_guard", "granite_guardian")
+FAMILIES = ("llama_guard", "granite_guardian", "granite_guardian_3_3", "qwen3guard_gen", "shieldgemma",
+            "qwen3guard_stream")
 
 
 @dataclass
@@ -147,45 +149,19 @@ class EnsembleGuardrail(Guardrail):
         return results
 
 
-class CausalLMGuardrail(Guardrail):
-    """A causal-LM guard that answers with a label token: the generic guardrail.
+class TemplatedGuardrail(Guardrail):
+    """What every model guard shares: the conversation rendered with the guard's chat template, message content
+    always read as text (docs/method.md 2.1), and the oldest context cut to fit the guard. Subclasses read the
+    verdict: `CausalLMGuardrail` from the next-token logits of its label tokens, `TokenLevelGuardrail` from a
+    per-token classifier."""
 
-    The conversation is rendered with the guard's chat template (or `chat_template`) and `template_kwargs`, then
-    `verdict_prefix` is appended; the logits of the next token give z_safe and z_unsafe for the two labels.
-    This covers Llama Guard, Granite Guardian, ShieldGemma, Qwen3Guard-Gen and in-house guards.
+    generation_prompt = True  # render the assistant's turn to come (the verdict) after the conversation
 
-    Args:
-        model: a `transformers` causal LM (already on its device).
-        tokenizer: its tokenizer.
-        safe_label / unsafe_label: the answer strings; each must be exactly one token after `verdict_prefix`.
-        chat_template: a Jinja template overriding the tokenizer's.
-        template_kwargs: extra variables for the template (e.g. Granite Guardian's `guardian_config`).
-        verdict_prefix: text the guard writes before its label (Llama Guard 3: a blank line).
-        temperature: T in sigmoid((z_safe - z_unsafe) / T); 1.0 is the paper's formula, 0.2 reproduces the
-            authors' code (sampled at temperature 0.2).
-        max_length: the guard's context in tokens; longer inputs lose their oldest context, never the response.
-        batch_size: conversations per forward in the naive path.
-        max_tokens_per_forward: closing-suffix tokens per batched forward in the shared-prefix path (each row also
-            holds a copy of the shared keys and values, so this bounds memory too).
-    """
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        safe_label: str,
-        unsafe_label: str,
-        chat_template: str | None = None,
-        template_kwargs: dict | None = None,
-        verdict_prefix: str = "",
-        temperature: float = 1.0,
-        max_length: int | None = None,
-        batch_size: int = 8,
-        max_tokens_per_forward: int = 4096,
-        name: str | None = None,
-    ):
+    def __init__(self, model, tokenizer, chat_template: str | None = None, template_kwargs: dict | None = None,
+                 verdict_prefix: str = "", temperature: float = 1.0, max_length: int | None = None,
+                 batch_size: int = 8, name: str | None = None):  # fmt: skip
         if not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be > 0 (it divides the logit margin). Use e.g. 1.0.")
+            raise ValueError(f"temperature={temperature} must be > 0 (it divides the logits). Use e.g. 1.0.")
         if chat_template is None and tokenizer.chat_template is None:
             raise ValueError(
                 f"The guard tokenizer of {getattr(model, 'name_or_path', 'this model')!r} has no chat template and "
@@ -199,20 +175,12 @@ class CausalLMGuardrail(Guardrail):
         self.verdict_prefix = verdict_prefix
         self.temperature = float(temperature)
         self.batch_size = batch_size
-        self.max_tokens_per_forward = max_tokens_per_forward
         self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
         self.max_length = max_length or _context_length(model, tokenizer)
         self._special_strings = special_token_strings(tokenizer)
         self._special_pattern = special_token_pattern(self._special_strings)
         self._special_ids = set(tokenizer.convert_tokens_to_ids(self._special_strings))
         self._slots: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
-        self.safe_id = self._label_id(safe_label, "safe_label")
-        self.unsafe_id = self._label_id(unsafe_label, "unsafe_label")
-        if self.safe_id == self.unsafe_id:
-            raise ValueError(
-                f"safe_label={safe_label!r} and unsafe_label={unsafe_label!r} are the same token; "
-                "give two different answers."
-            )
 
     # -- rendering -----------------------------------------------------------------------------------------------
 
@@ -221,7 +189,7 @@ class CausalLMGuardrail(Guardrail):
             conversation,
             chat_template=self.chat_template,
             tokenize=False,
-            add_generation_prompt=True,
+            add_generation_prompt=self.generation_prompt,
             **self.template_kwargs,
         )
         return text + self.verdict_prefix
@@ -236,19 +204,26 @@ class CausalLMGuardrail(Guardrail):
             for conversation in conversations:
                 self._refuse_special_content(conversation, "a slow tokenizer gives no character offsets")
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [ids for _, ids, _ in self.encode_with_offsets(conversations)]
+
+    def encode_with_offsets(self, conversations: Sequence[Conversation]) -> list[tuple[str, list[int], list]]:
+        """`encode` with the rendered text and each token's character span in it (a fast tokenizer only)."""
+        texts = [self.render(conversation) for conversation in conversations]
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [self._content_as_text(conversation, text, ids, offsets) for conversation, text, ids, offsets
+        return [(text, *self._content_as_text(conversation, text, ids, [tuple(o) for o in offsets]))
+                for conversation, text, ids, offsets
                 in zip(conversations, texts, encoded["input_ids"], encoded["offset_mapping"])]  # fmt: skip
 
-    def _content_as_text(self, conversation: Conversation, text: str, ids: list[int], offsets) -> list[int]:
-        """`ids` (of `text`, the rendering of `conversation`) with every stretch of tokens that overlaps a message's
-        content and holds a special token tokenized again as plain text; the rest, template included, as it was."""
+    def _content_as_text(self, conversation: Conversation, text: str, ids: list[int], offsets) -> tuple[list, list]:
+        """`ids` and `offsets` (of `text`, the rendering of `conversation`) with every stretch of tokens that
+        overlaps a message's content and holds a special token tokenized again as plain text; the rest, template
+        included, as it was."""
         if not self._special_ids.intersection(ids):
-            return ids
+            return ids, offsets
         spans = self.content_spans(conversation, text)
         if spans is None:
             self._refuse_special_content(conversation, "the template does not write message content verbatim")
-            return ids
+            return ids, offsets
         starts, ends = [a for a, _ in offsets], [b for _, b in offsets]
         regions: list[list[int]] = []  # token index ranges [first, last] to tokenize again
         for a, b in spans:
@@ -258,12 +233,14 @@ class CausalLMGuardrail(Guardrail):
                     regions[-1][1] = max(regions[-1][1], last)
                 else:
                     regions.append([first, last])
-        out, done = [], 0
+        out, out_offsets, done = [], [], 0
         for first, last in regions:
-            piece = text[starts[first] : ends[last]]
-            out += ids[done:first] + self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            piece = self.tokenizer(text[starts[first] : ends[last]], add_special_tokens=False,
+                                   split_special_tokens=True, return_offsets_mapping=True)  # fmt: skip
+            out += ids[done:first] + piece["input_ids"]
+            out_offsets += offsets[done:first] + [(a + starts[first], b + starts[first]) for a, b in piece["offset_mapping"]]
             done = last + 1
-        return out + ids[done:]
+        return out + ids[done:], out_offsets + offsets[done:]
 
     def _refuse_special_content(self, conversation: Conversation, reason: str) -> None:
         hit = first_special_token(conversation, self._special_pattern)
@@ -309,19 +286,6 @@ class CausalLMGuardrail(Guardrail):
         literals, _ = self._slotted(("user", "assistant"))
         return self._special_strings, TemplateMarkers.from_literals(literals, self._special_strings)
 
-    def _label_id(self, label: str, argument: str) -> int:
-        probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
-        before = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-        after = self.tokenizer(probe + label, add_special_tokens=False)["input_ids"]
-        if after[: len(before)] != before or len(after) != len(before) + 1:
-            pieces = self.tokenizer.convert_ids_to_tokens(after[len(before) - 1 :])
-            raise ValueError(
-                f"{argument}={label!r} is not a single token of the guard's tokenizer after the verdict prefix "
-                f"{self.verdict_prefix!r} (the end of the prompt tokenizes to {pieces}). Use the exact first answer "
-                "token of the guard, and put any text the guard writes before it into `verdict_prefix`."
-            )
-        return after[-1]
-
     def fit_context(self, query: PrefixQuery) -> tuple[Conversation, bool]:
         """Cut the oldest context until the whole response fits the guard's context; never cut the response."""
         context = list(query.context)
@@ -355,14 +319,6 @@ class CausalLMGuardrail(Guardrail):
             )
         return context, True
 
-    # -- forwards ------------------------------------------------------------------------------------------------
-
-    def _to_scores(self, logits) -> list[float]:
-        import torch
-
-        margin = logits[..., self.safe_id].float() - logits[..., self.unsafe_id].float()
-        return torch.sigmoid(margin / self.temperature).tolist()
-
     def _right_padded(self, sequences: list[list[int]]):
         import torch
 
@@ -372,17 +328,116 @@ class CausalLMGuardrail(Guardrail):
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
         return input_ids, torch.tensor([len(sequence) - 1 for sequence in sequences])
 
-    def _scores_at(self, ends, **inputs) -> list[float]:
-        """Run the guard on a batch and score row i at position `ends[i]`; only those positions are projected onto
-        the vocabulary (the model's own head, so family-specific logit scaling or soft-capping applies)."""
+class CausalLMGuardrail(TemplatedGuardrail):
+    """A causal-LM guard that answers with a label token: the generic guardrail.
+
+    The conversation is rendered with the guard's chat template (or `chat_template`) and `template_kwargs`, then
+    `verdict_prefix` is appended; the logits of the next token give z_safe and z_unsafe for the two labels.
+    This covers Llama Guard, Granite Guardian, ShieldGemma, Qwen3Guard-Gen and in-house guards.
+
+    Args:
+        model: a `transformers` causal LM (already on its device).
+        tokenizer: its tokenizer.
+        safe_label / unsafe_label: the answer strings; each must be exactly one token after `verdict_prefix`.
+        chat_template: a Jinja template overriding the tokenizer's.
+        template_kwargs: extra variables for the template (e.g. Granite Guardian's `guardian_config`).
+        verdict_prefix: text the guard writes before its label (Llama Guard 3: a blank line).
+        temperature: T in sigmoid((z_safe - z_unsafe) / T); 1.0 is the paper's formula, 0.2 reproduces the
+            authors' code (sampled at temperature 0.2).
+        max_length: the guard's context in tokens; longer inputs lose their oldest context, never the response.
+        batch_size: conversations per forward in the naive path.
+        max_tokens_per_forward: tokens per forward in the shared-prefix path, for the trunks and for the closing
+            suffixes of a batch of responses (trunks are held once, never copied per row), so it bounds memory too.
+        other_labels: more answer classes, label -> whether it counts as safe (Qwen3Guard-Gen's `Controversial`).
+            With more than two classes STAR = P(safe classes) = softmax(z / T) summed over the safe labels
+            (docs/method.md 1.1); with two it is sigmoid((z_safe - z_unsafe) / T), the same number.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        safe_label: str,
+        unsafe_label: str,
+        chat_template: str | None = None,
+        template_kwargs: dict | None = None,
+        verdict_prefix: str = "",
+        temperature: float = 1.0,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        max_tokens_per_forward: int = 4096,
+        name: str | None = None,
+        other_labels: dict[str, bool] | None = None,
+    ):
+        super().__init__(model, tokenizer, chat_template, template_kwargs, verdict_prefix, temperature, max_length,
+                         batch_size, name)  # fmt: skip
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.safe_id = self._label_id(safe_label, "safe_label")
+        self.unsafe_id = self._label_id(unsafe_label, "unsafe_label")
+        others = dict(other_labels or {})
+        self.label_ids = [self.safe_id, self.unsafe_id] + [self._label_id(x, "other_labels") for x in others]
+        self.safe_labels = [True, False, *(bool(safe) for safe in others.values())]
+        if len(set(self.label_ids)) != len(self.label_ids):
+            raise ValueError(
+                f"The labels {[safe_label, unsafe_label, *others]} are the same token (some of them); give each class its own "
+                "first answer token."
+            )
+
+    def _label_id(self, label: str, argument: str) -> int:
+        probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
+        before = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        after = self.tokenizer(probe + label, add_special_tokens=False)["input_ids"]
+        if after[: len(before)] != before or len(after) != len(before) + 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(after[len(before) - 1 :])
+            raise ValueError(
+                f"{argument}={label!r} is not a single token of the guard's tokenizer after the verdict prefix "
+                f"{self.verdict_prefix!r} (the end of the prompt tokenizes to {pieces}). Use the exact first answer "
+                "token of the guard, and put any text the guard writes before it into `verdict_prefix`."
+            )
+        return after[-1]
+
+    # -- forwards ------------------------------------------------------------------------------------------------
+
+    def _label_head(self):
+        """The output layer's rows of the labels, with the post-processing the model's forward applies (bias,
+        scale, soft-cap: all per vocabulary entry, so these rows give exactly the labels' logits). A guard is scored at one
+        position per prefix, and projecting that position onto the whole vocabulary (128k entries for Llama Guard)
+        would cost more than the rest of a closing suffix on small guards. Used only when `output_head_matches`
+        confirms the head reproduces the model's own logits; otherwise the model's own logits are read (None)."""
+        if not hasattr(self, "_head"):
+            from .loss import OutputHead, output_head, output_head_matches
+
+            self._head = None
+            if output_head_matches(self.model)[0]:
+                head, ids = output_head(self.model), self.label_ids
+                bias = None if head.bias is None else head.bias[ids]
+                self._head = OutputHead(head.weight[ids], bias, head.logit_scale, head.softcap)
+        return self._head
+
+    def _scores_at(self, ends, shared_prefix=None, **inputs) -> list[float]:
+        """Run the guard on a batch and score row i at position `ends[i]`: P(safe labels) from the labels' logits.
+        With `shared_prefix`, the rows are closing suffixes over trunks (`shared_prefix_attention`)."""
         import torch
 
+        from .shared_prefix import shared_prefix_attention
+
         device = self.model.device
-        keep = torch.unique(ends)
-        with torch.inference_mode():
-            logits = self.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
-                                logits_to_keep=keep.to(device)).logits  # fmt: skip
-        return self._to_scores(logits[torch.arange(len(ends)), torch.searchsorted(keep, ends).to(logits.device)])
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()} | {"use_cache": False}
+        rows, ends = torch.arange(len(ends)), ends.to(device)
+        head = self._label_head()
+        attention = shared_prefix_attention(self.model, shared_prefix) if shared_prefix else contextlib.nullcontext()
+        with torch.inference_mode(), attention:
+            if head is not None:
+                hidden = self.model.base_model(**inputs).last_hidden_state
+                logits = head.logits(hidden[rows, ends])
+            else:  # only the scored positions are projected (the model's own head)
+                keep = torch.unique(ends)
+                logits = self.model(**inputs, logits_to_keep=keep).logits[rows, torch.searchsorted(keep, ends)]
+                logits = logits[:, self.label_ids].float()
+        if len(self.label_ids) == 2:  # the paper's formula (docs/method.md 1.1)
+            return torch.sigmoid((logits[:, 0] - logits[:, 1]) / self.temperature).tolist()
+        probabilities = torch.softmax(logits / self.temperature, -1)
+        return probabilities[:, torch.tensor(self.safe_labels, device=logits.device)].sum(-1).tolist()
 
     def _forward_sequences(self, sequences: list[list[int]]) -> list[float]:
         """One full forward per sequence (right padded, so positions are the natural ones); score at its end."""
@@ -398,61 +453,68 @@ class CausalLMGuardrail(Guardrail):
                 scores[i] = value
         return scores
 
-    def _shared_prefix_scores(self, ids: list[list[int]]) -> tuple[list[float], int]:
-        """Score every prefix of one response from its guard tokens `ids` (one list per prefix, the last is the whole
-        response), sharing the work: the common part once, then only each prefix's own closing suffix.
+    def _shared_prefix_scores(self, encoded: list[list[list[int]]]) -> list[tuple[list[float], int]]:
+        """Score every prefix of several responses, sharing the work: per response, the common part (its trunk)
+        once, then only each prefix's own closing suffix; several responses per forward, up to
+        `max_tokens_per_forward` (docs/method.md 3). `encoded[q]` holds response q's guard tokens, one list per
+        prefix, the last being the whole response. Returns, per response, its scores and the guard tokens run."""
+        plans = [_split_prefixes(ids) for ids in encoded]
+        results: list = [None] * len(plans)
+        budget = self.max_tokens_per_forward
+        batch: list[int] = []
+        for q, (trunk, starts, suffixes) in enumerate(plans):
+            if not trunk:  # nothing shared (a template that changes its start with the response): one forward each
+                results[q] = self._forward_sequences(encoded[q]), sum(map(len, encoded[q]))
+                continue
+            # Responses join a batch while their padded trunks and their suffix rows each fit the budget.
+            widest = max(len(plans[b][0]) for b in batch + [q])
+            rows = sum(_row_tokens(plans[b][2]) for b in batch + [q])
+            if batch and ((len(batch) + 1) * widest > budget or rows > budget):
+                self._shared_prefix_batch(batch, plans, results)
+                batch = []
+            batch.append(q)
+        if batch:
+            self._shared_prefix_batch(batch, plans, results)
+        return results
 
-        Each prefix's tokens are `trunk[:start] + suffix`, where `start` is where they first differ from the whole
-        response's tokens: usually the cut, earlier where the tokenizer merges across it. So this is exact by
-        construction (docs/method.md 3: where tokenization at a cut differs, the suffix simply starts earlier).
-        Returns the scores and the guard tokens run."""
+    def _shared_prefix_batch(self, batch: list[int], plans, results: list) -> None:
+        """Run the trunks of `batch` in one causal forward and keep their keys and values once; then the closing
+        suffixes of all of them as rows, each attending to its trunk before its cut through `shared_prefix_attention`
+        (no row holds a copy of a trunk)."""
         import torch
         from transformers import DynamicCache
 
-        full = ids[-1]
-        starts, suffixes = [], []
-        for prefix in ids:
-            start, limit = 0, min(len(prefix), len(full)) - 1  # at least one suffix token is read
-            while start < limit and prefix[start] == full[start]:
-                start += 1
-            starts.append(start)
-            suffixes.append(prefix[start:])
-        trunk = full[: max(starts)]
-        if not trunk:  # nothing shared (a template that changes its start with the response): one forward each
-            return self._forward_sequences(ids), sum(map(len, ids))
-        # The trunk runs once as a plain causal forward (any attention kernel) and its keys/values are kept.
-        cache = DynamicCache(config=self.model.config)
+        from .shared_prefix import SharedPrefix
+
+        device = self.model.device
+        trunks = [plans[q][0] for q in batch]
+        input_ids, ends = self._right_padded(trunks)
+        cache = DynamicCache()  # full layers: a sliding window is applied by the rows' masks, never by eviction
         with torch.inference_mode():
-            self.model(input_ids=torch.tensor([trunk], device=self.model.device), past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)  # fmt: skip
-        rows = max(1, self.max_tokens_per_forward // max(map(len, suffixes)))
-        scores = []
-        for first in range(0, len(suffixes), rows):
-            group = slice(first, first + rows)
-            scores += self._forward_suffixes(cache, len(trunk), starts[group], suffixes[group])
-        return scores, len(trunk) + sum(map(len, suffixes))
-
-    def _forward_suffixes(self, cache, trunk_length: int, starts: list[int], suffixes: list[list[int]]) -> list[float]:
-        """One batched forward of closing suffixes over a copy of the trunk's cache: suffix k (a row, right padded)
-        sees the trunk before `starts[k]` and itself causally, at positions `starts[k]`, `starts[k] + 1`, ..."""
-        import copy
-
-        import torch
-
-        input_ids, ends = self._right_padded(suffixes)
-        rows, width = input_ids.shape
-        allowed = torch.zeros((rows, width, trunk_length + width), dtype=torch.bool)
-        allowed[:, :, trunk_length:] = torch.ones(width, width, dtype=torch.bool).tril()
-        for k, start in enumerate(starts):
-            allowed[k, :, :start] = True
-        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]
-        # A float additive mask: bool 4D masks are silently wrong on some attention backends (docs/method.md 3).
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-        group_cache = copy.deepcopy(cache)  # the forward appends to its cache; the trunk's serves every group
-        group_cache.batch_repeat_interleave(rows)
-        return self._scores_at(ends, input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                               past_key_values=group_cache, use_cache=True)  # fmt: skip
+            self.model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1,
+                       attention_mask=(torch.arange(input_ids.size(1))[None] <= ends[:, None]).long().to(device))  # fmt: skip
+        rows = [(e, start, suffix) for e, q in enumerate(batch) for start, suffix in zip(*plans[q][1:])]
+        scores: list[float] = []
+        first = 0
+        while first < len(rows):
+            end, width = first + 1, len(rows[first][2])
+            while end < len(rows) and (end + 1 - first) * max(width, len(rows[end][2])) <= self.max_tokens_per_forward:
+                width = max(width, len(rows[end][2]))
+                end += 1
+            group = rows[first:end]
+            input_ids, row_ends = self._right_padded([suffix for _, _, suffix in group])
+            starts = torch.tensor([start for _, start, _ in group], device=device)
+            examples = [e for e, _, _ in group]
+            spans = [(e, first_row, first_row + examples.count(e)) for first_row, e in enumerate(examples)
+                     if first_row == 0 or examples[first_row - 1] != e]  # fmt: skip
+            shared = SharedPrefix(cache, [len(t) for t in trunks], spans, starts, input_ids.size(1))
+            positions = starts[:, None] + torch.arange(input_ids.size(1), device=device)
+            scores += self._scores_at(row_ends, shared, input_ids=input_ids, position_ids=positions)
+            first = end
+        for e, q in enumerate(batch):
+            trunk, _, suffixes = plans[q]
+            results[q] = scores[: len(suffixes)], len(trunk) + sum(map(len, suffixes))
+            scores = scores[len(suffixes) :]
 
     # -- the Guardrail interface ---------------------------------------------------------------------------------
 
@@ -477,9 +539,29 @@ class CausalLMGuardrail(Guardrail):
             for q, ids in enumerate(encoded):
                 results[q].guard_tokens = sum(len(x) for x in ids)
             return results
-        for q, ids in enumerate(encoded):
-            results[q].scores, results[q].guard_tokens = self._shared_prefix_scores(ids)
+        for result, (scores, guard_tokens) in zip(results, self._shared_prefix_scores(encoded)):
+            result.scores, result.guard_tokens = scores, guard_tokens
         return results
+
+
+def _split_prefixes(ids: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """Split one response's prefix encodings (the last is the whole response) into a shared trunk and, per prefix,
+    `(start, suffix)` with `prefix == trunk[:start] + suffix`: `start` is where the prefix first differs from the whole
+    response's tokens, usually the cut, earlier where the tokenizer merges across it. So sharing is exact by
+    construction (docs/method.md 3: where tokenization at a cut differs, the suffix simply starts earlier)."""
+    full = ids[-1]
+    starts, suffixes = [], []
+    for prefix in ids:
+        start, limit = 0, min(len(prefix), len(full)) - 1  # at least one suffix token is read
+        while start < limit and prefix[start] == full[start]:
+            start += 1
+        starts.append(start)
+        suffixes.append(prefix[start:])
+    return full[: max(starts)], starts, suffixes
+
+
+def _row_tokens(suffixes: list[list[int]]) -> int:
+    return len(suffixes) * max(map(len, suffixes))
 
 
 def _context_length(model, tokenizer) -> int:
@@ -498,43 +580,249 @@ class LlamaGuard(CausalLMGuardrail):
 
 
 class GraniteGuardian(CausalLMGuardrail):
-    """Granite Guardian 3.x (2B, 5B, 8B): asked "is the assistant message harmful?", it answers `Yes` (risky) or
-    `No` (safe), so z_safe = logit(`No`) and z_unsafe = logit(`Yes`). The risk defaults to `harm`."""
+    """Granite Guardian 3.0 / 3.1 / 3.2 (2B, 3B-A800M, 5B, 8B): asked "is the assistant message harmful?", it answers
+    `Yes` (risky) or `No` (safe) as its first token, so z_safe = logit(`No`) and z_unsafe = logit(`Yes`). The risk
+    defaults to `harm`. 3.2 writes `<confidence> High </confidence>` on the next line, after the verdict (IBM's
+    `cookbooks/granite-guardian-3.2/detailed_guide_vllm.ipynb` reads the first word; fixtures
+    `"No\n<confidence> High </confidence>"` in foundation-model-stack/vllm-detector-adapter)."""
 
     def __init__(self, model, tokenizer, risk_name: str = "harm", **kwargs):
         template_kwargs = {"guardian_config": {"risk_name": risk_name}, **kwargs.pop("template_kwargs", {})}
         super().__init__(model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs, **kwargs)
 
 
-# The versions each family's rule was written for (docs/method.md 1.1). Other versions read their verdicts elsewhere
-# (Llama Guard 1/2/4; Granite Guardian 3.2+ answer in a <score> tag and may think first): never guessed.
-KNOWN_VERSIONS = {"llama_guard": ("3",), "granite_guardian": ("3.0", "3.1")}
+class GraniteGuardian33(CausalLMGuardrail):
+    """Granite Guardian 3.3 (8B): criteria by `guardian_config={"criteria_id": ...}` (or `custom_criteria`), thinking
+    off by the template argument `think=False`; it then writes `<think>\n</think>\n<score> yes </score>` (IBM's
+    `cookbooks/granite-guardian-3.3` notebooks, `parse_response` reads `<score>(.*?)</score>`; no-think fixture
+    `"<think>\n</think>\n<score> yes </score>"` in foundation-model-stack/vllm-detector-adapter). So the verdict is
+    read after `<think>\n</think>\n<score>`: ` yes` = the text meets the risk criterion (unsafe), ` no` = safe."""
+
+    def __init__(self, model, tokenizer, criteria_id: str = "harm", **kwargs):
+        template_kwargs = {"guardian_config": {"criteria_id": criteria_id}, "think": False,
+                           **kwargs.pop("template_kwargs", {})}  # fmt: skip
+        kwargs.setdefault("verdict_prefix", "<think>\n</think>\n<score>")
+        super().__init__(model, tokenizer, safe_label=" no", unsafe_label=" yes", template_kwargs=template_kwargs,
+                         **kwargs)  # fmt: skip
+        _refuse_prefilled(self, "</think>", "an empty think block the model writes itself")
+
+
+class Qwen3GuardGen(CausalLMGuardrail):
+    """Qwen3Guard-Gen (0.6B, 4B, 8B): its template pre-fills an empty think block and asks for
+    `Safety: Safe|Unsafe|Controversial` on the first line (QwenLM/Qwen3Guard README, commit 6a52eca, parses
+    `r"Safety: (Safe|Unsafe|Controversial)"`). The verdict is read after `Safety:` over three classes: ` Safe`,
+    ` Unsafe`, and the first token of ` Controversial` (no other answer begins with it); `controversial` says how the
+    third counts (`unsafe`: the evaluation's strict mode, the default). STAR = P(safe classes)."""
+
+    def __init__(self, model, tokenizer, controversial: str = "unsafe", **kwargs):
+        check_controversial(controversial)
+        kwargs.setdefault("verdict_prefix", "Safety:")
+        first = tokenizer(" Controversial", add_special_tokens=False)["input_ids"][0]
+        super().__init__(model, tokenizer, safe_label=" Safe", unsafe_label=" Unsafe",
+                         other_labels={tokenizer.decode([first]): controversial == "safe"}, **kwargs)  # fmt: skip
+        self.controversial = controversial
+        _refuse_prefilled(self, None, "the pre-filled empty think block `<think>\n\n</think>\n\n`")
+
+
+# The "No Dangerous Content" policy for responses, verbatim from the ShieldGemma model card (use case 2).
+SHIELDGEMMA_GUIDELINE = (
+    '"No Dangerous Content": The chatbot shall not generate content that harming oneself and/or others (e.g., '
+    "accessing or building firearms and explosive devices, promotion of terrorism, instructions for suicide)."
+)
+
+
+class ShieldGemma(CausalLMGuardrail):
+    """ShieldGemma (2B, 9B, 27B): its chat template takes the policy as `guideline=` and ends the prompt where the
+    answer starts (google/shieldgemma-9b's template, as copied in huggingface/text-generation-inference
+    `router/src/infer/chat_template.rs`); `Yes` = the response violates the policy, read as the softmax over the
+    `Yes`/`No` logits at the last position (model card, "scoring mode"). It reads the last user turn and the
+    response only."""
+
+    def __init__(self, model, tokenizer, guideline: str = SHIELDGEMMA_GUIDELINE, **kwargs):
+        template_kwargs = {"guideline": guideline, **kwargs.pop("template_kwargs", {})}
+        super().__init__(model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs,
+                         **kwargs)  # fmt: skip
+
+
+def _refuse_prefilled(guard: CausalLMGuardrail, marker: str | None, what: str) -> None:
+    """The family's verdict prefix assumes the template ends where the model starts writing: refuse a template that
+    already writes `marker` there (`None`: one that does not end with `</think>\n\n`)."""
+    probe = guard.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
+    prompt = probe[: len(probe) - len(guard.verdict_prefix)]
+    bad = prompt.rstrip().endswith(marker) if marker else not prompt.endswith("</think>\n\n")
+    if bad:
+        raise ValueError(
+            f"The chat template of {guard.name!r} does not end as the {type(guard).__name__} family reads it "
+            f"({what}), so the verdict would be read at the wrong position. Use family='generic' with the "
+            "verdict_prefix the template needs, or report the template."
+        )
+
+
+# Qwen3Guard's risk classes, in the order of its risk-level logits: `label_map` in QwenLM/Qwen3Guard
+# `eval/eval_stream.py` (commit 6a52eca), the same map the remote code exposes as `response_risk_level_map`.
+QWEN3GUARD_CLASSES = ("Safe", "Unsafe", "Controversial")
+CONTROVERSIAL = ("unsafe", "safe")  # how the third class counts; Qwen3Guard's "strict" and "loose" modes
+
+
+def check_controversial(controversial: str) -> str:
+    if controversial not in CONTROVERSIAL:
+        raise ValueError(
+            f"controversial={controversial!r} is not known. Use 'unsafe' (Qwen3Guard's strict mode: controversial "
+            "content weighs as unsafe, the default) or 'safe' (its loose mode)."
+        )
+    return controversial
+
+
+class TokenLevelGuardrail(TemplatedGuardrail):
+    """A guard that classifies every token of a response as it streams (Qwen3Guard-Stream 0.6B/4B/8B), read in
+    one forward per response (docs/method.md 3).
+
+    The conversation with the whole response is rendered with the guard's template (Qwen3's, thinking off) and run
+    once; the model returns `risk_level_logits` `[batch, tokens, 3]` over Safe / Unsafe / Controversial at every
+    position. The STAR of the prefix that ends at character `c` of the response is P(safe classes) =
+    softmax(z / T) read at the last guard token that lies wholly inside `response[:c]`; for `c` before the first
+    whole token, at the token before the response. `controversial` says whether the third class counts as safe.
+
+    Interface verified against QwenLM/Qwen3Guard (commit 6a52eca): README's `AutoModel.from_pretrained(...,
+    trust_remote_code=True)` and `eval/eval_stream.py`, which runs one forward with a 4-D boolean causal mask and
+    reads `outputs.risk_level_logits.view(-1, 3)` from the first response token on. Its own verdict on a whole
+    response (unsafe when two consecutive tokens are) is a decision rule over these per-token classes; STAR keeps
+    the probability of each prefix instead.
+    """
+
+    generation_prompt = False  # the response is the last message; nothing is generated
+
+    def __init__(self, model, tokenizer, controversial: str = "unsafe", chat_template: str | None = None,
+                 template_kwargs: dict | None = None, temperature: float = 1.0, max_length: int | None = None,
+                 name: str | None = None):  # fmt: skip
+        template_kwargs = {"enable_thinking": False, **(template_kwargs or {})}
+        super().__init__(model, tokenizer, chat_template, template_kwargs, "", temperature, max_length, 1, name)
+        self.controversial = check_controversial(controversial)
+        classes = getattr(model, "response_risk_level_map", None) or dict(enumerate(QWEN3GUARD_CLASSES))
+        if [classes[i] for i in sorted(classes)] != list(QWEN3GUARD_CLASSES):
+            raise ValueError(
+                f"The token-level guard {self.name!r} names its risk classes {classes}, not Qwen3Guard-Stream's "
+                f"{dict(enumerate(QWEN3GUARD_CLASSES))}, so which logit is safe is not known here. Map its classes "
+                "to these indices, or report the guard."
+            )
+        if not tokenizer.is_fast:
+            raise ValueError(
+                f"The token-level guard {self.name!r} needs a fast tokenizer: it maps the policy's chunk ends to guard "
+                "tokens by their character offsets."
+            )
+        self._safe_classes = [0, 2] if controversial == "safe" else [0]
+
+    def _positions(self, text: str, offsets, conversation: Conversation, ends: Sequence[int]) -> list[int]:
+        """The guard token at which each prefix `response[:end]` is read (the response is the last message)."""
+        spans = self.content_spans(conversation, text)
+        if spans is None:
+            raise ValueError(
+                f"The chat template of token-level guard {self.name!r} does not write the response verbatim, so its "
+                "tokens cannot be matched to the prefixes' characters. Pass a `chat_template=` that does."
+            )
+        start, stop = spans[-1]
+        response = conversation[-1]["content"]
+        lead = response.find(text[start:stop])  # what the template stripped from the front
+        token_ends = [b for _, b in offsets]
+        # The last token that ends at or before the cut; a token straddling the cut is not inside the prefix.
+        return [bisect.bisect_right(token_ends, start + min(max(end - lead, 0), stop - start)) - 1 for end in ends]
+
+    def _risk_scores(self, ids: list[int], positions: list[int]) -> list[float]:
+        import torch
+
+        input_ids = torch.tensor([ids], device=self.model.device)
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.model.device).tril()[None, None]
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=causal).risk_level_logits[0, positions].float()
+        return torch.softmax(logits / self.temperature, -1)[:, self._safe_classes].sum(-1).tolist()
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        scores = []
+        for conversation, (text, ids, offsets) in zip(conversations, self.encode_with_offsets(conversations)):
+            end = len(conversation[-1]["content"])
+            scores += self._risk_scores(ids, self._positions(text, offsets, conversation, [end]))
+        return scores
+
+    def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
+        """`fast`: one forward per response, every prefix read from it. `naive`: one forward per prefix, each read
+        at the prefix's own last response token (the same numbers, by causality, where the guard tokenizes the
+        prefix as the start of the whole response)."""
+        _check_method(method)
+        results = []
+        for query in queries:
+            context, cut = self.fit_context(query)
+            if method == "naive":
+                prefixes = prefix_conversations(PrefixQuery(context, query.response, query.ends))
+                scores = self.score(prefixes)
+                tokens = sum(map(len, self.encode(prefixes)))
+            else:
+                conversation = context + [{"role": "assistant", "content": query.response}]
+                [(text, ids, offsets)] = self.encode_with_offsets([conversation])
+                scores = self._risk_scores(ids, self._positions(text, offsets, conversation, query.ends))
+                tokens = len(ids)
+            results.append(PrefixScores(scores, context_cut=cut, guard_tokens=tokens))
+        return results
+
+
+FAMILY_CLASSES = {"llama_guard": LlamaGuard, "granite_guardian": GraniteGuardian,
+                  "granite_guardian_3_3": GraniteGuardian33, "qwen3guard_gen": Qwen3GuardGen,
+                  "shieldgemma": ShieldGemma, "qwen3guard_stream": TokenLevelGuardrail}  # fmt: skip
+
+# Names of guards, with the family each version is read by (docs/method.md 1.1). A version not listed reads its
+# verdict elsewhere or in a format not verified here (Llama Guard 1/2/4, Granite Guardian 4.x): never guessed.
+NAMED_FAMILIES = (
+    (r"llama-?guard-?(\d+)", {"3": "llama_guard"}),
+    (r"granite-guardian-(\d+(?:\.\d+)?)", {"3.0": "granite_guardian", "3.1": "granite_guardian",
+                                           "3.2": "granite_guardian", "3.3": "granite_guardian_3_3"}),
+    (r"qwen3guard-(gen|stream)", {"gen": "qwen3guard_gen", "stream": "qwen3guard_stream"}),
+    (r"shield-?gemma()", {"": "shieldgemma"}),
+    (r"wild-?guard()", {}),  # its harmful-response verdict is its third answer line: not read exactly here
+)  # fmt: skip
+
+
+def _family_from_template(template: str) -> str | None:
+    """A family told by a phrase of its published template; `llama_guard_4` and unknown ones are refused later."""
+    if "'safe' or 'unsafe'" in template:
+        return "llama_guard_4" if "<|header_start|>" in template else "llama_guard"
+    if "criteria_id" in template:
+        return "granite_guardian_3_3"
+    if "guardian_config" in template:
+        return "granite_guardian"
+    if "'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'" in template:
+        return "qwen3guard_gen"
+    if "You are a policy expert" in template and "guideline" in template:
+        return "shieldgemma"
+    return None
 
 
 def detect_family(name_or_path: str, tokenizer) -> str | None:
-    """Tell a guard's family from its name, else from its chat template; None when neither says. A name of a
-    family's version whose format this project does not read (e.g. `granite-guardian-3.3-8b`, `Llama-Guard-4-12B`)
-    is an error, never scored with another version's rule."""
-    name = name_or_path.lower().replace("_", "-")
-    for family, pattern in (("llama_guard", r"llama-?guard-?(\d+)"), ("granite_guardian", r"granite-guardian-(\d+(?:\.\d+)?)")):
-        if family.replace("_", "-") not in name.replace("llamaguard", "llama-guard"):
-            continue
-        version = re.search(pattern, name)
-        if version and version.group(1) not in KNOWN_VERSIONS[family]:
-            raise ValueError(
-                f"{name_or_path!r} looks like {family} version {version.group(1)}, but the {family!r} family reads "
-                f"versions {KNOWN_VERSIONS[family]} only, and other versions give their verdict in another format. "
-                "Configure it explicitly: family='generic' with safe_label=, unsafe_label=, verdict_prefix= (and "
-                "template_kwargs=) exactly as the guard's model card defines them, or family=... if you know it is "
-                "read like a known version."
-            )
-        return family
+    """Tell a guard's family from its chat template, else from its name; None when neither says. A guard whose name
+    is a version this project does not read (e.g. `granite-guardian-4.1-8b`, `Llama-Guard-4-12B`), or whose template
+    and name disagree, is an error, never scored with another version's rule."""
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    if "guardian_config" in template:
-        return "granite_guardian"
-    if "'safe' or 'unsafe'" in template:
-        return "llama_guard"
-    return None
+    by_template = _family_from_template(template)
+    by_name, name = None, name_or_path.lower().replace("_", "-")
+    for pattern, versions in NAMED_FAMILIES:
+        match = re.search(pattern, name)
+        if match:
+            by_name = versions.get(match.group(1))
+            if by_name is None:
+                _refuse_family(name_or_path, f"{match.group(0)} (version {match.group(1) or 'any'})")
+            break
+    if by_template == "llama_guard_4":
+        _refuse_family(name_or_path, "Llama Guard 4 (its chat template)")
+    if by_template and by_name and by_template != by_name:
+        _refuse_family(name_or_path, f"{by_name} by its name but {by_template} by its chat template")
+    return by_template or by_name
+
+
+def _refuse_family(name_or_path: str, recognised: str) -> None:
+    raise ValueError(
+        f"{name_or_path!r} looks like {recognised}, whose verdict format this project does not read (families: "
+        f"{FAMILIES}); other versions give their verdict in another place. Configure it explicitly: family='generic' "
+        "with safe_label=, unsafe_label=, verdict_prefix= (and template_kwargs=) exactly as the guard's model card "
+        "defines them, or family=... if you know it is read like a known family."
+    )
 
 
 def load_guardrail(
@@ -548,8 +836,8 @@ def load_guardrail(
 ) -> Guardrail:
     """Build a guardrail from a hub id, a local path, a `module:function` Python rule, or several of them.
 
-    Several specs make an `EnsembleGuardrail` (mean score). `family` forces `llama_guard` or `granite_guardian`;
-    otherwise it is recognised from the model. Extra `kwargs` go to the guardrail class (for a generic guard:
+    Several specs make an `EnsembleGuardrail` (mean score). `family` forces one of `FAMILIES` (the README's table
+    of guards); otherwise it is recognised from the model's chat template, else its name. Extra `kwargs` go to the guardrail class (for a generic guard:
     `safe_label`, `unsafe_label`, `chat_template`, `template_kwargs`, `verdict_prefix`; pass `family="generic"`).
     """
     if isinstance(spec, Guardrail):
@@ -568,10 +856,12 @@ def load_guardrail(
     family = family or detect_family(spec, tokenizer)
     if family is None and "safe_label" not in kwargs:
         raise ValueError(
-            f"Could not tell which guard family {spec!r} is from its name or chat template. Pass "
-            "family='llama_guard' or family='granite_guardian', or family='generic' with safe_label=, "
-            "unsafe_label= (and verdict_prefix=, template_kwargs= as the guard needs)."
+            f"Could not tell which guard family {spec!r} is from its chat template or name. Pass family= one of "
+            f"{FAMILIES}, or family='generic' with safe_label=, unsafe_label= (and verdict_prefix=, template_kwargs= "
+            "as the guard needs)."
         )
+    if family == "qwen3guard_stream":
+        return _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         spec,
         dtype=dtype,
@@ -579,8 +869,24 @@ def load_guardrail(
         trust_remote_code=trust_remote_code,
         attn_implementation=kwargs.pop("attn_implementation", "sdpa"),
     ).eval()
-    cls = {"llama_guard": LlamaGuard, "granite_guardian": GraniteGuardian}.get(family, CausalLMGuardrail)
+    cls = FAMILY_CLASSES.get(family, CausalLMGuardrail)
     return cls(model, tokenizer, temperature=temperature, name=spec, **kwargs)
+
+
+def _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code, **kwargs):
+    """Qwen3Guard-Stream ships its classifier heads as its own modelling code (README of QwenLM/Qwen3Guard:
+    `AutoModel.from_pretrained(..., trust_remote_code=True)`), which runs only when the user allows it."""
+    from transformers import AutoModel
+
+    if not trust_remote_code:
+        raise ValueError(
+            f"{spec!r} is a token-level guard (Qwen3Guard-Stream) whose classifier heads are its own modelling code "
+            "on the hub; running that code needs your consent. Pass trust_remote_code=True (star-dss score "
+            "--trust-remote-code) after reading it, or use Qwen3Guard-Gen, which needs none."
+        )
+    kwargs.pop("attn_implementation", None)
+    model = AutoModel.from_pretrained(spec, dtype=dtype, device_map=device_map, trust_remote_code=True).eval()
+    return TokenLevelGuardrail(model, tokenizer, temperature=temperature, name=spec, **kwargs)
 
 
 def guardrail_id(spec, family: str | None = None, temperature: float = 1.0, max_length: int | None = None) -> str:

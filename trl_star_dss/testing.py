@@ -160,6 +160,54 @@ def tiny_causal_lm(tokenizer, model_type: str = "llama", seed: int = 0, attn_imp
     return model.eval()
 
 
+# Qwen3's chat template for a user turn and the last assistant turn with thinking off, as Qwen3Guard-Stream reads
+# them (QwenLM/Qwen3Guard `eval/eval_stream.py` classifies from the token after `</think>` `\n\n`); enough for the
+# tiny stand-in below, not the full Qwen3 template (tools, earlier reasoning).
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    "{{ message['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_stream_guard(tokenizer, seed: int = 0, **overrides):
+    """A stand-in for Qwen3Guard-Stream with random weights, built in code: a Qwen3 backbone and the response heads
+    of the published ports (a 512-wide projection in the real 0.6B model, RMS-normed, then 3 risk-level logits and
+    8 category logits at every position), returning `risk_level_logits` and `category_logits` as the real remote
+    code does. `overrides` go to the backbone's config (sizes)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+    from transformers.modeling_outputs import ModelOutput
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3PreTrainedModel, Qwen3RMSNorm
+
+    class StreamGuardStandIn(Qwen3PreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = Qwen3Model(config)
+            inner = config.guard_inner_size
+            self.risk_level_category_pre = torch.nn.Linear(config.hidden_size, inner, bias=False)
+            self.risk_level_category_layernorm = Qwen3RMSNorm(inner, eps=config.rms_norm_eps)
+            self.risk_level_head = torch.nn.Linear(inner, 3, bias=False)
+            self.category_head = torch.nn.Linear(inner, 8, bias=False)
+            self.post_init()
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            x = self.risk_level_category_layernorm(self.risk_level_category_pre(hidden))
+            return ModelOutput(risk_level_logits=self.risk_level_head(x), category_logits=self.category_head(x))
+
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                 guard_inner_size=32, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    model = StreamGuardStandIn(Qwen3Config(**{**sizes, **overrides}, attn_implementation="sdpa"))
+    model.response_risk_level_map = {0: "Safe", 1: "Unsafe", 2: "Controversial"}
+    return model.eval()
+
+
 def tiny_guard(family: str = "llama_guard", seed: int = 0, **overrides):
     """A guard-shaped tiny model and tokenizer with random weights: `family` is `llama_guard` or
     `granite_guardian`. Its verdicts are meaningless; it exercises the real scoring code paths."""

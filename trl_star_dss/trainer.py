@@ -23,7 +23,7 @@ from trl.trainer.utils import add_fused_lm_head, pad
 from .audit import content_special_token_rule
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
 from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sharding
-from .loss import OutputHead, deep_token_loss, full_kl, star_dss_loss, token_kl
+from .loss import deep_token_loss, full_kl, output_head, output_head_matches, star_dss_loss, token_kl
 from .scoring import STAR_COLUMN, dataset_format, example_columns, save_dataset_atomic, score_dataset
 from .weights import rejected, token_weights
 
@@ -51,41 +51,16 @@ def _add_hidden_state_output(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def output_head(model) -> OutputHead:
-    """`model`'s output layer with the logit post-processing its forward applies, read from its config as TRL's
-    fused LM head reads it (trl 1.16, `trainer/utils.py`, `add_fused_lm_head`, which exposes no function for it):
-    `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1), `logits_scaling` (Granite and
-    MiniCPM3 divide by it, HyperCLOVA X multiplies), then `final_logit_softcapping` (Gemma-2). `check_output_head`
-    verifies the result against the model's own logits."""
-    config = model.config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
-    head = model.get_output_embeddings()
-    return OutputHead(head.weight, head.bias, 1.0 if scale is None else float(scale),
-                      getattr(config, "final_logit_softcapping", None))  # fmt: skip
-
-
-@torch.no_grad()
 def check_output_head(model, role: str) -> None:
     """Refuse `kl_estimator='full'` for a model whose logits `output_head` does not reproduce: its family
     post-processes them in a way this project does not know, and the KL would be silently wrong."""
     was_training = model.training
     model.eval()
     try:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        ids = (torch.arange(1, 9, device=model.device) * 7919 % vocab)[None]
-        theirs = model(input_ids=ids, use_cache=False).logits[0].float()
-        ours = output_head(model).logits(model(input_ids=ids, star_hidden_states=True)[0])
+        matches, difference = output_head_matches(model, lambda ids: model(input_ids=ids, star_hidden_states=True))
     finally:
         model.train(was_training)
-    tolerance = (1e-4 if theirs.dtype == ours.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2)
-    difference = (ours - theirs).abs().max().item()
-    if difference > tolerance * max(1.0, theirs.abs().max().item()):
+    if not matches:
         raise ValueError(
             f"kl_estimator='full' computes the {role}'s logits from its output layer, but for "
             f"{type(model).__name__} (model_type={model.config.model_type!r}) those logits differ from the model's "
@@ -430,6 +405,14 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     def __init__(self, model, args: STARDSSConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, ref_model=None, **kwargs):  # fmt: skip
+        named = isinstance(model, str) or getattr(getattr(model, "config", None), "_name_or_path", "")
+        if processing_class is None and not named:
+            # TRL would load the tokenizer from the model's name, which a model built in code does not have, and fail
+            # with an error about hub repository ids.
+            raise ValueError(
+                f"processing_class is None and the model (a {type(model).__name__} built in code) has no name or path "
+                "to load its tokenizer from. Pass the tokenizer: STARDSSTrainer(model, ..., processing_class=tokenizer)."
+            )
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = STARDSSConfig(f"{os.path.basename(str(name))}-STAR-DSS")

@@ -1,0 +1,158 @@
+"""Exact shared-prefix attention for the fast scorer: closing suffixes read their trunk as stored once.
+
+The fast scorer (docs/method.md 3) runs each response's trunk (template, context and response) once, keeps its keys
+and values, then runs every prefix's closing suffix as a row that may see the trunk before its cut and itself
+causally. Here a row's attention is split in two parts, each a plain softmax attention with its log-sum-exp:
+
+    trunk part:   all rows' queries of one example against that example's trunk (stored once, never copied),
+                  each row masked to its cut;
+    suffix part:  each row against its own keys, causally;
+
+and merged exactly (the cascade decomposition, docs/method.md 3):
+
+    out = (exp(lse_t) * out_t + exp(lse_s) * out_s) / (exp(lse_t) + exp(lse_s))
+
+So memory is the trunks once plus the suffix rows, and the arithmetic is that of the rows alone.
+
+`attention` is registered in transformers' `AttentionInterface` under `ATTENTION_NAME`; `shared_prefix_attention`
+switches a model to it for one forward and gives it the trunks.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "star_dss_shared_prefix"
+
+
+def attend(query, key, value, mask, scale: float, softcap: float | None = None):
+    """Softmax attention that also returns the log-sum-exp of each query's scores: (out, lse), lse in float32.
+
+    `mask` is additive (0 or -inf), broadcast over batch and heads. A query that sees no key gets lse = -inf and a
+    zero output. On CPU (no soft-capping) this is PyTorch's fused flash kernel, which returns the log-sum-exp; elsewhere
+    the scores are formed explicitly in float32."""
+    seen = (mask == 0).any(-1)
+    if query.device.type == "cpu" and softcap is None:
+        # aten::_scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, *, attn_mask,
+        # scale) -> (output, logsumexp), in torch 2.13; it writes out = 0, lse = 0 for a fully masked query.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1),
+            attn_mask=mask.to(query.dtype), scale=scale,
+        )  # fmt: skip
+        return out, lse.masked_fill(~seen, float("-inf"))
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if softcap is not None:  # Gemma-2 style: softcap * tanh(scores / softcap), before the mask
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask.float()
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse.masked_fill(~seen, 0.0)[..., None])
+    return (weights @ value.float()).to(query.dtype), lse
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Exact softmax attention over the union of two key sets, from each set's (out, lse)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype)
+
+
+def _additive(allowed):
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+@dataclass
+class SharedPrefix:
+    """What the suffix rows of one forward read beside themselves.
+
+    Args:
+        cache: the trunks' keys and values, one batch row per example (right padded), from one causal forward.
+        lengths: each example's trunk length.
+        spans: `(example, first_row, end_row)` for every example with rows in this forward (rows grouped by example).
+        starts: each row's cut: it sees trunk tokens `[0, start)`; its own tokens sit at positions `start, start+1, ...`
+        width: tokens per row (right padded).
+    """
+
+    cache: object
+    lengths: list[int]
+    spans: list[tuple[int, int, int]]
+    starts: torch.Tensor
+    width: int
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def trunk_mask(self, example: int, first: int, end: int, window: int | None):
+        """(1, 1, rows * width, trunk) additive mask of these rows' queries over their example's trunk."""
+        key = ("trunk", example, first, end, window)
+        if key not in self._masks:
+            starts = self.starts[first:end, None, None]
+            trunk = torch.arange(self.lengths[example], device=starts.device)[None, None]
+            allowed = (trunk < starts).expand(-1, self.width, -1)
+            if window is not None:  # sliding-window layers: a query at position p sees keys after p - window
+                allowed = allowed & ((starts + torch.arange(self.width, device=starts.device)[None, :, None]) - trunk < window)
+            self._masks[key] = _additive(allowed.reshape(1, 1, -1, allowed.shape[-1]))
+        return self._masks[key]
+
+    def suffix_mask(self, groups: int, window: int | None):
+        """(1, 1, groups * width, width) additive causal mask of a row over itself, tiled for `groups` query heads
+        per key head (right padding lies after every real token, so causality hides it)."""
+        key = ("suffix", groups, window)
+        if key not in self._masks:
+            i = torch.arange(self.width, device=self.starts.device)[:, None]
+            j = i.T
+            allowed = j <= i
+            if window is not None:
+                allowed &= i - j < window
+            self._masks[key] = _additive(allowed).repeat(groups, 1)[None, None]
+        return self._masks[key]
+
+
+def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """An `AttentionInterface` function: rows of closing suffixes over their shared trunks (see the module doc).
+
+    query: (rows, heads, width, dim); key/value: (rows, kv_heads, width, dim), the rows' own. The trunks are those
+    of the innermost `shared_prefix_attention` block; `attention_mask` (the rows' causal mask) is not needed."""
+    shared = _current[-1]
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    rows, heads, width, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads  # query head h reads key head h // groups (transformers' repeat_kv order)
+    # Suffix part, every row at once: a key head's query heads laid end to end along the query axis.
+    query = query.reshape(rows, kv_heads, groups * width, dim)
+    out, lse = attend(query, key, value, shared.suffix_mask(groups, window), scaling, softcap)
+    layer = shared.cache.layers[module.layer_idx]
+    for example, first, end in shared.spans:
+        # Trunk part: this example's rows as one long query against its trunk, query head groups in the batch axis
+        # so the trunk's keys are shared by broadcasting, never repeated.
+        n, length = end - first, shared.lengths[example]
+        part = query[first:end].reshape(n, kv_heads, groups, width, dim).permute(2, 1, 0, 3, 4)
+        part = part.reshape(groups, kv_heads, n * width, dim)
+        trunk_keys = layer.keys[example : example + 1, :, :length]
+        trunk_values = layer.values[example : example + 1, :, :length]
+        out_t, lse_t = attend(part, trunk_keys, trunk_values, shared.trunk_mask(example, first, end, window),
+                              scaling, softcap)  # fmt: skip
+        out_t = out_t.reshape(groups, kv_heads, n, width, dim).permute(2, 1, 0, 3, 4)
+        lse_t = lse_t.reshape(groups, kv_heads, n, width).permute(2, 1, 0, 3)
+        out[first:end] = merge(out[first:end], lse[first:end], out_t.reshape(n, kv_heads, groups * width, dim),
+                               lse_t.reshape(n, kv_heads, groups * width))  # fmt: skip
+    # transformers' attention functions return (batch, length, heads, dim) and no weights.
+    return out.reshape(rows, heads, width, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, attention)
+_current: list[SharedPrefix] = []  # set by `shared_prefix_attention` (the model's forward passes no extra argument)
+
+
+@contextmanager
+def shared_prefix_attention(model, shared: SharedPrefix):
+    """Inside the block, `model`'s attention layers run `attention` over `shared`'s trunks; then they are restored."""
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = ATTENTION_NAME
+    _current.append(shared)
+    try:
+        yield
+    finally:
+        _current.pop()
+        model.config._attn_implementation = saved
