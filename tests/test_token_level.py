@@ -103,3 +103,19 @@ def test_unknown_class_map_and_loading_are_refused(stream_guard, tmp_path):
     tokenizer.save_pretrained(tmp_path / "Qwen3Guard-Stream-0.6B")
     with pytest.raises(ValueError, match=r"trust_remote_code=True.*--trust-remote-code"):
         load_guardrail(str(tmp_path / "Qwen3Guard-Stream-0.6B"))
+
+
+def test_options_that_change_scores_join_the_cache_id(tmp_path):
+    import json
+
+    from trl_star_dss.guardrails import guardrail_id
+
+    # A guard with default options keeps the id of earlier releases (their caches stay valid) ...
+    assert json.loads(guardrail_id("g")) == {"guardrail": ["g"], "family": None, "temperature": 1.0, "max_length": None}
+    # ... and an option that changes the scores gives another id.
+    assert guardrail_id("g", controversial="safe") != guardrail_id("g", controversial="unsafe") != guardrail_id("g")
+    with pytest.raises(ValueError, match=r"controversial='safe' \(--controversial\) applies to guards with a third"):
+        tokenizer = tiny_tokenizer()
+        tokenizer.save_pretrained(tmp_path)
+        tiny_stream_guard(tokenizer).config.save_pretrained(tmp_path)  # a config, so the tokenizer loads; no weights
+        load_guardrail(str(tmp_path), family="llama_guard", controversial="safe")

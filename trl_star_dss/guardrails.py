@@ -860,6 +860,11 @@ def load_guardrail(
             f"{FAMILIES}, or family='generic' with safe_label=, unsafe_label= (and verdict_prefix=, template_kwargs= "
             "as the guard needs)."
         )
+    if "controversial" in kwargs and family not in ("qwen3guard_gen", "qwen3guard_stream"):
+        raise ValueError(
+            f"controversial={kwargs['controversial']!r} (--controversial) applies to guards with a third, ambiguous "
+            f"class (Qwen3Guard), not to {spec!r} (family {family!r}). Leave it unset."
+        )
     if family == "qwen3guard_stream":
         return _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
@@ -889,11 +894,20 @@ def _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_re
     return TokenLevelGuardrail(model, tokenizer, temperature=temperature, name=spec, **kwargs)
 
 
-def guardrail_id(spec, family: str | None = None, temperature: float = 1.0, max_length: int | None = None) -> str:
+# Guard options that change its scores, so they join its cache id (docs/method.md 1.1).
+SCORE_OPTIONS = ("max_length", "controversial", "risk_name", "criteria_id", "guideline", "safe_label", "unsafe_label",
+                 "verdict_prefix", "template_kwargs", "chat_template")  # fmt: skip
+
+
+def guardrail_id(spec, family: str | None = None, temperature: float = 1.0, max_length: int | None = None,
+                 **options) -> str:  # fmt: skip
     """What identifies a guard's scores in a scoring cache: the same guard and settings give the same id whether
-    `star-dss score`, `STARDSSTrainer` or the Axolotl plugin scores (so none of them scores the data twice)."""
+    `star-dss score`, `STARDSSTrainer` or the Axolotl plugin scores (so none of them scores the data twice). Options
+    left at their defaults add nothing, so ids of earlier releases stay valid."""
     specs = [spec] if isinstance(spec, str) else [s if isinstance(s, str) else s.name for s in spec]
-    return json.dumps({"guardrail": specs, "family": family, "temperature": float(temperature), "max_length": max_length})
+    given = {key: options[key] for key in sorted(options) if key in SCORE_OPTIONS and options[key] is not None}
+    return json.dumps({"guardrail": specs, "family": family, "temperature": float(temperature), "max_length": max_length,
+                       **given})  # fmt: skip
 
 
 def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0, **kwargs):
@@ -903,7 +917,7 @@ def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0
     def build() -> Guardrail:
         return load_guardrail(spec, family=family, temperature=temperature, **kwargs)
 
-    return build, guardrail_id(spec, family, temperature, kwargs.get("max_length"))
+    return build, guardrail_id(spec, family, temperature, **kwargs)
 
 
 def _python_guardrail(spec: str) -> Guardrail:

@@ -287,7 +287,8 @@ def score_dataset(
     fmt = dataset_format(dataset.column_names)
     check_chunking(chunk_size, unit, tokenizer)
     if isinstance(guardrail, Guardrail):
-        guardrail_id = guardrail_id or f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}"
+        guardrail_id = guardrail_id or f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}" + (
+            f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else "")
     elif guardrail_id is None:
         raise ValueError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
     tokenizer_id = _tokenizer_id(tokenizer) if tokenizer is not None else None
