@@ -75,7 +75,7 @@ def test_smollm2_demo_loads_scores_trains_and_generates(tmp_path, monkeypatch, c
 
     # Both methods trained the LoRA weights from the same start (B = 0) and the model generated answers.
     names = [row[0] for row in result["rows"]]
-    assert names == ["SmolLM2 before finetuning", "misleading_suffix: sft", "misleading_suffix: star_dss"]
+    assert names == ["SmolLM2 before finetuning", "misleading suffix: SFT", "misleading suffix: STAR-DSS"]
     assert result["rows"][0][3] == 0 and all(row[3] > 0 for row in result["rows"][1:])
     assert result["rows"][1][3] != result["rows"][2][3]  # different losses, different updates
     assert all(0 <= row[1] <= 100 and row[2] > 0 for row in result["rows"])
@@ -83,5 +83,5 @@ def test_smollm2_demo_loads_scores_trains_and_generates(tmp_path, monkeypatch, c
     assert all(isinstance(a, str) and a.strip() for answers in result["samples"].values() for a in answers)
     table = (tmp_path / "table.md").read_text()
     assert table.startswith(demo.SMOLLM2_DISCLAIMER)
-    assert "| misleading_suffix: sft |" in table and "| misleading_suffix: star_dss |" in table
-    assert "| misleading_suffix: star_dss |" in out
+    assert "| misleading suffix: SFT |" in table and "| misleading suffix: STAR-DSS |" in table
+    assert "| misleading suffix: STAR-DSS |" in out

