@@ -39,7 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .demo import DEMO_TIME
 
-    parser = argparse.ArgumentParser(prog="star-dss", description="STAR-DSS: keep an LLM safe while finetuning.")
+    parser = argparse.ArgumentParser(prog="star-dss", description="STAR-DSS: keep an LLM safe while finetuning.",
+                                     epilog=f"New here? `star-dss demo` runs every step offline ({DEMO_TIME}); "
+                                     "`star-dss score --help` shows how to score your own data.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
