@@ -507,7 +507,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
             examples = [e for e, _, _ in group]
             spans = [(e, first_row, first_row + examples.count(e)) for first_row, e in enumerate(examples)
                      if first_row == 0 or examples[first_row - 1] != e]  # fmt: skip
-            shared = SharedPrefix(cache, [len(t) for t in trunks], spans, starts, input_ids.size(1))
+            shared = SharedPrefix(cache, spans, starts, input_ids.size(1))
             positions = starts[:, None] + torch.arange(input_ids.size(1), device=device)
             scores += self._scores_at(row_ends, shared, input_ids=input_ids, position_ids=positions)
             first = end

@@ -29,13 +29,15 @@ from transformers import AttentionInterface
 ATTENTION_NAME = "star_dss_shared_prefix"
 
 
-def attend(query, key, value, mask, scale: float, softcap: float | None = None):
+def attend(query, key, value, mask, scale: float, softcap: float | None = None, seen=None):
     """Softmax attention that also returns the log-sum-exp of each query's scores: (out, lse), lse in float32.
 
-    `mask` is additive (0 or -inf), broadcast over batch and heads. A query that sees no key gets lse = -inf and a
-    zero output. On CPU (no soft-capping) this is PyTorch's fused flash kernel, which returns the log-sum-exp; elsewhere
-    the scores are formed explicitly in float32."""
-    seen = (mask == 0).any(-1)
+    `mask` is additive (0 or -inf), broadcast over batch and heads; `seen` (optional, computed from `mask` if not
+    given) says which queries see at least one key. A query that sees no key gets lse = -inf and a zero output. On CPU
+    (no soft-capping) this is PyTorch's fused flash kernel, which returns the log-sum-exp; elsewhere the scores are
+    formed explicitly in float32."""
+    if seen is None:
+        seen = (mask == 0).any(-1)
     if query.device.type == "cpu" and softcap is None:
         # aten::_scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, *, attn_mask,
         # scale) -> (output, logsumexp), in torch 2.13; it writes out = 0, lse = 0 for a fully masked query.
@@ -61,7 +63,15 @@ def merge(out_a, lse_a, out_b, lse_b):
 
 
 def _additive(allowed):
-    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    """(additive mask, which queries see a key) of a boolean mask: built once per forward, read by every layer."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")), allowed.any(-1)
+
+
+# Rows per trunk-part attention call. A row sees only the trunk before its cut, but a fused kernel computes every
+# key it is given, so one example's rows are split into blocks (rows are ordered by cut) and each block reads the
+# trunk up to its last cut: on the default benchmark this computes ~25% fewer trunk scores than one call per example,
+# and more calls per layer cost more than they save below about 8 rows (measured, benchmarks/bench_scoring.py).
+ROWS_PER_BLOCK = 8
 
 
 @dataclass
@@ -70,34 +80,43 @@ class SharedPrefix:
 
     Args:
         cache: the trunks' keys and values, one batch row per example (right padded), from one causal forward.
-        lengths: each example's trunk length.
         spans: `(example, first_row, end_row)` for every example with rows in this forward (rows grouped by example).
         starts: each row's cut: it sees trunk tokens `[0, start)`; its own tokens sit at positions `start, start+1, ...`
         width: tokens per row (right padded).
     """
 
     cache: object
-    lengths: list[int]
     spans: list[tuple[int, int, int]]
     starts: torch.Tensor
     width: int
     _masks: dict = field(default_factory=dict, repr=False)
 
-    def trunk_mask(self, example: int, first: int, end: int, window: int | None):
-        """(1, 1, rows * width, trunk) additive mask of these rows' queries over their example's trunk."""
-        key = ("trunk", example, first, end, window)
+    def blocks(self):
+        """`(example, first_row, end_row, keys)`: each example's rows in blocks of `ROWS_PER_BLOCK`, with the number of
+        trunk tokens the block can see (its largest cut); blocks that see none are left out."""
+        for example, first, end in self.spans:
+            for lo in range(first, end, ROWS_PER_BLOCK):
+                hi = min(lo + ROWS_PER_BLOCK, end)
+                keys = int(self.starts[lo:hi].max())
+                if keys > 0:
+                    yield example, lo, hi, keys
+
+    def trunk_mask(self, first: int, end: int, keys: int, window: int | None):
+        """((1, 1, rows * width, keys) additive mask, seen) of these rows' queries over the first `keys` tokens of
+        their trunk."""
+        key = ("trunk", first, end, window)
         if key not in self._masks:
             starts = self.starts[first:end, None, None]
-            trunk = torch.arange(self.lengths[example], device=starts.device)[None, None]
+            trunk = torch.arange(keys, device=starts.device)[None, None]
             allowed = (trunk < starts).expand(-1, self.width, -1)
             if window is not None:  # sliding-window layers: a query at position p sees keys after p - window
                 allowed = allowed & ((starts + torch.arange(self.width, device=starts.device)[None, :, None]) - trunk < window)
-            self._masks[key] = _additive(allowed.reshape(1, 1, -1, allowed.shape[-1]))
+            self._masks[key] = _additive(allowed.reshape(1, 1, -1, keys))
         return self._masks[key]
 
     def suffix_mask(self, groups: int, window: int | None):
-        """(1, 1, groups * width, width) additive causal mask of a row over itself, tiled for `groups` query heads
-        per key head (right padding lies after every real token, so causality hides it)."""
+        """((1, 1, groups * width, width) additive causal mask, seen) of a row over itself, tiled for `groups` query
+        heads per key head (right padding lies after every real token, so causality hides it)."""
         key = ("suffix", groups, window)
         if key not in self._masks:
             i = torch.arange(self.width, device=self.starts.device)[:, None]
@@ -105,7 +124,7 @@ class SharedPrefix:
             allowed = j <= i
             if window is not None:
                 allowed &= i - j < window
-            self._masks[key] = _additive(allowed).repeat(groups, 1)[None, None]
+            self._masks[key] = _additive(allowed.repeat(groups, 1)[None, None])
         return self._masks[key]
 
 
@@ -121,18 +140,19 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
     groups = heads // kv_heads  # query head h reads key head h // groups (transformers' repeat_kv order)
     # Suffix part, every row at once: a key head's query heads laid end to end along the query axis.
     query = query.reshape(rows, kv_heads, groups * width, dim)
-    out, lse = attend(query, key, value, shared.suffix_mask(groups, window), scaling, softcap)
+    mask, seen = shared.suffix_mask(groups, window)
+    out, lse = attend(query, key, value, mask, scaling, softcap, seen)
     layer = shared.cache.layers[module.layer_idx]
-    for example, first, end in shared.spans:
-        # Trunk part: this example's rows as one long query against its trunk, query head groups in the batch axis
-        # so the trunk's keys are shared by broadcasting, never repeated.
-        n, length = end - first, shared.lengths[example]
+    for example, first, end, keys in shared.blocks():
+        # Trunk part: a block of one example's rows as one long query against the trunk up to the block's last cut,
+        # query head groups in the batch axis so the trunk's keys are shared by broadcasting, never repeated.
+        n = end - first
         part = query[first:end].reshape(n, kv_heads, groups, width, dim).permute(2, 1, 0, 3, 4)
         part = part.reshape(groups, kv_heads, n * width, dim)
-        trunk_keys = layer.keys[example : example + 1, :, :length]
-        trunk_values = layer.values[example : example + 1, :, :length]
-        out_t, lse_t = attend(part, trunk_keys, trunk_values, shared.trunk_mask(example, first, end, window),
-                              scaling, softcap)  # fmt: skip
+        trunk_keys = layer.keys[example : example + 1, :, :keys]
+        trunk_values = layer.values[example : example + 1, :, :keys]
+        mask, seen = shared.trunk_mask(first, end, keys, window)
+        out_t, lse_t = attend(part, trunk_keys, trunk_values, mask, scaling, softcap, seen)
         out_t = out_t.reshape(groups, kv_heads, n, width, dim).permute(2, 1, 0, 3, 4)
         lse_t = lse_t.reshape(groups, kv_heads, n, width).permute(2, 1, 0, 3)
         out[first:end] = merge(out[first:end], lse[first:end], out_t.reshape(n, kv_heads, groups * width, dim),
