@@ -147,6 +147,8 @@ def test_star_dss_is_on_by_key_or_by_listing_the_plugin():
          r"star_dss_rejection_threshold=1.5 must be a number in \[0, 1\]"),
         ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_full_kl_chunk_size": 0},
          r"star_dss_full_kl_chunk_size=0 must be a positive whole number"),
+        ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_guardrail_controversial": "strict"},
+         r"star_dss_guardrail_controversial='strict' is not known"),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused_while_the_config_is_validated(world, extra, message):

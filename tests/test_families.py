@@ -125,3 +125,31 @@ def test_granite_guardian_32_reads_like_31_and_detection_prefers_the_template():
     lg4 = tiny_tokenizer(chat_template=LLAMA_GUARD_3_TEMPLATE.replace("<|start_header_id|>", "<|header_start|>"))
     with pytest.raises(ValueError, match=r"looks like Llama Guard 4 \(its chat template\)"):
         detect_family("my-org/guard", lg4)
+
+
+def test_training_configs_pass_the_controversial_option(tmp_path):
+    """`STARDSSConfig.guardrail_controversial` reaches the guard that scores at start-up (and its cache id)."""
+    from datasets import Dataset
+
+    from trl_star_dss import STARDSSConfig, STARDSSTrainer
+
+    tokenizer = family_tokenizer((TEMPLATES / "qwen3guard_gen.jinja").read_text(), [" Safe", " Unsafe"])
+    model = tiny_causal_lm(tokenizer, model_type="qwen3", head_dim=16)
+    model.save_pretrained(tmp_path / "guard")
+    tokenizer.save_pretrained(tmp_path / "guard")
+    policy_tokenizer = tiny_tokenizer()
+    dataset = Dataset.from_list([{"messages": CONVERSATION}])
+    stars = {}
+    for value in (None, "safe"):
+        args = STARDSSConfig(output_dir=str(tmp_path / str(value)), guardrail=[str(tmp_path / "guard")],
+                             guardrail_controversial=value, max_steps=1, report_to="none", use_cpu=True, bf16=False)  # fmt: skip
+        trainer = STARDSSTrainer(tiny_causal_lm(policy_tokenizer), args=args, train_dataset=dataset,
+                                 processing_class=policy_tokenizer)  # fmt: skip
+        stars[value] = trainer.train_dataset[0]["star"][0]["scores"]
+    query = PrefixQuery(CONVERSATION[:1], CONVERSATION[1]["content"],
+                        chunk_ends(CONVERSATION[1]["content"], 5, "token", policy_tokenizer))  # fmt: skip
+    for value, guard in ((None, Qwen3GuardGen(model, tokenizer)), ("safe", Qwen3GuardGen(model, tokenizer, controversial="safe"))):
+        assert stars[value] == pytest.approx(guard.score_prefixes([query])[0].scores, abs=1e-5)
+    assert all(loose > strict for loose, strict in zip(stars["safe"], stars[None]))
+    with pytest.raises(ValueError, match=r"guardrail_controversial='strict' is not known"):
+        STARDSSConfig(output_dir="x", guardrail_controversial="strict", report_to="none", use_cpu=True, bf16=False)

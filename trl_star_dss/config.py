@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .audit import CONTENT_SPECIAL_TOKENS
+from .guardrails import CONTROVERSIAL
 from .loss import KL_ESTIMATORS
 from .scoring import UNITS
 
@@ -65,7 +66,16 @@ class STARDSSConfig(SFTConfig):
     )
     guardrail_family: str | None = field(
         default=None,
-        metadata={"help": "Force the guard family (`llama_guard`, `granite_guardian`); default: recognised."},
+        metadata={"help": "Force the guard family (one of `trl_star_dss.guardrails.FAMILIES`, or `generic`); "
+                  "default: recognised from the guard's chat template, else its name."},
+    )
+    guardrail_controversial: str | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen3Guard only: how its third class `Controversial` counts, `unsafe` (its strict mode, the "
+            "default when unset) or `safe` (loose). Refused for guards without a third class.",
+            "choices": [None, *CONTROVERSIAL],
+        },
     )
     star_scores_dir: str | None = field(
         default=None,
@@ -113,7 +123,7 @@ class STARDSSConfig(SFTConfig):
 
 # The settings both trainers share (`STARDSSConfig` here, the Axolotl plugin's `star_dss_*` keys).
 CHECKED_FIELDS = ("shaping", "kl_coef", "kl_estimator", "star_chunk_size", "star_unit", "guardrail_temperature",
-                  "precompute_ref_log_probs", "content_special_tokens", "rejection_threshold",
+                  "guardrail_controversial", "precompute_ref_log_probs", "content_special_tokens", "rejection_threshold",
                   "full_kl_chunk_size")  # fmt: skip
 
 
@@ -137,6 +147,12 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
     temperature = values.get("guardrail_temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"{name['guardrail_temperature']}={temperature!r} must be a number > 0. Use e.g. 1.0.")
+    controversial = values.get("guardrail_controversial")
+    if controversial is not None and controversial not in CONTROVERSIAL:
+        raise ValueError(
+            f"{name['guardrail_controversial']}={controversial!r} is not known. Use 'unsafe' (Qwen3Guard's strict "
+            "mode: its Controversial class weighs as unsafe), 'safe' (its loose mode), or leave it unset."
+        )
     mode = values.get("content_special_tokens", "refuse")
     if mode not in CONTENT_SPECIAL_TOKENS:
         raise ValueError(

@@ -910,6 +910,12 @@ def guardrail_id(spec, family: str | None = None, temperature: float = 1.0, max_
                        **given})  # fmt: skip
 
 
+def guard_options(controversial: str | None = None) -> dict:
+    """The guard options a training config sets (`STARDSSConfig.guardrail_controversial`, the Axolotl plugin's
+    `star_dss_guardrail_controversial`), left out when unset so that cache ids stay those of earlier releases."""
+    return {} if controversial is None else {"controversial": controversial}
+
+
 def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0, **kwargs):
     """`(build, guardrail_id)` for `score_dataset`: a function that loads the guard (`load_guardrail`, with
     `kwargs`) only if something is left to score (a fully cached run never loads it), and its cache id."""

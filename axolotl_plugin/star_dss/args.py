@@ -20,6 +20,7 @@ FIELDS = {
     "star_dss_kl_estimator": "kl_estimator",
     "star_dss_chunk_size": "star_chunk_size",
     "star_dss_guardrail_temperature": "guardrail_temperature",
+    "star_dss_guardrail_controversial": "guardrail_controversial",
     "star_dss_precompute_ref": "precompute_ref_log_probs",
     "star_dss_rejection_threshold": "rejection_threshold",
     "star_dss_content_special_tokens": "content_special_tokens",
@@ -76,7 +77,13 @@ class StarDSSArgs(BaseModel):
         "`axolotl preprocess` / the start of `axolotl train`; several are averaged.",
     )
     star_dss_guardrail_family: str | None = Field(
-        default=None, description="Force the guard family (`llama_guard`, `granite_guardian`); default: recognised."
+        default=None,
+        description="Force the guard family (one of `trl_star_dss.guardrails.FAMILIES`, or `generic`); default: "
+        "recognised from the guard's chat template, else its name.",
+    )
+    star_dss_guardrail_controversial: str | None = Field(
+        default=None,
+        description="Qwen3Guard only: its `Controversial` class counts as `unsafe` (strict, the default) or `safe`.",
     )
     star_dss_scores_path: str | None = Field(
         default=None,

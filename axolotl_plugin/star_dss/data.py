@@ -29,6 +29,7 @@ LOG = logging.getLogger("axolotl.integrations.star_dss")
 
 # Config keys that change the prepared dataset: Axolotl's cache key gets them while STAR-DSS prepares data.
 HASH_FIELDS = ("star_dss", "star_dss_guardrail", "star_dss_guardrail_family", "star_dss_guardrail_temperature",
+               "star_dss_guardrail_controversial",
                "star_dss_chunk_size", "star_dss_scores_path", "star_dss_scores_fingerprint", "star_dss_shaping",
                "star_dss_rejection_threshold", "star_dss_content_special_tokens")  # fmt: skip
 
@@ -124,11 +125,11 @@ def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
     import torch
     from datasets import Dataset
 
-    from trl_star_dss.guardrails import deferred_guardrail
+    from trl_star_dss.guardrails import deferred_guardrail, guard_options
     from trl_star_dss.scoring import score_dataset
 
-    build, guard_id = deferred_guardrail(values["guardrail"], values["guardrail_family"],
-                                         values["guardrail_temperature"])  # fmt: skip
+    build, guard_id = deferred_guardrail(values["guardrail"], values["guardrail_family"], values["guardrail_temperature"],
+                                         **guard_options(values["guardrail_controversial"]))  # fmt: skip
     # One cache per dataset and scoring settings, beside the prepared data: an interrupted preprocess resumes where
     # it stopped, and a config naming another guard scores into its own directory.
     key = json.dumps([conversations, guard_id, values["star_chunk_size"], tokenizer.name_or_path], sort_keys=True)
