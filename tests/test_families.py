@@ -122,9 +122,72 @@ def test_granite_guardian_32_reads_like_31_and_detection_prefers_the_template():
     # A name and a template of different families: refused, not read by either rule.
     with pytest.raises(ValueError, match=r"llama_guard by its name but granite_guardian by its chat template"):
         detect_family("meta-llama/Llama-Guard-3-1B", tokenizer)
-    lg4 = tiny_tokenizer(chat_template=LLAMA_GUARD_3_TEMPLATE.replace("<|start_header_id|>", "<|header_start|>"))
-    with pytest.raises(ValueError, match=r"looks like Llama Guard 4 \(its chat template\)"):
-        detect_family("my-org/guard", lg4)
+    lg4 = tiny_tokenizer(chat_template=(TEMPLATES / "llama_guard_4.jinja").read_text())
+    assert detect_family("my-org/guard", lg4) == "llama_guard_4"
+    with pytest.raises(ValueError, match=r"llama_guard by its name but llama_guard_4 by its chat template"):
+        detect_family("meta-llama/Llama-Guard-3-8B", lg4)
+
+
+def tiny_llama4(tokenizer, **text_config):
+    """A dense text Llama 4 inside its own multimodal class (Llama Guard 4's), random weights."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_layers=[],
+                interleave_moe_layer_step=0, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, **text_config)  # fmt: skip
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=64)  # fmt: skip
+    torch.manual_seed(0)
+    return Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)).eval()
+
+
+def test_llama_guard_4_on_the_real_llama4_tokenizer(tmp_path):
+    from trl_star_dss.guardrails import LlamaGuard4, load_guardrail
+    from trl_star_dss.testing import llama4_tokenizer
+
+    tokenizer = llama4_tokenizer((TEMPLATES / "llama_guard_4.jinja").read_text())
+    model = tiny_llama4(tokenizer)
+    guard = LlamaGuard4(model, tokenizer)
+    text = guard.render(CONVERSATION)
+    # The notebook's prompt, then the blank line the model writes before `safe`/`unsafe` (its saved outputs).
+    assert text.startswith("<|begin_of_text|><|header_start|>user<|header_end|>\n\nTask: Check if there is unsafe")
+    assert "Agent: Mix flour, water and yeast, then bake it.\n\n<END CONVERSATION>" in text
+    assert text.endswith("violated categories. <|eot|><|header_start|>assistant<|header_end|>\n\n")
+    assert (guard.safe_id, guard.unsafe_id) == (60411, 72110)  # Meta's llama4 tokenizer.model: "safe", "unsafe"
+    ids = guard.encode([CONVERSATION])[0]
+    assert ids[-2:] == [200006, 368]  # <|header_end|>, "\n\n": the verdict is the next token
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([ids])).logits[0, -1, [60411, 72110]]
+    assert guard.score([CONVERSATION])[0] == pytest.approx(torch.sigmoid(z[0] - z[1]).item(), abs=1e-5)
+    response = CONVERSATION[1]["content"]
+    query = PrefixQuery(CONVERSATION[:1], response, chunk_ends(response, 2, "token", tokenizer))
+    fast, naive = guard.score_prefixes([query])[0], guard.score_prefixes([query], "naive")[0]
+    assert fast.guard_tokens < naive.guard_tokens  # the shared-prefix path ran
+    assert fast.scores == pytest.approx(naive.scores, abs=1e-4)
+    # Loaded by its name through its own model class.
+    model.save_pretrained(tmp_path / "Llama-Guard-4-12B")
+    tokenizer.save_pretrained(tmp_path / "Llama-Guard-4-12B")
+    loaded = load_guardrail(str(tmp_path / "Llama-Guard-4-12B"))
+    assert type(loaded) is LlamaGuard4 and type(loaded.model).__name__ == "Llama4ForConditionalGeneration"
+    assert loaded.score([CONVERSATION])[0] == pytest.approx(guard.score([CONVERSATION])[0], abs=1e-5)
+    with pytest.raises(ValueError, match=r"does not end at Llama Guard 4's assistant header"):
+        LlamaGuard4(model, tokenizer, chat_template=(TEMPLATES / "llama_guard_4.jinja").read_text() + "\n\n")
+
+
+@pytest.mark.parametrize("text_config", [dict(attention_chunk_size=16), dict(floor_scale=8, attn_scale=0.5)])
+def test_position_dependent_attention_takes_the_exact_path(text_config):
+    """Llama 4's chunked attention and NoPE-layer temperature depend on absolute positions the shared-prefix rows do
+    not see: inputs longer than they allow are scored by the naive path (the fast path was off by 0.13 and 1.8e-4)."""
+    tokenizer = tiny_tokenizer(chat_template=LLAMA_GUARD_3_TEMPLATE)
+    tokenizer.add_tokens([AddedToken(label, normalized=False) for label in ("safe", "unsafe")])
+    from trl_star_dss.guardrails import LlamaGuard
+
+    guard = LlamaGuard(tiny_llama4(tokenizer, **text_config), tokenizer)
+    response = "Mix flour, water and yeast, then bake it in a hot oven for forty minutes."
+    query = PrefixQuery(CONVERSATION[:1], response, chunk_ends(response, 3, "token", tokenizer))
+    fast, naive = guard.score_prefixes([query])[0].scores, guard.score_prefixes([query], "naive")[0].scores
+    assert fast == pytest.approx(naive, abs=1e-6)
 
 
 def test_training_configs_pass_the_controversial_option(tmp_path):

@@ -30,8 +30,8 @@ Conversation = list[dict[str, str]]
 _SLOT = "\ue000{}\ue001"
 _SLOT_SPLIT = re.compile("\ue000(\\d+)\ue001")
 
-FAMILIES = ("llama_guard", "granite_guardian", "granite_guardian_3_3", "qwen3guard_gen", "shieldgemma",
-            "qwen3guard_stream")
+FAMILIES = ("llama_guard", "llama_guard_4", "granite_guardian", "granite_guardian_3_3", "qwen3guard_gen",
+            "shieldgemma", "qwen3guard_stream")
 
 
 @dataclass
@@ -419,6 +419,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
         With `shared_prefix`, the rows are closing suffixes over trunks (`shared_prefix_attention`)."""
         import torch
 
+        from .loss import text_backbone
         from .shared_prefix import shared_prefix_attention
 
         device = self.model.device
@@ -428,7 +429,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
         attention = shared_prefix_attention(self.model, shared_prefix) if shared_prefix else contextlib.nullcontext()
         with torch.inference_mode(), attention:
             if head is not None:
-                hidden = self.model.base_model(**inputs).last_hidden_state
+                hidden = text_backbone(self.model)(**inputs).last_hidden_state
                 logits = head.logits(hidden[rows, ends])
             else:  # only the scored positions are projected (the model's own head)
                 keep = torch.unique(ends)
@@ -460,10 +461,12 @@ class CausalLMGuardrail(TemplatedGuardrail):
         prefix, the last being the whole response. Returns, per response, its scores and the guard tokens run."""
         plans = [_split_prefixes(ids) for ids in encoded]
         results: list = [None] * len(plans)
-        budget = self.max_tokens_per_forward
+        budget, limit = self.max_tokens_per_forward, _shared_prefix_limit(self.model)
         batch: list[int] = []
         for q, (trunk, starts, suffixes) in enumerate(plans):
-            if not trunk:  # nothing shared (a template that changes its start with the response): one forward each
+            # Nothing shared (a template that changes its start with the response), or an input longer than the rows
+            # read exactly: one forward per prefix.
+            if not trunk or max(map(len, encoded[q])) > limit:
                 results[q] = self._forward_sequences(encoded[q]), sum(map(len, encoded[q]))
                 continue
             # Responses join a batch while their padded trunks and their suffix rows each fit the budget.
@@ -560,6 +563,20 @@ def _split_prefixes(ids: list[list[int]]) -> tuple[list[int], list[int], list[li
     return full[: max(starts)], starts, suffixes
 
 
+def _shared_prefix_limit(model) -> float:
+    """The longest input whose closing-suffix rows attend exactly as `model` does. Llama 4's chunked-attention layers
+    (`attention_chunk_size`) and the attention temperature of its layers without rotary embeddings (1 until position
+    `floor_scale - 1`) depend on absolute positions the rows do not see (transformers' `Llama4TextAttention` and
+    `create_chunked_causal_mask`); both are 8192 in Llama 4's defaults, so they change nothing below that."""
+    config = model.config.get_text_config()
+    limit = float("inf")
+    if "chunked_attention" in (getattr(config, "layer_types", None) or []):
+        limit = min(limit, config.attention_chunk_size)
+    if getattr(config, "attn_temperature_tuning", False) and not all(getattr(config, "no_rope_layers", None) or [1]):
+        limit = min(limit, config.floor_scale - 1)
+    return limit
+
+
 def _row_tokens(suffixes: list[list[int]]) -> int:
     return len(suffixes) * max(map(len, suffixes))
 
@@ -577,6 +594,29 @@ class LlamaGuard(CausalLMGuardrail):
     def __init__(self, model, tokenizer, **kwargs):
         kwargs.setdefault("verdict_prefix", "\n\n")
         super().__init__(model, tokenizer, safe_label="safe", unsafe_label="unsafe", **kwargs)
+
+
+class LlamaGuard4(LlamaGuard):
+    """Llama Guard 4 (12B), text only, loaded through its own model class (`Llama4ForConditionalGeneration`, as
+    huggingface/huggingface-llama-recipes `llama_guard_4.ipynb` does). Its prompt ends at the assistant header
+    (`...<|eot|><|header_start|>assistant<|header_end|>`) and it writes `\n\nsafe` or `\n\nunsafe\nS9` (that
+    notebook's saved outputs), so the verdict is read as Llama Guard 3's: after a blank line, `safe` vs `unsafe`
+    (single tokens 60411 / 72110 after `\n\n` = 368 in the Llama 4 tokenizer, which its model card says it shares).
+    Messages are given as a list of text parts, as the notebook gives them to the model's template."""
+
+    def __init__(self, model, tokenizer, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
+        if not probe[: len(probe) - len(self.verdict_prefix)].endswith("<|header_start|>assistant<|header_end|>"):
+            raise ValueError(
+                f"The chat template of {self.name!r} does not end at Llama Guard 4's assistant header "
+                "(`<|header_start|>assistant<|header_end|>`), where the model starts writing `\n\nsafe`/`\n\nunsafe`, "
+                "so the verdict would be read at the wrong position. Use the model's own template, or family='generic' "
+                "with the verdict_prefix your template needs."
+            )
+
+    def render(self, conversation: Conversation) -> str:
+        return super().render([{**m, "content": [{"type": "text", "text": m["content"]}]} for m in conversation])
 
 
 class GraniteGuardian(CausalLMGuardrail):
@@ -764,14 +804,14 @@ class TokenLevelGuardrail(TemplatedGuardrail):
         return results
 
 
-FAMILY_CLASSES = {"llama_guard": LlamaGuard, "granite_guardian": GraniteGuardian,
+FAMILY_CLASSES = {"llama_guard": LlamaGuard, "llama_guard_4": LlamaGuard4, "granite_guardian": GraniteGuardian,
                   "granite_guardian_3_3": GraniteGuardian33, "qwen3guard_gen": Qwen3GuardGen,
                   "shieldgemma": ShieldGemma, "qwen3guard_stream": TokenLevelGuardrail}  # fmt: skip
 
 # Names of guards, with the family each version is read by (docs/method.md 1.1). A version not listed reads its
-# verdict elsewhere or in a format not verified here (Llama Guard 1/2/4, Granite Guardian 4.x): never guessed.
+# verdict elsewhere or in a format not verified here (Llama Guard 1/2, Granite Guardian 4.x): never guessed.
 NAMED_FAMILIES = (
-    (r"llama-?guard-?(\d+)", {"3": "llama_guard"}),
+    (r"llama-?guard-?(\d+)", {"3": "llama_guard", "4": "llama_guard_4"}),
     (r"granite-guardian-(\d+(?:\.\d+)?)", {"3.0": "granite_guardian", "3.1": "granite_guardian",
                                            "3.2": "granite_guardian", "3.3": "granite_guardian_3_3"}),
     (r"qwen3guard-(gen|stream)", {"gen": "qwen3guard_gen", "stream": "qwen3guard_stream"}),
@@ -781,7 +821,7 @@ NAMED_FAMILIES = (
 
 
 def _family_from_template(template: str) -> str | None:
-    """A family told by a phrase of its published template; `llama_guard_4` and unknown ones are refused later."""
+    """A family told by a phrase of its published template (Llama Guard 4: Llama Guard's words with Llama 4's headers)."""
     if "'safe' or 'unsafe'" in template:
         return "llama_guard_4" if "<|header_start|>" in template else "llama_guard"
     if "criteria_id" in template:
@@ -797,7 +837,7 @@ def _family_from_template(template: str) -> str | None:
 
 def detect_family(name_or_path: str, tokenizer) -> str | None:
     """Tell a guard's family from its chat template, else from its name; None when neither says. A guard whose name
-    is a version this project does not read (e.g. `granite-guardian-4.1-8b`, `Llama-Guard-4-12B`), or whose template
+    is a version this project does not read (e.g. `granite-guardian-4.1-8b`, `Llama-Guard-2-8B`), or whose template
     and name disagree, is an error, never scored with another version's rule."""
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     by_template = _family_from_template(template)
@@ -809,8 +849,6 @@ def detect_family(name_or_path: str, tokenizer) -> str | None:
             if by_name is None:
                 _refuse_family(name_or_path, f"{match.group(0)} (version {match.group(1) or 'any'})")
             break
-    if by_template == "llama_guard_4":
-        _refuse_family(name_or_path, "Llama Guard 4 (its chat template)")
     if by_template and by_name and by_template != by_name:
         _refuse_family(name_or_path, f"{by_name} by its name but {by_template} by its chat template")
     return by_template or by_name
@@ -867,7 +905,14 @@ def load_guardrail(
         )
     if family == "qwen3guard_stream":
         return _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
+    model_class = AutoModelForCausalLM
+    if family == "llama_guard_4":  # its own class, as Meta's and Hugging Face's notebooks load it; text only here
+        from transformers import AutoProcessor, Llama4ForConditionalGeneration
+
+        model_class = Llama4ForConditionalGeneration
+        if tokenizer.chat_template is None and "chat_template" not in kwargs:  # the template may ship with the processor
+            tokenizer.chat_template = AutoProcessor.from_pretrained(spec).chat_template
+    model = model_class.from_pretrained(
         spec,
         dtype=dtype,
         device_map=device_map,

@@ -152,14 +152,24 @@ def output_head(model) -> OutputHead:
                       getattr(config, "final_logit_softcapping", None))  # fmt: skip
 
 
+def text_backbone(model):
+    """The module of `model` that returns the last hidden states the output layer reads: the base model of a causal
+    LM, the text model inside a multimodal one (Llama 4's `language_model` is itself a causal LM: its `.model`)."""
+    module = model.base_model
+    language_model = getattr(module, "language_model", None)
+    if language_model is not None:
+        module = getattr(language_model, "model", language_model)
+    return module
+
+
 @torch.no_grad()
 def output_head_matches(model, hidden_states=None) -> tuple[bool, float]:
     """Whether `output_head(model)` applied to the backbone's last hidden states gives `model`'s own logits on a few
-    tokens, and the largest difference. `hidden_states(ids)` returns those states (default: `model.base_model`)."""
+    tokens, and the largest difference. `hidden_states(ids)` returns those states (default: `text_backbone(model)`)."""
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = (torch.arange(1, 9, device=model.device) * 7919 % vocab)[None]
     theirs = model(input_ids=ids, use_cache=False).logits[0].float()
-    hidden = hidden_states(ids) if hidden_states else model.base_model(input_ids=ids).last_hidden_state
+    hidden = hidden_states(ids) if hidden_states else text_backbone(model)(input_ids=ids).last_hidden_state
     ours = output_head(model).logits(hidden[0])
     tolerance = 1e-4 if theirs.dtype == ours.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2
     difference = (ours - theirs).abs().max().item()

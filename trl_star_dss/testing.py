@@ -7,6 +7,7 @@ with random weights, and the real Llama-3 tokenizer is read from the `llama-mode
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 
@@ -222,30 +223,36 @@ def llama3_tokenizer(chat_template: str | None = LLAMA_GUARD_3_TEMPLATE):
 
     Converting the tiktoken file takes a few seconds; the result is cached under `~/.cache/trl_star_dss`.
     """
+    return _llama_tokenizer("llama3", chat_template, "<|eot_id|>", "<|finetune_right_pad_id|>")
+
+
+def llama4_tokenizer(chat_template: str | None = None):
+    """The real Llama-4 tokenizer (202,048 ids; Llama Guard 4 shares it, its model card says) from `llama-models`,
+    cached like `llama3_tokenizer` (the conversion takes about a minute the first time)."""
+    return _llama_tokenizer("llama4", chat_template, "<|eot|>", "<|finetune_right_pad|>")
+
+
+def _llama_tokenizer(version: str, chat_template: str | None, eos: str, pad: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "trl_star_dss", "llama3-tokenizer")
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "trl_star_dss", f"{version}-tokenizer")
     if not os.path.exists(os.path.join(cache, "tokenizer.json")):
         try:
-            from llama_models.llama3.tokenizer import Tokenizer as Llama3Tiktoken
+            module = importlib.import_module(f"llama_models.{version}.tokenizer")
         except ImportError as error:
             raise ImportError(
-                "The real Llama-3 tokenizer is read from the `llama-models` package, which is not installed. "
+                f"The real {version} tokenizer is read from the `llama-models` package, which is not installed. "
                 "Install it with `pip install llama-models tiktoken blobfile` (or `pip install -e '.[test]'`)."
             ) from error
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
-        llama3 = Llama3Tiktoken.get_instance()
-        specials = sorted(llama3.special_tokens, key=llama3.special_tokens.get)
-        model_file = os.path.join(os.path.dirname(__import__("llama_models.llama3", fromlist=["x"]).__file__),
-                                  "tokenizer.model")  # fmt: skip
-        converted = TikTokenConverter(vocab_file=model_file, pattern=llama3.pat_str, extra_special_tokens=specials)
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=converted.converted(),
-            bos_token="<|begin_of_text|>",
-            eos_token="<|eot_id|>",
-            pad_token="<|finetune_right_pad_id|>",
-        )
+        tiktoken = module.Tokenizer.get_instance()
+        specials = sorted(tiktoken.special_tokens, key=tiktoken.special_tokens.get)
+        model_file = os.path.join(os.path.dirname(module.__file__), "tokenizer.model")
+        converted = TikTokenConverter(vocab_file=model_file, pattern=tiktoken.model._pat_str,
+                                      extra_special_tokens=specials)  # fmt: skip
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted.converted(), bos_token="<|begin_of_text|>",
+                                            eos_token=eos, pad_token=pad)  # fmt: skip
         tmp = f"{cache}.tmp-{os.getpid()}"
         tokenizer.save_pretrained(tmp)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
