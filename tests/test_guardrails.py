@@ -246,7 +246,7 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
 
 @pytest.mark.parametrize("name, version", [("ibm-granite/granite-guardian-4.1-8b", "4.1"),
                                            ("meta-llama/Llama-Guard-5-8B", "5"), ("meta-llama/LlamaGuard-7b", "7"),
-                                           ("meta-llama/Meta-Llama-Guard-2-8B", "2"), ("allenai/wildguard", "any")])  # fmt: skip
+                                           ("meta-llama/Meta-Llama-Guard-2-8B", "2")])  # fmt: skip
 def test_unknown_versions_of_a_family_are_refused_not_guessed(name, version):
     with pytest.raises(ValueError, match=rf"looks like [\w.-]+ \(version {re.escape(version)}\), .* family='generic'"):
         detect_family(name, tiny_tokenizer())
