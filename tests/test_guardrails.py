@@ -235,8 +235,8 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
     generic = load_guardrail(str(tmp_path / "plain"), family="generic", safe_label="safe", unsafe_label="unsafe",
                              chat_template=LLAMA_GUARD_3_TEMPLATE)  # fmt: skip
     assert type(generic) is CausalLMGuardrail
-    with pytest.raises(ValueError, match=r"family='wildguard' is not known"):
-        load_guardrail(str(tmp_path / "plain"), family="wildguard")
+    with pytest.raises(ValueError, match=r"family='aegis' is not known"):
+        load_guardrail(str(tmp_path / "plain"), family="aegis")
     with pytest.raises(ValueError, match=r"neither an existing path nor an importable `module:function`"):
         load_guardrail("no_such_module:rule")
     assert detect_family("meta-llama/Llama-Guard-3-8B", tiny_tokenizer()) == "llama_guard"

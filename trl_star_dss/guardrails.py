@@ -770,6 +770,12 @@ def _first_tokens(tokenizer, answers, safe) -> dict:
     """`CausalLMGuardrail` label arguments for `answers` (each read as its first token after a space, as the guard
     writes it after a colon), `safe` ones counting as the safe class."""
     first = {a: tokenizer.decode(tokenizer(" " + a, add_special_tokens=False)["input_ids"][:1]) for a in answers}
+    if len(set(first.values())) < len(answers):
+        raise ValueError(
+            f"The answers {list(answers)} begin with the same token in this tokenizer ({list(first.values())}), so "
+            "their probabilities cannot be told apart at the answer's first token. This family needs the guard's own "
+            "tokenizer (WildGuard: Mistral v0.3's, where ` yes`, ` no` and ` n` are single tokens)."
+        )
     safe_labels = [first[a] for a in answers if a in safe]
     unsafe_labels = [first[a] for a in answers if a not in safe]
     return {"safe_label": safe_labels[0], "unsafe_label": unsafe_labels[0],
