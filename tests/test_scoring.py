@@ -100,6 +100,10 @@ def test_bad_examples_are_clear_errors():
         response_turns({"prompt": [{"role": "user", "content": "Hi"}], "completion": 3}, "prompt_completion", 0)
     with pytest.raises(ValueError, match=r"columns \['text'\], so STAR cannot tell which text is the assistant response"):
         score_dataset(Dataset.from_list([{"text": "hello"}]), PythonGuardrail(scripted_guardrail), unit="word")
+    # An Alpaca file: the fix renames both the prompt and the response column (it named only `output` before).
+    alpaca = Dataset.from_list([{"instruction": "Hi", "input": "", "output": "Hello"}])
+    with pytest.raises(ValueError, match=r"rename_columns\(\{'instruction': 'prompt', 'output': 'completion'\}\)"):
+        score_dataset(alpaca, PythonGuardrail(scripted_guardrail), unit="word")
 
 
 def test_scorer_scores_every_chunk_prefix():

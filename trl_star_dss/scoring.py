@@ -83,7 +83,10 @@ def dataset_format(column_names: Sequence[str], required: bool = True) -> str | 
     raise ValueError(
         f"The dataset has columns {list(column_names)}, so STAR cannot tell which text is the assistant response. "
         "Use a TRL format that separates it: 'messages' (conversational) or 'prompt' + 'completion' "
-        "(standard or conversational). Rename your columns, e.g. dataset.rename_column('output', 'completion')."
+        "(standard or conversational). Rename both columns, e.g. for Alpaca data (instruction, input, output): "
+        "dataset.rename_columns({'instruction': 'prompt', 'output': 'completion'}) after joining a non-empty "
+        "`input` into the prompt (`star-dss score` does it with --prompt-column instruction --input-column input "
+        "--completion-column output)."
     )
 
 
