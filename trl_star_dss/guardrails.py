@@ -875,11 +875,16 @@ class TokenLevelGuardrail(TemplatedGuardrail):
         return torch.softmax(logits / self.temperature, -1)[:, self._safe_classes].sum(-1).tolist()
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
-        scores = []
+        return self._score_whole(conversations)[0]
+
+    def _score_whole(self, conversations: Sequence[Conversation]) -> tuple[list[float], int]:
+        """Each conversation read at its last response token, one forward each; and the guard tokens run."""
+        scores, tokens = [], 0
         for conversation, (text, ids, offsets) in zip(conversations, self.encode_with_offsets(conversations)):
             end = len(conversation[-1]["content"])
             scores += self._risk_scores(ids, self._positions(text, offsets, conversation, [end]))
-        return scores
+            tokens += len(ids)
+        return scores, tokens
 
     def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
         """`fast`: one forward per response, every prefix read from it. `naive`: one forward per prefix, each read
@@ -890,9 +895,7 @@ class TokenLevelGuardrail(TemplatedGuardrail):
         for query in queries:
             context, cut = self.fit_context(query)
             if method == "naive":
-                prefixes = prefix_conversations(PrefixQuery(context, query.response, query.ends))
-                scores = self.score(prefixes)
-                tokens = sum(map(len, self.encode(prefixes)))
+                scores, tokens = self._score_whole(prefix_conversations(PrefixQuery(context, query.response, query.ends)))
             else:
                 conversation = context + [{"role": "assistant", "content": query.response}]
                 [(text, ids, offsets)] = self.encode_with_offsets([conversation])
@@ -903,9 +906,8 @@ class TokenLevelGuardrail(TemplatedGuardrail):
 
 
 FAMILY_CLASSES = {"llama_guard": LlamaGuard, "llama_guard_4": LlamaGuard4, "granite_guardian": GraniteGuardian,
-                  "wildguard": WildGuard,
                   "granite_guardian_3_3": GraniteGuardian33, "qwen3guard_gen": Qwen3GuardGen,
-                  "shieldgemma": ShieldGemma, "qwen3guard_stream": TokenLevelGuardrail}  # fmt: skip
+                  "shieldgemma": ShieldGemma, "wildguard": WildGuard, "qwen3guard_stream": TokenLevelGuardrail}  # fmt: skip
 
 # Names of guards, with the family each version is read by (docs/method.md 1.1). A version not listed reads its
 # verdict elsewhere or in a format not verified here (Llama Guard 1/2, Granite Guardian 4.x): never guessed.
