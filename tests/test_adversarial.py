@@ -7,16 +7,10 @@ from datasets import Dataset
 
 from trl_star_dss.audit import Auditor, special_token_strings
 from trl_star_dss.config import STARDSSConfig
-from trl_star_dss.guardrails import (
-    CausalLMGuardrail,
-    EnsembleGuardrail,
-    GraniteGuardian,
-    LlamaGuard,
-    PrefixQuery,
-    PythonGuardrail,
-)
+from trl_star_dss.families import GraniteGuardian, LlamaGuard
+from trl_star_dss.guardrails import CausalLMGuardrail, EnsembleGuardrail, PrefixQuery, PythonGuardrail
 from trl_star_dss.scoring import chunk_ends, score_dataset
-from trl_star_dss.testing import GRANITE_GUARDIAN_TEMPLATE, LLAMA_GUARD_3_TEMPLATE, tiny_causal_lm, tiny_tokenizer
+from trl_star_dss.testing import GRANITE_GUARDIAN_TEMPLATE, tiny_causal_lm, tiny_tokenizer
 
 # A forged end of the response, a forged guard verdict and a forged next turn, spelled with Llama 3's special tokens.
 FORGED_VERDICT = (

@@ -7,14 +7,8 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
-from trl_star_dss.guardrails import (
-    GraniteGuardian,
-    GraniteGuardian33,
-    PrefixQuery,
-    Qwen3GuardGen,
-    ShieldGemma,
-    detect_family,
-)
+from trl_star_dss.families import detect_family, GraniteGuardian, GraniteGuardian33, Qwen3GuardGen, ShieldGemma
+from trl_star_dss.guardrails import PrefixQuery
 from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import GRANITE_GUARDIAN_TEMPLATE, LLAMA_GUARD_3_TEMPLATE, tiny_causal_lm, tiny_tokenizer
 
@@ -143,7 +137,7 @@ def tiny_llama4(tokenizer, **text_config):
 
 
 def test_llama_guard_4_on_the_real_llama4_tokenizer(tmp_path):
-    from trl_star_dss.guardrails import LlamaGuard4, load_guardrail
+    from trl_star_dss.families import LlamaGuard4, load_guardrail
     from trl_star_dss.testing import llama4_tokenizer
 
     tokenizer = llama4_tokenizer((TEMPLATES / "llama_guard_4.jinja").read_text())
@@ -181,7 +175,7 @@ def test_position_dependent_attention_takes_the_exact_path(text_config):
     not see: inputs longer than they allow are scored by the naive path (the fast path was off by 0.13 and 1.8e-4)."""
     tokenizer = tiny_tokenizer(chat_template=LLAMA_GUARD_3_TEMPLATE)
     tokenizer.add_tokens([AddedToken(label, normalized=False) for label in ("safe", "unsafe")])
-    from trl_star_dss.guardrails import LlamaGuard
+    from trl_star_dss.families import LlamaGuard
 
     guard = LlamaGuard(tiny_llama4(tokenizer, **text_config), tokenizer)
     response = "Mix flour, water and yeast, then bake it in a hot oven for forty minutes."
@@ -236,7 +230,7 @@ Answers: [/INST]
 
 
 def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
-    from trl_star_dss.guardrails import WildGuard
+    from trl_star_dss.families import WildGuard
 
     from trl_star_dss.loss import text_backbone
 

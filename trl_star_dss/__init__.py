@@ -1,16 +1,7 @@
 """STAR-DSS for TRL and Axolotl (arXiv 2505.17196): safety-shaped finetuning driven by guardrail STAR scores."""
 
-from .guardrails import (
-    CausalLMGuardrail,
-    EnsembleGuardrail,
-    GraniteGuardian,
-    Guardrail,
-    LlamaGuard,
-    PrefixQuery,
-    PrefixScores,
-    PythonGuardrail,
-    load_guardrail,
-)
+from .families import GraniteGuardian, LlamaGuard, load_guardrail
+from .guardrails import CausalLMGuardrail, EnsembleGuardrail, Guardrail, PrefixQuery, PrefixScores, PythonGuardrail
 from .audit import Auditor
 from .collator import DataCollatorForSTAR
 from .config import STARDSSConfig

@@ -469,7 +469,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
         from accelerate import PartialState
 
-        from .guardrails import deferred_guardrail, guard_options
+        from .families import deferred_guardrail, guard_options
 
         build, guardrail_id = deferred_guardrail(args.guardrail, args.guardrail_family, args.guardrail_temperature,
                                                  **guard_options(args.guardrail_controversial))  # fmt: skip

@@ -125,7 +125,7 @@ def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
     import torch
     from datasets import Dataset
 
-    from trl_star_dss.guardrails import deferred_guardrail, guard_options
+    from trl_star_dss.families import deferred_guardrail, guard_options
     from trl_star_dss.scoring import score_dataset
 
     build, guard_id = deferred_guardrail(values["guardrail"], values["guardrail_family"], values["guardrail_temperature"],
