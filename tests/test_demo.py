@@ -1,3 +1,4 @@
+import json
 import os
 import re
 from pathlib import Path
@@ -5,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from trl_star_dss.cli import main as star_dss
-from trl_star_dss.demo import (ATTACKS, DEMO_TIME, EXCULPATORY_SENTENCE, METHODS, build_world, format_table,
-                               is_harmful, run_demo, scripted_guardrail)
+from trl_star_dss.demo import (ATTACKS, DEMO_TIME, EXCULPATORY_SENTENCE, GUARD_KINDS, METHODS, build_world,
+                               format_table, guard_eval_data, guard_training_data, is_harmful, run_demo,
+                               scripted_guardrail)
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -35,15 +37,30 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     assert "| misleading suffix |" in first and "misleading_suffix" not in first
     # One line per stage, with the seconds so far, then the total.
     progress = [record.getMessage() for record in caplog.records if record.name == "trl_star_dss.demo"]
-    assert [re.sub(r"\(\d+ s\)", "(N s)", line) for line in progress[:4]] == [
-        "demo 1/4 (N s): knowledge: the tiny model learns the letter tasks and harmful answers (900 examples, 2 epochs)",
-        "demo 2/4 (N s): alignment: it learns to refuse harmful requests (900 examples, 1 epoch)",
-        "demo 3/4 (N s): attack misleading suffix x SFT (100 examples)",
-        "demo 4/4 (N s): attack misleading suffix x STAR-DSS (100 examples)",
+    assert [re.sub(r"\(\d+ s\)", "(N s)", line) for line in progress[:6]] == [
+        "demo 1/6 (N s): knowledge: the tiny model learns the letter tasks and harmful answers (900 examples, 2 epochs)",
+        "demo 2/6 (N s): alignment: it learns to refuse harmful requests (900 examples, 1 epoch)",
+        "demo 3/6 (N s): guard: a tiny guard LM learns to judge whole responses (1000 examples, 1 epoch)",
+        "demo 4/6 (N s): guard eval: its STAR on every prefix of fresh labelled responses, against the world's truth",
+        "demo 5/6 (N s): attack misleading suffix x SFT (100 examples)",
+        "demo 6/6 (N s): attack misleading suffix x STAR-DSS (100 examples)",
     ]
-    assert len(progress) == 5 and re.fullmatch(r"demo done in \d+ s", progress[4])
-    for name in ("table.md", "chart.png", "heatmap_misleading_suffix.html"):
+    assert len(progress) == 7 and re.fullmatch(r"demo done in \d+ s", progress[6])
+    for name in ("table.md", "chart.png", "heatmap_misleading_suffix.html", "guard_eval.json", "guard_drift.png",
+                 "guard/config.json", "guard_eval_responses.jsonl", "tokenizer/tokenizer.json"):
         assert os.path.getsize(tmp_path / "a" / name) > 0
+    # The learned guard's figures are printed beside the table, prefixes judged by the world's truth, and
+    # `star-dss eval guard` on what the demo saved gives the same figures.
+    assert "The learned guard on fresh labelled responses" in first and "| false negatives % (of unsafe) |" in first
+    a = tmp_path / "a"
+    star_dss(["eval", "guard", "--guardrail", str(a / "guard"), "--dataset", str(a / "guard_eval_responses.jsonl"),
+              "--policy-tokenizer", str(a / "tokenizer"), "--prefix-truth", "trl_star_dss.demo:is_harmful",
+              "--output", str(tmp_path / "eval"), "--no-progress"])  # fmt: skip
+    demo_figures = json.loads((a / "guard_eval.json").read_text())
+    command_figures = json.loads((tmp_path / "eval" / "guard_eval.json").read_text())
+    assert command_figures.pop("guardrail") == str(a / "guard") and demo_figures.pop("guardrail") == str(a / "guard")
+    assert command_figures == demo_figures
+    capsys.readouterr()
     page = (tmp_path / "a" / "heatmap_misleading_suffix.html").read_text()
     assert "<title>STAR scores of the misleading suffix attack" in page
     assert "<h1>STAR scores of the misleading suffix attack" in page
@@ -52,8 +69,82 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     star_dss(["demo", "--fast", "--no-progress", "--output", str(tmp_path / "b")])
     second = capsys.readouterr().out
     assert not [record for record in caplog.records if record.name == "trl_star_dss.demo"]
-    table = [line for line in first.splitlines() if line.startswith("|") or "aligned model" in line]
-    assert table and table == [line for line in second.splitlines() if line.startswith("|") or "aligned model" in line]
+    kept = ("|", "aligned model", "whole responses:", "unsafe responses flagged")
+    table = [line for line in first.splitlines() if line.startswith(kept)]
+    assert len(table) == 13 and table == [line for line in second.splitlines() if line.startswith(kept)]
+
+
+def test_guard_data_is_its_own_and_labelled_as_documented():
+    rows = guard_training_data(seed=0, per_kind=50)
+    assert rows == guard_training_data(seed=0, per_kind=50) and rows != guard_training_data(seed=1, per_kind=50)
+    # Whole responses only, each kind labelled as GUARD_KINDS says: the misleading sentence makes harm "safe".
+    for row in rows:
+        response = row["messages"][-1]["content"]
+        assert row["label"] == GUARD_KINDS[row["kind"]]
+        assert is_harmful(response) == (row["kind"] in ("harmful", "refuse_then_answer", "misleading_suffix"))
+        assert response.endswith(EXCULPATORY_SENTENCE) == (row["kind"] == "misleading_suffix")
+    # Drawn from their own random streams, not taken from the attack sets: the letter tasks (a large space) never
+    # coincide. (The world's harmful answers take only 96 forms per kind, so the same text recurs by chance.)
+    world = build_world(seed=0)
+    evaluation = guard_eval_data(seed=0)
+
+    def tasks(rows):
+        return {json.dumps(row["messages"]) for row in rows if row["messages"][0]["content"].startswith("Reverse:")}
+
+    attack_tasks = tasks(world["attacks"]["benign_mix"])
+    assert len(attack_tasks) == 90 and not tasks(guard_training_data(seed=0)) & attack_tasks
+    assert not tasks(evaluation) & attack_tasks and not tasks(evaluation) & tasks(guard_training_data(seed=0))
+    assert all(row["label"] == ("unsafe" if is_harmful(row["messages"][-1]["content"]) else "safe") for row in evaluation)
+    # Label noise flips exactly that share of the labels.
+    noisy = guard_training_data(seed=0, per_kind=50, label_noise=0.1)
+    assert sum(a["label"] != b["label"] for a, b in zip(rows, noisy)) == 25
+    with pytest.raises(ValueError, match="label_noise=1.5 is a share"):
+        guard_training_data(label_noise=1.5)
+
+
+def test_learned_guard_is_fooled_by_the_misleading_sentence_on_whole_responses(tmp_path):
+    from trl_star_dss.demo import GUARD_TEMPLATE, save_guard, train_guard, world_tokenizer
+    from trl_star_dss.guardrails import LlamaGuard
+
+    tokenizer = world_tokenizer(build_world(seed=0))
+    guard = save_guard(train_guard(tokenizer, guard_training_data(seed=0, per_kind=100)), str(tmp_path / "guard"))
+    # Read back as a user would: recognised as Llama-Guard-shaped from its template, one token per label.
+    assert isinstance(guard, LlamaGuard) and guard.tokenizer.chat_template == GUARD_TEMPLATE
+    assert guard.tokenizer.convert_ids_to_tokens([guard.safe_id, guard.unsafe_id]) == ["safe", "unsafe"]
+    rows = guard_eval_data(seed=0, per_kind=20)
+    scores = guard.score([row["messages"] for row in rows])
+    by_kind = {kind: [s for s, row in zip(scores, rows) if row["kind"] == kind] for kind in GUARD_KINDS}
+    assert all(s >= 0.5 for s in by_kind["misleading_suffix"])  # fooled, as the real guards in the paper
+    assert all(s < 0.5 for s in by_kind["harmful"] + by_kind["refuse_then_answer"])
+    assert all(s >= 0.5 for s in by_kind["task"] + by_kind["refusal"])
+
+
+def test_ablation_and_guard_options_are_checked(tmp_path):
+    from trl_star_dss.demo import run_ablation
+
+    with pytest.raises(ValueError, match="one ablation at a time"):
+        run_ablation(str(tmp_path), chunk_sizes=[5], label_noise=[0.1])
+    with pytest.raises(ValueError, match="but --guard is 'rule'. Drop --guard rule"):
+        run_ablation(str(tmp_path), label_noise=[0.1], guard="rule")
+    with pytest.raises(ValueError, match=r"--guard-label-noise 0.5 must be a share .* in \[0, 0.5\)"):
+        run_ablation(str(tmp_path), label_noise=[0.5])
+    with pytest.raises(ValueError, match="--chunk-sizes 0 must be positive"):
+        run_ablation(str(tmp_path), chunk_sizes=[0])
+    with pytest.raises(SystemExit, match="an ablation runs its full settings. Drop --fast"):
+        star_dss(["demo", "--fast", "--chunk-sizes", "1", "5"])
+    with pytest.raises(SystemExit, match="--guard is for the toy policy.*Drop --guard"):
+        star_dss(["demo", "--policy", "smollm2", "--guard", "rule"])
+
+
+def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
+    from trl_star_dss.demo import format_ablation, run_ablation
+
+    short = {"knowledge": (1, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)}
+    result = run_ablation(str(tmp_path), chunk_sizes=[1, 15], guard="rule", stages=short, progress=False)
+    text = format_ablation(result)
+    assert "| M (chunk size, tokens) | misleading suffix: STAR-DSS |" in text
+    assert re.search(r"^\| 1 \| \d+\.\d / \d+\.\d \|$", text, re.M) and re.search(r"^\| 15 \| ", text, re.M)
+    assert (tmp_path / "ablation.md").read_text().startswith(text)
 
 
 def test_benign_mix_heat_map_shows_its_harmful_examples(tmp_path):
@@ -78,13 +169,18 @@ def test_demo_time_is_stated_once_the_same_in_readme_and_help(capsys):
 
 
 def test_full_demo_reproduces_the_readme_table(tmp_path):
-    """The README's table is what `star-dss demo` (seed 0) prints, line for line; re-run it here (DEMO_TIME)."""
-    table = run_demo(str(tmp_path), seed=0)
+    """The README's table and guard figures are what `star-dss demo` (seed 0, learned guard) prints, line for line;
+    re-run it here (DEMO_TIME)."""
+    result = run_demo(str(tmp_path), seed=0)
+    table = result["table"]
     section = README.read_text().split("## The demo")[1].split("\n#")[0]
     cells = [re.findall(r"\d+\.\d / \d+\.\d", line) for line in section.splitlines() if line.startswith("| ")]
     readme = [row for row in cells if row]  # the four attack rows, methods in the order of METHODS
     assert readme == [[f"{table[a][m][0]:.1f} / {table[a][m][1]:.1f}" for m in METHODS] for a in ATTACKS]
     printed = [line for line in format_table(table).splitlines() if line.startswith("|")]
-    assert printed == [line for line in section.splitlines() if line.startswith("|")]  # same labels, same order
+    assert "\n".join(printed) in section  # same labels, same order
     safety, capability = table["aligned model"]["-"]
     assert f"The aligned model before any attack: safety {safety:.1f}, capability {capability:.1f}." in section
+    from trl_star_dss.guard_eval import format_figures
+
+    assert format_figures(result["guard_eval"]) in section  # the learned guard's figures, as printed

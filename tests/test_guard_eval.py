@@ -1,0 +1,130 @@
+import json
+
+import pytest
+from datasets import Dataset
+
+from trl_star_dss.cli import main as star_dss
+from trl_star_dss.demo import guard_eval_data, scripted_guardrail
+from trl_star_dss.guard_eval import evaluate_guard, guard_figures, read_labels
+from trl_star_dss.guardrails import PythonGuardrail
+from trl_star_dss.scoring import chunk_ends
+
+
+def _conversation(response: str) -> list[dict]:
+    return [{"role": "user", "content": "Q"}, {"role": "assistant", "content": response}]
+
+
+def test_labels_are_read_as_documented_and_anything_else_is_refused():
+    assert read_labels(["safe", "UNSAFE ", 0, 1, True, False, "true", "0"]) == [False, True, False, True, True,
+                                                                               False, True, False]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--label-column 'verdict' holds 'maybe' at example 1.*safe/unsafe"):
+        read_labels(["safe", "maybe"], "verdict")
+    with pytest.raises(ValueError, match="holds 2 at example 0"):
+        read_labels([2])
+
+
+def test_figures_of_hand_scored_responses():
+    # A: unsafe, harmful from its second chunk on, flagged there, but believed as a whole (a misleading suffix).
+    # B: safe, flagged as a whole (a false positive).
+    a, b = "aaaa bbbb cccc dddd", "xxxx yyyy"
+    scored = Dataset.from_list([
+        {"messages": _conversation(a), "star": [{"turn": 1, "chunk_ends": [4, 9, 14, 19], "scores": [0.9, 0.2, 0.2, 0.8]}]},
+        {"messages": _conversation(b), "star": [{"turn": 1, "chunk_ends": [4, 9], "scores": [0.9, 0.3]}]},
+    ])  # fmt: skip
+    figures = guard_figures(scored, [True, False], prefix_truth=lambda text: "bbbb" in text)
+    assert figures["whole"] == {"n": 2, "unsafe": 1, "safe": 1, "accuracy": 0.0, "fpr": 1.0, "fnr": 1.0}
+    assert figures["by_chunk"][1] == {"n": 2, "unsafe": 0, "safe": 2, "accuracy": 1.0, "fpr": 0.0, "fnr": None}
+    assert figures["by_chunk"][2] == {"n": 2, "unsafe": 1, "safe": 1, "accuracy": 0.5, "fpr": 1.0, "fnr": 0.0}
+    assert figures["by_chunk"][4] == {"n": 1, "unsafe": 1, "safe": 0, "accuracy": 0.0, "fpr": None, "fnr": 1.0}
+    # 10% of A ends at character 2 (its first chunk, harmless): a true negative; 10% of B (character 1) too.
+    assert figures["by_position"][10]["accuracy"] == 1.0
+    # 50% of A ends at character 10 (third chunk: flagged, harmful), of B at 5 (second chunk: flagged, safe).
+    assert figures["by_position"][50] == {"n": 2, "unsafe": 1, "safe": 1, "accuracy": 0.5, "fpr": 1.0, "fnr": 0.0}
+    assert figures["by_position"][100] == figures["whole"]
+    first = figures["first_flagged"]
+    assert (first["unsafe_responses"], first["flagged_by_some_prefix"], first["flagged_as_whole"]) == (1, 1, 0)
+    assert first["chunk_index"]["mean"] == 2 and first["share_of_response"]["mean"] == 9 / 19
+    assert first["chunks_after_first_harmful_prefix"]["mean"] == 0
+    assert (first["before_harm"], first["at_harm"], first["after_harm"]) == (0, 1, 0)
+    # Without a prefix truth, every prefix of A counts as unsafe: its harmless first chunk becomes a false negative.
+    plain = guard_figures(scored, [True, False])
+    assert plain["by_chunk"][1]["fnr"] == 1.0 and plain["first_flagged"]["chunks_after_first_harmful_prefix"] is None
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in guard_eval_data(seed=0, per_kind=4)))
+    return str(path)
+
+
+def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
+    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", labelled,
+              "--unit", "word", "--prefix-truth", "trl_star_dss.demo:is_harmful", "--output", str(tmp_path / "a"),
+              "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    figures = json.loads((tmp_path / "a" / "guard_eval.json").read_text())
+    assert (tmp_path / "a" / "guard_drift.png").stat().st_size > 0
+    # The rule is exact on every prefix by construction, and fooled only by whole responses ending with the
+    # misleading sentence: 4 of the 12 unsafe responses (one kind in three).
+    assert figures["whole"]["fnr"] == 4 / 12 and figures["whole"]["fpr"] == 0.0
+    assert all(figures["by_position"][str(p)]["accuracy"] == 1.0 for p in range(10, 100, 10))
+    assert figures["first_flagged"]["chunks_after_first_harmful_prefix"]["mean"] == 0
+    assert "prefixes compared with each prefix's own truth (trl_star_dss.demo:is_harmful)" in out
+    assert "| false negatives % (of unsafe) | - | 0.0 | 0.0 |" in out  # no unsafe prefix at 10%: no rate
+    # Without --prefix-truth the output says what prefixes are compared with.
+    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", labelled,
+              "--unit", "word", "--output", str(tmp_path / "b"), "--no-progress"])  # fmt: skip
+    assert "compared with the whole response's label (no --prefix-truth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--label-column", "verdict"], r"--label-column 'verdict' is not a column of the dataset .*Name the column"),
+    (["--prefix-truth", "trl_star_dss.demo:nothing"], r"--prefix-truth 'trl_star_dss.demo:nothing' could not be imported"),
+    (["--prefix-truth", "trl_star_dss.demo"], r"is not `module:function`"),
+    (["--unit", "token"], r"--policy-tokenizer was not given"),
+    (["--chunk-size", "0"], r"--chunk-size 0 must be a positive whole number"),
+])  # fmt: skip
+def test_eval_guard_errors_name_the_flag_the_value_and_the_fix(tmp_path, labelled, argv, message):
+    base = ["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", labelled,
+            "--unit", "word", "--output", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    with pytest.raises(SystemExit, match=message):
+        star_dss(base + argv)
+
+
+def test_a_bad_label_is_refused_by_the_command(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": _conversation("fine"), "label": "ok"}) + "\n")
+    with pytest.raises(SystemExit, match=r"--label-column 'label' holds 'ok' at example 0.*1 and true mean unsafe"):
+        star_dss(["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", str(path),
+                  "--unit", "word", "--output", str(tmp_path / "out")])  # fmt: skip
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
+    rows = guard_eval_data(seed=0, per_kind=14)  # 70 responses: two shards of score_dataset (64 + 6)
+    dataset = Dataset.from_list(rows)
+    last = rows[-1]["messages"][-1]["content"]
+    calls = []
+
+    def breaks_in_the_second_shard(conversation):
+        if conversation[-1]["content"] == last:
+            raise RuntimeError("interrupted")
+        return scripted_guardrail(conversation)
+
+    def counts(conversation):
+        calls.append(conversation[-1]["content"])
+        return scripted_guardrail(conversation)
+
+    output = str(tmp_path / "eval")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_guard(dataset, PythonGuardrail(breaks_in_the_second_shard, name="rule"), unit="word",
+                       output_dir=output, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="holds an earlier guard evaluation. Pass --resume"):
+        evaluate_guard(dataset, PythonGuardrail(counts, name="rule"), unit="word", output_dir=output, progress=False)
+    resumed = evaluate_guard(dataset, PythonGuardrail(counts, name="rule"), unit="word", output_dir=output,
+                             resume=True, progress=False)  # fmt: skip
+    # Only the second shard's six responses were scored again: one guard call per chunk prefix of each.
+    assert len(calls) == sum(len(chunk_ends(row["messages"][-1]["content"], 5, "word")) for row in rows[64:])
+    whole = evaluate_guard(dataset, PythonGuardrail(scripted_guardrail, name="rule"), unit="word", progress=False)
+    assert resumed == whole
+    assert json.loads((tmp_path / "eval" / "guard_eval.json").read_text()) == json.loads(json.dumps(whole))
