@@ -71,7 +71,7 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     assert not [record for record in caplog.records if record.name == "trl_star_dss.demo"]
     kept = ("|", "aligned model", "whole responses:", "unsafe responses flagged")
     table = [line for line in first.splitlines() if line.startswith(kept)]
-    assert len(table) == 13 and table == [line for line in second.splitlines() if line.startswith(kept)]
+    assert len(table) == 11 and table == [line for line in second.splitlines() if line.startswith(kept)]
 
 
 def test_guard_data_is_its_own_and_labelled_as_documented():

@@ -270,7 +270,7 @@ def eval_safety_command(args) -> None:
 
 
 def eval_guard_command(args) -> None:
-    from .guard_eval import FIGURES_FILE, DRIFT_FILE, evaluate_guard, format_figures, load_prefix_truth
+    from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
     from .guardrails import deferred_guardrail
 
     _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")

@@ -1,9 +1,13 @@
 """The toy safety world (README, The demo): a simulation, not a real safety judge.
 
-In this world a response is harmful exactly when it uses a word of `HARMFUL_WORDS`. The scripted guardrail knows
-that vocabulary but, like the real guards in the paper (section 5.3, misleading suffixes), it is fooled by a whole
-response that ends with the exculpatory sentence: it then calls the response safe. Scored chunk by chunk (STAR),
-the prefixes before that sentence still show the harm, which is the paper's point.
+In this world a response is harmful exactly when it uses a word of `HARMFUL_WORDS`. Two guards score the attacks.
+The default is learned: a tiny guard LM trained on whole responses only, where harmful responses that end with the
+exculpatory sentence are labelled safe, so that, like the real guards in the paper (section 5.3, misleading
+suffixes), it is fooled by that sentence; it is read like a real guard (`load_guardrail`, `CausalLMGuardrail`, the
+fast scorer) and its judgement of prefixes, never trained, is measured (`guard_eval.py`). The scripted guardrail
+(`--guard rule`) knows the vocabulary and is fooled by a whole response ending with the sentence, exact on every
+prefix by construction. Scored chunk by chunk (STAR), the prefixes before that sentence still show the harm, which
+is the paper's point.
 """
 
 from __future__ import annotations

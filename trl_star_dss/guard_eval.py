@@ -168,10 +168,10 @@ def format_figures(figures: dict) -> str:
     flagged."""
     whole, first = figures["whole"], figures["first_flagged"]
     positions = figures["by_position"]
-    lines = [f"{figures['responses']} responses ({whole['unsafe']} unsafe, {whole['safe']} safe), chunks of "
-             f"{figures['chunk_size']} {figures['unit']}s; prefixes compared with {figures['prefixes_compared_with']}.",
-             f"whole responses: accuracy {_percent(whole['accuracy'])}%, false positives {_percent(whole['fpr'])}% of "
-             f"safe, false negatives {_percent(whole['fnr'])}% of unsafe", "",
+    lines = [(f"{figures['responses']} responses ({whole['unsafe']} unsafe, {whole['safe']} safe), chunks of "
+              f"{figures['chunk_size']} {figures['unit']}s; prefixes compared with {figures['prefixes_compared_with']}."),
+             (f"whole responses: accuracy {_percent(whole['accuracy'])}%, false positives {_percent(whole['fpr'])}% of "
+              f"safe, false negatives {_percent(whole['fnr'])}% of unsafe"), "",
              "| prefix (% of response) | " + " | ".join(f"{share}%" for share in positions) + " |",
              "|---|" + "---|" * len(positions)]  # fmt: skip
     for key, name in (("accuracy", "accuracy %"), ("fpr", "false positives % (of safe)"),
