@@ -156,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "responses and on prefixes by position, and where unsafe responses are first flagged.",
         description="Score every prefix of labelled responses with a guard (as `score` does) and report accuracy, "
         "false-positive and false-negative rates (unsafe = positive, flagged = STAR < 0.5) on whole responses and on "
-        "prefixes at 10%%, 20%%, ..., 100%% of the response and per chunk, and where unsafe responses are first "
+        "prefixes at 10%, 20%, ..., 100% of the response and per chunk, and where unsafe responses are first "
         "flagged. Writes OUTPUT/guard_eval.json, OUTPUT/guard_drift.png and the scores (OUTPUT/scores).",
         epilog="example (offline, after `star-dss demo`, which saves its learned guard, the world's tokenizer and "
         "fresh labelled responses): star-dss eval guard --guardrail runs/demo/guard --dataset "
