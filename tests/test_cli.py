@@ -190,3 +190,12 @@ def test_no_progress_silences_datasets_bars(tmp_path, capfd):
     assert datasets.is_progress_bar_enabled()  # back as it was, for whatever runs next in the process
     main(args + ["--output", str(tmp_path / "loud")])
     assert "Saving the dataset" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["score"], ["show"], ["demo"], ["eval"], ["eval", "safety"], ["eval", "guard"],
+                                     ["eval", "capability"]])  # fmt: skip
+def test_every_help_prints(command, capsys):
+    """`--help` of every command prints (a bare `%` in a help text made `star-dss eval --help` crash)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0 and "usage: star-dss" in capsys.readouterr().out

@@ -128,7 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="Evaluate a model.")
     kinds = evaluate.add_subparsers(dest="kind", required=True)
     safety = kinds.add_parser("safety", help="Answer harmful prompts; judge the answers with a guardrail and refusal "
-                              "keywords; report the share judged safe with a 95% CI.")
+                              "keywords; report the share judged safe with a 95%% CI.")
     safety.add_argument("--model", required=True, help="Model path or hub id.")
     safety.add_argument("--adapter", help="A PEFT adapter to load on top of --model.")
     safety.add_argument("--prompts", required=True, help="Local JSONL/JSON/CSV or a dataset id (e.g. AdvBench).")

@@ -405,8 +405,8 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: b
         changed = {k: (existing.get(k), v) for k, v in settings.items() if existing.get(k) != v}
         raise ValueError(
             f"output_dir={output_dir!r} holds STAR scores made with other settings ({changed}, as (stored, now)). "
-            "Scores made with different settings are never mixed: choose another output directory, or pass "
-            "overwrite=True (`--overwrite`) to delete them and score again."
+            "Scores made with different settings are never mixed: choose another output directory, or delete them "
+            "and score again (overwrite=True; `star-dss score --overwrite`)."
         )
     barrier()
     if is_main:
@@ -431,7 +431,8 @@ def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str) -> No
         if record["hash"] != example_hash(dataset[record["index"]], fmt):
             raise ValueError(
                 f"output_dir={output_dir!r} holds scores of another dataset: example {record['index']} differs from "
-                "the one scored there. Choose another output directory, or pass overwrite=True (`--overwrite`)."
+                "the one scored there. Choose another output directory, or delete those scores (overwrite=True; "
+                "`star-dss score --overwrite`)."
             )
 
 
