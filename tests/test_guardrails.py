@@ -244,14 +244,3 @@ def test_unknown_versions_of_a_family_are_refused_not_guessed(name, version):
         detect_family(name, tiny_tokenizer())
     for known in ("meta-llama/Llama-Guard-3-1B", "meta-llama/Llama-Guard-3-8B-INT8", "ibm-granite/granite-guardian-3.0-8b"):
         assert detect_family(known, tiny_tokenizer()) in ("llama_guard", "granite_guardian")
-
-
-def test_families_stay_importable_from_guardrails():
-    """The families moved to `families.py`; code that imports them from `guardrails` (earlier releases) still works."""
-    import trl_star_dss.families as families
-    import trl_star_dss.guardrails as guardrails
-
-    for name in guardrails._MOVED:
-        assert getattr(guardrails, name) is getattr(families, name)
-    with pytest.raises(AttributeError, match="has no attribute 'Nothing'"):
-        guardrails.Nothing

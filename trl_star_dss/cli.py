@@ -15,7 +15,8 @@ import os
 import sys
 import traceback
 
-from .guardrails import CONTROVERSIAL, FAMILIES
+from .families import FAMILIES
+from .guardrails import CONTROVERSIAL
 from .loading import load_dataset_arg, response_columns
 
 
@@ -247,7 +248,7 @@ def eval_safety_command(args) -> None:
     from accelerate import PartialState
 
     from .evaluation import DecodingConfig, evaluate_safety, load_policy, load_prompts
-    from .guardrails import load_guardrail
+    from .families import load_guardrail
 
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--max-new-tokens", args.max_new_tokens, "Use e.g. 500 (the paper's).")
@@ -271,7 +272,7 @@ def eval_safety_command(args) -> None:
 
 def eval_guard_command(args) -> None:
     from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
-    from .guardrails import deferred_guardrail
+    from .families import deferred_guardrail
 
     _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")
     _check_positive("--batch-size", args.batch_size, "Use e.g. 16 (the default).")
@@ -390,7 +391,7 @@ def show_command(args) -> None:
 
 
 def score_command(args) -> None:
-    from .guardrails import deferred_guardrail
+    from .families import deferred_guardrail
     from .scoring import score_dataset, scored_dataset_path
 
     # The flags are checked here, before the dataset or a guard loads, and named as typed (scoring's own checks name

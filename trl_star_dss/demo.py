@@ -233,7 +233,7 @@ def train_guard(tokenizer, rows: list[dict], seed: int = 0, epochs: int = 3, lr:
 
     import torch
 
-    from .guardrails import LlamaGuard
+    from .families import LlamaGuard
     from .testing import tiny_causal_lm
 
     guard_tok = guard_tokenizer(tokenizer)
@@ -267,7 +267,7 @@ def train_guard(tokenizer, rows: list[dict], seed: int = 0, epochs: int = 3, lr:
 def save_guard(guard, path: str):
     """Save the guard like a hub checkpoint and read it back as a user would, through `load_guardrail` (its family is
     recognised from its template: Llama Guard, a blank line then `safe` / `unsafe`)."""
-    from .guardrails import load_guardrail
+    from .families import load_guardrail
 
     guard.model.save_pretrained(path)
     guard.tokenizer.save_pretrained(path)

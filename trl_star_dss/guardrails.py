@@ -690,19 +690,3 @@ class TokenLevelGuardrail(TemplatedGuardrail):
                 tokens = len(ids)
             results.append(PrefixScores(scores, context_cut=cut, guard_tokens=tokens))
         return results
-
-
-
-# The families and their loading moved to `families.py`; their names stay importable from here, as in earlier
-# releases (looked up on first use, so neither module imports the other while it loads).
-_MOVED = ("FAMILIES", "FAMILY_CLASSES", "GraniteGuardian", "GraniteGuardian33", "LlamaGuard", "LlamaGuard4",
-          "Qwen3GuardGen", "SHIELDGEMMA_GUIDELINE", "ShieldGemma", "WildGuard", "deferred_guardrail", "detect_family",
-          "guardrail_id", "load_guardrail")  # fmt: skip
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from . import families
-
-        return getattr(families, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
