@@ -199,3 +199,12 @@ def test_every_help_prints(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
     assert exit_.value.code == 0 and "usage: star-dss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["score", "--guardrail", "g", "--dataset", "d"], ["eval", "guard", "--guardrail", "g",
+                                     "--dataset", "d"]])  # fmt: skip
+def test_dtype_is_checked_before_anything_loads(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--dtype", "fp16"])
+    assert exit_.value.code == 2
+    assert "--dtype: invalid choice: 'fp16' (choose from 'auto', 'bfloat16', 'float16', 'float32')" in capsys.readouterr().err

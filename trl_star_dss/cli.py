@@ -36,6 +36,9 @@ then: star-dss show --dataset runs/toy-sample --output runs/toy-sample/pictures
 """
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # what `from_pretrained(dtype=...)` takes by name
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .demo import DEMO_TIME
@@ -80,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=16, help="Examples per guard call (default 16).")
     score.add_argument("--shard-size", type=int, default=64, help="Examples per saved shard: the unit of resume "
                        "and of work split between processes (default 64).")
-    score.add_argument("--dtype", default="auto", help="Guard dtype: auto, bfloat16, float16 or float32.")
+    score.add_argument("--dtype", default="auto", choices=DTYPES, help="Guard dtype (auto: the checkpoint's).")
     score.add_argument("--device", help="Guard device (default: this process's accelerator, else CPU).")
     score.add_argument("--trust-remote-code", action="store_true", help="Allow the guard's own modelling code.")
     score.add_argument("--overwrite", action="store_true", help="Delete scores in --output made with other "
@@ -149,7 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--max-new-tokens", type=int, default=500, help="(paper: 500).")
     safety.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
     safety.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-    safety.add_argument("--dtype", default="auto", help="Model dtype.")
+    safety.add_argument("--dtype", default="auto", choices=DTYPES, help="Model dtype (auto: the checkpoint's).")
     safety.add_argument("--device", help="Model device (default: this process's accelerator, else CPU).")
     safety.add_argument("--no-progress", action="store_true", help="No progress bars (answers and `datasets`).")
     guard = kinds.add_parser(
@@ -186,7 +189,7 @@ def _build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--temperature", type=float, default=1.0, help="As for `score`.")
     guard.add_argument("--family", choices=FAMILIES, help="Force the guard family.")
     guard.add_argument("--batch-size", type=int, default=16, help="Examples per guard call (default 16).")
-    guard.add_argument("--dtype", default="auto", help="Guard dtype.")
+    guard.add_argument("--dtype", default="auto", choices=DTYPES, help="Guard dtype (auto: the checkpoint's).")
     guard.add_argument("--device", help="Guard device (default: this process's accelerator, else CPU).")
     guard.add_argument("--trust-remote-code", action="store_true", help="Allow the guard's own modelling code.")
     guard.add_argument("--no-progress", action="store_true", help="No progress bars (scoring and `datasets`).")
@@ -200,7 +203,7 @@ def _build_parser() -> argparse.ArgumentParser:
     capability.add_argument("--batch-size", type=int, default=8)
     capability.add_argument("--limit", type=int, help="Examples per task (for a quick look).")
     capability.add_argument("--num-fewshot", type=int, help="Few-shot examples (default: the task's).")
-    capability.add_argument("--dtype", default="auto", help="Model dtype.")
+    capability.add_argument("--dtype", default="auto", choices=DTYPES, help="Model dtype (auto: the checkpoint's).")
     capability.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
     return parser
 
