@@ -275,5 +275,5 @@ def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
     assert naive.scores == pytest.approx(expected, abs=1e-4)
     assert 0 < fast.guard_tokens < naive.guard_tokens
     assert guard.score([CONVERSATION])[0] == pytest.approx(expected[-1], abs=1e-4)
-    with pytest.raises(ValueError, match=r"begin with the same token in this tokenizer .* needs the guard's own tokenizer"):
+    with pytest.raises(ValueError, match=r"do not each begin with a token of their own in this tokenizer.* needs the guard's own tokenizer"):
         WildGuard(model, tiny_tokenizer(chat_template=""))

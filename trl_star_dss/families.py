@@ -210,17 +210,28 @@ class WildGuard(CausalLMGuardrail):
 
 
 def _first_tokens(tokenizer, answers, safe) -> dict:
-    """`CausalLMGuardrail` label arguments for `answers` (each read as its first token after a space, as the guard
-    writes it after a colon), `safe` ones counting as the safe class."""
-    first = {a: tokenizer.decode(tokenizer(" " + a, add_special_tokens=False)["input_ids"][:1]) for a in answers}
-    if len(set(first.values())) < len(answers):
+    """`CausalLMGuardrail` label arguments for `answers`, `safe` ones counting as the safe class. Each answer is read
+    at its first token as the guard writes it after a colon: the longest start of ` answer` that is one token there
+    (` yes`; ` n` of ` n/a`), found in context rather than by decoding (SentencePiece decoding drops the space)."""
+    before = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+
+    def first(answer: str) -> tuple[str, int | None]:
+        for end in range(len(answer), 0, -1):
+            after = tokenizer("Answer: " + answer[:end], add_special_tokens=False)["input_ids"]
+            if after[: len(before)] == before and len(after) == len(before) + 1:
+                return " " + answer[:end], after[-1]
+        return " " + answer, None
+
+    labels = {answer: first(answer) for answer in answers}
+    ids = [token for _, token in labels.values()]
+    if None in ids or len(set(ids)) < len(ids):
         raise ValueError(
-            f"The answers {list(answers)} begin with the same token in this tokenizer ({list(first.values())}), so "
-            "their probabilities cannot be told apart at the answer's first token. This family needs the guard's own "
+            f"The answers {list(answers)} do not each begin with a token of their own in this tokenizer, so their "
+            "probabilities cannot be told apart at the answer's first token. This family needs the guard's own "
             "tokenizer (WildGuard: Mistral v0.3's, where ` yes`, ` no` and ` n` are single tokens)."
         )
-    safe_labels = [first[a] for a in answers if a in safe]
-    unsafe_labels = [first[a] for a in answers if a not in safe]
+    safe_labels = [labels[a][0] for a in answers if a in safe]
+    unsafe_labels = [labels[a][0] for a in answers if a not in safe]
     return {"safe_label": safe_labels[0], "unsafe_label": unsafe_labels[0],
             "other_labels": {x: True for x in safe_labels[1:]} | {x: False for x in unsafe_labels[1:]}}  # fmt: skip
 
