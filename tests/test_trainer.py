@@ -433,7 +433,7 @@ def test_precomputed_reference_is_the_given_ref_model_and_is_cached(tmp_path, to
 
 
 def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tokenizer, scored, monkeypatch):
-    import trl_star_dss.guardrails as guardrails
+    import trl_star_dss.families as families
     from trl_star_dss.cli import main
 
     tokenizer.save_pretrained(tmp_path / "policy")
@@ -445,7 +445,7 @@ def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tok
     def no_guard(*args, **kwargs):
         raise AssertionError("the guard was loaded: start-up scoring did not find the scores of `star-dss score`")
 
-    monkeypatch.setattr(guardrails, "load_guardrail", no_guard)
+    monkeypatch.setattr(families, "load_guardrail", no_guard)
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
