@@ -67,13 +67,6 @@ def _additive(allowed):
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")), allowed.any(-1)
 
 
-# Rows per trunk-part attention call. A row sees only the trunk before its cut, but a fused kernel computes every
-# key it is given, so one example's rows are split into blocks (rows are ordered by cut) and each block reads the
-# trunk up to its last cut: on the default benchmark this computes ~25% fewer trunk scores than one call per example,
-# and more calls per layer cost more than they save below about 8 rows (measured, benchmarks/bench_scoring.py).
-ROWS_PER_BLOCK = 8
-
-
 @dataclass
 class SharedPrefix:
     """What the suffix rows of one forward read beside themselves.
@@ -91,15 +84,13 @@ class SharedPrefix:
     width: int
     _masks: dict = field(default_factory=dict, repr=False)
 
-    def blocks(self):
-        """`(example, first_row, end_row, keys)`: each example's rows in blocks of `ROWS_PER_BLOCK`, with the number of
-        trunk tokens the block can see (its largest cut); blocks that see none are left out."""
+    def trunk_parts(self):
+        """`(example, first_row, end_row, keys)` for every example with rows here: its trunk is read up to `keys`, its
+        rows' largest cut (the trunk's padding and anything after the last cut are never given to the kernel)."""
         for example, first, end in self.spans:
-            for lo in range(first, end, ROWS_PER_BLOCK):
-                hi = min(lo + ROWS_PER_BLOCK, end)
-                keys = int(self.starts[lo:hi].max())
-                if keys > 0:
-                    yield example, lo, hi, keys
+            keys = int(self.starts[first:end].max())
+            if keys > 0:
+                yield example, first, end, keys
 
     def trunk_mask(self, first: int, end: int, keys: int, window: int | None):
         """((1, 1, rows * width, keys) additive mask, seen) of these rows' queries over the first `keys` tokens of
@@ -143,9 +134,9 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
     mask, seen = shared.suffix_mask(groups, window)
     out, lse = attend(query, key, value, mask, scaling, softcap, seen)
     layer = shared.cache.layers[module.layer_idx]
-    for example, first, end, keys in shared.blocks():
-        # Trunk part: a block of one example's rows as one long query against the trunk up to the block's last cut,
-        # query head groups in the batch axis so the trunk's keys are shared by broadcasting, never repeated.
+    for example, first, end, keys in shared.trunk_parts():
+        # Trunk part: this example's rows as one long query against its trunk, query head groups in the batch axis
+        # so the trunk's keys are shared by broadcasting, never repeated.
         n = end - first
         part = query[first:end].reshape(n, kv_heads, groups, width, dim).permute(2, 1, 0, 3, 4)
         part = part.reshape(groups, kv_heads, n * width, dim)
