@@ -26,6 +26,7 @@ from .guardrails import (
     TokenLevelGuardrail,
     _check_method,
     check_controversial,
+    one_token_after,
 )
 
 FAMILIES = ("llama_guard", "llama_guard_4", "granite_guardian", "granite_guardian_3_3", "qwen3guard_gen",
@@ -213,13 +214,12 @@ def _first_tokens(tokenizer, answers, safe) -> dict:
     """`CausalLMGuardrail` label arguments for `answers`, `safe` ones counting as the safe class. Each answer is read
     at its first token as the guard writes it after a colon: the longest start of ` answer` that is one token there
     (` yes`; ` n` of ` n/a`), found in context rather than by decoding (SentencePiece decoding drops the space)."""
-    before = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
 
     def first(answer: str) -> tuple[str, int | None]:
         for end in range(len(answer), 0, -1):
-            after = tokenizer("Answer: " + answer[:end], add_special_tokens=False)["input_ids"]
-            if after[: len(before)] == before and len(after) == len(before) + 1:
-                return " " + answer[:end], after[-1]
+            token = one_token_after(tokenizer, "Answer:", " " + answer[:end])
+            if token is not None:
+                return " " + answer[:end], token
         return " " + answer, None
 
     labels = {answer: first(answer) for answer in answers}

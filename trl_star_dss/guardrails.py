@@ -380,16 +380,17 @@ class CausalLMGuardrail(TemplatedGuardrail):
 
     def _label_id(self, label: str, argument: str) -> int:
         probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
-        before = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-        after = self.tokenizer(probe + label, add_special_tokens=False)["input_ids"]
-        if after[: len(before)] != before or len(after) != len(before) + 1:
-            pieces = self.tokenizer.convert_ids_to_tokens(after[len(before) - 1 :])
+        token = one_token_after(self.tokenizer, probe, label)
+        if token is None:
+            before = len(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+            after = self.tokenizer(probe + label, add_special_tokens=False)["input_ids"]
+            pieces = self.tokenizer.convert_ids_to_tokens(after[before - 1 :])
             raise ValueError(
                 f"{argument}={label!r} is not a single token of the guard's tokenizer after the verdict prefix "
                 f"{self.verdict_prefix!r} (the end of the prompt tokenizes to {pieces}). Use the exact first answer "
                 "token of the guard, and put any text the guard writes before it into `verdict_prefix`."
             )
-        return after[-1]
+        return token
 
     # -- forwards ------------------------------------------------------------------------------------------------
 
@@ -540,6 +541,13 @@ class CausalLMGuardrail(TemplatedGuardrail):
         for result, (scores, guard_tokens) in zip(results, self._shared_prefix_scores(encoded)):
             result.scores, result.guard_tokens = scores, guard_tokens
         return results
+
+
+def one_token_after(tokenizer, text: str, label: str) -> int | None:
+    """The token id `label` adds when `text + label` tokenizes as `text`'s tokens and exactly one more; else None."""
+    before = tokenizer(text, add_special_tokens=False)["input_ids"]
+    after = tokenizer(text + label, add_special_tokens=False)["input_ids"]
+    return after[-1] if after[: len(before)] == before and len(after) == len(before) + 1 else None
 
 
 def _split_prefixes(ids: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
