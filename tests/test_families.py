@@ -232,7 +232,7 @@ Answers: [/INST]
 def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
     from trl_star_dss.families import WildGuard
 
-    from trl_star_dss.loss import text_backbone
+    from trl_star_dss.heads import text_backbone
 
     tokenizer = family_tokenizer("", [" yes", " no", " n"])
     model = tiny_causal_lm(tokenizer, model_type="mistral", seed=3)

@@ -350,7 +350,8 @@ def test_full_kl_reads_the_models_real_logits(tmp_path, tokenizer, scored, model
     sft.train()
     assert losses(star) == pytest.approx(losses(sft), rel=1e-5)
 
-    from trl_star_dss.loss import full_kl, output_head
+    from trl_star_dss.heads import output_head
+    from trl_star_dss.loss import full_kl
 
     policy, ref = model(1), model(2)
     ids = torch.tensor([tokenizer("Mix flour and water, then bake it.").input_ids])

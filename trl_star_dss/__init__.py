@@ -5,7 +5,8 @@ from .guardrails import CausalLMGuardrail, EnsembleGuardrail, Guardrail, PrefixQ
 from .audit import Auditor
 from .collator import DataCollatorForSTAR
 from .config import STARDSSConfig
-from .loss import OutputHead, deep_token_loss, full_kl, star_dss_loss
+from .heads import OutputHead
+from .loss import deep_token_loss, full_kl, star_dss_loss
 from .scoring import STARScorer, ScoringSummary, chunk_ends, score_dataset
 from .trainer import STARDSSTrainer, STARLossMixin, STARSettings
 from .weights import token_scores, token_weights

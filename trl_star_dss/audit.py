@@ -23,7 +23,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 AUDIT_KINDS = ("special_token", "invisible", "template_imitation")
-CONTENT_SPECIAL_TOKENS = ("refuse", "drop", "keep")
 # Bumped whenever a rule below changes what is found, so an output directory never mixes two audits.
 AUDIT_VERSION = 1
 

@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from .families import FAMILIES
-from .guardrails import CONTROVERSIAL
+from .config import CONTROVERSIAL
 from .loading import load_dataset_arg, response_columns
 
 

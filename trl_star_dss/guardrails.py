@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .config import CONTROVERSIAL
 from .audit import TemplateMarkers, first_special_token, special_token_pattern, special_token_strings
 
 Conversation = list[dict[str, str]]
@@ -401,7 +402,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
         would cost more than the rest of a closing suffix on small guards. Used only when `output_head_matches`
         confirms the head reproduces the model's own logits; otherwise the model's own logits are read (None)."""
         if not hasattr(self, "_head"):
-            from .loss import OutputHead, output_head, output_head_matches
+            from .heads import OutputHead, output_head, output_head_matches
 
             self._head = None
             if output_head_matches(self.model)[0]:
@@ -415,7 +416,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
         With `shared_prefix`, the rows are closing suffixes over trunks (`shared_prefix_attention`)."""
         import torch
 
-        from .loss import text_backbone
+        from .heads import text_backbone
         from .shared_prefix import shared_prefix_attention
 
         device = self.model.device
@@ -594,7 +595,6 @@ def _context_length(model, tokenizer) -> int:
 # Qwen3Guard's risk classes, in the order of its risk-level logits: `label_map` in QwenLM/Qwen3Guard
 # `eval/eval_stream.py` (commit 6a52eca), the same map the remote code exposes as `response_risk_level_map`.
 QWEN3GUARD_CLASSES = ("Safe", "Unsafe", "Controversial")
-CONTROVERSIAL = ("unsafe", "safe")  # how the third class counts; Qwen3Guard's "strict" and "loose" modes
 
 
 def check_controversial(controversial: str) -> str:

@@ -11,13 +11,13 @@ under the reference model, `mask[b, t]` whether that label is trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")
+from .config import KL_ESTIMATORS
+from .heads import OutputHead
+
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -101,79 +101,6 @@ def deep_token_loss(
     betas = deep_token_betas(mask).to(logps.dtype)
     per_token = -(2.0 / betas) * F.logsigmoid(betas * (logps - ref_logps))
     return _reduce(per_token, mask, reduction)
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """A causal LM's output layer as its forward applies it (docs/method.md 1.2):
-    `logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`, the softcap only where set.
-
-    `logit_scale` and `softcap` cover Cohere's `logit_scale`, Granite's `logits_scaling` (as its inverse), output
-    multipliers and Gemma-2's `final_logit_softcapping`; `output_head` reads them from a model's config and
-    `output_head_matches` checks the result against the model's own logits."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[N, H]` hidden states -> `[N, V]` float32 logits. The product is accumulated and kept in float32, never
-        rounded to bf16 first (autocast off), as TRL's fused head does: bf16 logits shift every log-prob."""
-        with torch.autocast(hidden.device.type, enabled=False):
-            if hidden.device.type == "cuda" and self.weight.dtype in (torch.bfloat16, torch.float16):
-                logits = torch.mm(hidden.to(self.weight.dtype), self.weight.T, out_dtype=torch.float32)
-            else:
-                logits = hidden.float() @ self.weight.float().T
-        if self.bias is not None:
-            logits = logits + self.bias.float()
-        logits = logits * self.logit_scale
-        if self.softcap:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
-
-
-def output_head(model) -> OutputHead:
-    """`model`'s output layer with the logit post-processing its forward applies, read from its config as TRL's
-    fused LM head reads it (trl 1.16, `trainer/utils.py`, `add_fused_lm_head`, which exposes no function for it):
-    `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1), `logits_scaling` (Granite and
-    MiniCPM3 divide by it, HyperCLOVA X multiplies), then `final_logit_softcapping` (Gemma-2). `output_head_matches`
-    verifies the result against the model's own logits."""
-    config = model.config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
-    head = model.get_output_embeddings()
-    return OutputHead(head.weight, head.bias, 1.0 if scale is None else float(scale),
-                      getattr(config, "final_logit_softcapping", None))  # fmt: skip
-
-
-def text_backbone(model):
-    """The module of `model` that returns the last hidden states the output layer reads: the base model of a causal
-    LM, the text model inside a multimodal one (Llama 4's `language_model` is itself a causal LM: its `.model`)."""
-    module = model.base_model
-    language_model = getattr(module, "language_model", None)
-    if language_model is not None:
-        module = getattr(language_model, "model", language_model)
-    return module
-
-
-@torch.no_grad()
-def output_head_matches(model, hidden_states=None) -> tuple[bool, float]:
-    """Whether `output_head(model)` applied to the backbone's last hidden states gives `model`'s own logits on a few
-    tokens, and the largest difference. `hidden_states(ids)` returns those states (default: `text_backbone(model)`)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = (torch.arange(1, 9, device=model.device) * 7919 % vocab)[None]
-    theirs = model(input_ids=ids, use_cache=False).logits[0].float()
-    hidden = hidden_states(ids) if hidden_states else text_backbone(model)(input_ids=ids).last_hidden_state
-    ours = output_head(model).logits(hidden[0])
-    tolerance = 1e-4 if theirs.dtype == ours.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2
-    difference = (ours - theirs).abs().max().item()
-    return difference <= tolerance * max(1.0, theirs.abs().max().item()), difference
 
 
 def _full_kl_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, head, ref_head):

@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from .config import UNITS
 from .audit import AUDIT_VERSION, Auditor, count_findings
 from .guardrails import Conversation, Guardrail, PrefixQuery
 from .weights import token_scores  # noqa: F401 (the scores of a token, as stored here; re-exported)
 
 STAR_COLUMN = "star"
-UNITS = ("token", "word")
 _SETTINGS_FILE = "star_settings.json"
 AUDIT_FILE = "audit.jsonl"
 

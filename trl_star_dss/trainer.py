@@ -10,7 +10,6 @@ import contextlib
 import functools
 import logging
 import os
-import types
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -23,7 +22,8 @@ from trl.trainer.utils import add_fused_lm_head, pad
 from .audit import content_special_token_rule
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
 from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sharding
-from .loss import deep_token_loss, full_kl, output_head, output_head_matches, star_dss_loss, token_kl
+from .heads import add_hidden_state_output, check_output_head, output_head
+from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .scoring import STAR_COLUMN, dataset_format, example_columns, save_dataset_atomic, score_dataset
 from .weights import rejected, token_weights
 
@@ -32,41 +32,6 @@ logger = logging.getLogger(__name__)
 
 def _is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
-
-def _add_hidden_state_output(model) -> None:
-    """Let `model(..., star_hidden_states=True)` return the backbone's last hidden states `[B, T, H]` instead of
-    logits, for the full-vocabulary KL. Patched on the instance like TRL's fused LM head, so DDP/PEFT wrappers that
-    call `forward` pass the flag through."""
-    inner_forward = model.forward
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, star_hidden_states=False, **kwargs):
-        if not star_hidden_states:
-            return inner_forward(*args, **kwargs)
-        kwargs.pop("labels", None)
-        kwargs["use_cache"] = False
-        return self.base_model(*args, **kwargs).last_hidden_state
-
-    model.forward = types.MethodType(forward, model)
-
-
-def check_output_head(model, role: str) -> None:
-    """Refuse `kl_estimator='full'` for a model whose logits `output_head` does not reproduce: its family
-    post-processes them in a way this project does not know, and the KL would be silently wrong."""
-    was_training = model.training
-    model.eval()
-    try:
-        matches, difference = output_head_matches(model, lambda ids: model(input_ids=ids, star_hidden_states=True))
-    finally:
-        model.train(was_training)
-    if not matches:
-        raise ValueError(
-            f"kl_estimator='full' computes the {role}'s logits from its output layer, but for "
-            f"{type(model).__name__} (model_type={model.config.model_type!r}) those logits differ from the model's "
-            f"own by up to {difference:.3g}: its forward post-processes them in a way this project does not know. "
-            "Use kl_estimator='k2' (it reads the model's own log-probs), or report the model family."
-        )
 
 
 def example_star_weights(example: dict, tokenizer, chat_template: str | None = None) -> tuple[list[int], list[float]]:
@@ -160,7 +125,7 @@ class STARLossMixin:
         needs_reference = settings.shaping in REFERENCE_SHAPINGS
         full = settings.shaping == "star_dss" and settings.kl_estimator == "full"
         if full:
-            _add_hidden_state_output(self._inner_model(self.model))
+            add_hidden_state_output(self._inner_model(self.model))
             check_output_head(self._inner_model(self.model), "policy")
         from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -185,7 +150,7 @@ class STARLossMixin:
             ref_model.requires_grad_(False).eval()
             add_fused_lm_head(ref_model)
             if full:
-                _add_hidden_state_output(ref_model)
+                add_hidden_state_output(ref_model)
                 check_output_head(ref_model, "reference")
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
