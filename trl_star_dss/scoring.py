@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .config import UNITS
+from .storage import save_dataset_atomic, write_text_atomic
 from .audit import AUDIT_VERSION, Auditor, count_findings
 from .guardrails import Conversation, Guardrail, PrefixQuery
 from .weights import token_scores  # noqa: F401 (the scores of a token, as stored here; re-exported)
@@ -243,17 +244,6 @@ def _empty_record(index: int, digest: str) -> dict:
             "units_below_half": 0}  # fmt: skip
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` (UTF-8) beside `path`, then swap it in: a reader or an interrupted run never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def score_dataset(
     dataset,
     guardrail: Guardrail | Callable[[], Guardrail],
@@ -458,16 +448,6 @@ def _summarize(records: list[dict], seconds: float, scored_now: int, guard_token
 def scored_dataset_path(output_dir: str) -> str:
     """Where `score_dataset` saves the scored dataset in its `output_dir`."""
     return os.path.join(output_dir, "dataset")
-
-
-def save_dataset_atomic(dataset, path: str) -> None:
-    """Save next to `path`, then swap it in: a reader never sees half a dataset."""
-    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    dataset.save_to_disk(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _progress(total: int, enabled: bool):

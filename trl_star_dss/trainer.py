@@ -13,18 +13,18 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
-from trl.trainer.utils import add_fused_lm_head, pad
+from trl.trainer.utils import add_fused_lm_head
 
 from .audit import content_special_token_rule
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
 from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sharding
 from .heads import add_hidden_state_output, check_output_head, output_head
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
-from .scoring import STAR_COLUMN, dataset_format, example_columns, save_dataset_atomic, score_dataset
+from .reference import ref_logps_column
+from .scoring import STAR_COLUMN, dataset_format, example_columns, score_dataset
 from .weights import rejected, token_weights
 
 logger = logging.getLogger(__name__)
@@ -58,27 +58,6 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
         text = messages[0]["content"] + messages[1]["content"]
         encoded = tokenizer(text=text, return_offsets_mapping=True)
     return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records)
-
-
-def _reference_key(reference, dataset, disable_adapters: bool) -> str:
-    """What the precomputed reference log-probs depend on: the reference (class, config, a sample of every weight;
-    PEFT adapters on or off) and the dataset's token ids (its exact content, not `datasets`' fingerprint, which is
-    random for functions it cannot hash)."""
-    import hashlib
-
-    import numpy as np
-
-    digest = hashlib.sha256()
-    model = reference.module if hasattr(reference, "module") else reference
-    digest.update(f"{type(model).__name__}|{model.config.to_json_string()}|{disable_adapters}".encode())
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
-        digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}".encode() + sample.tobytes())
-    for batch in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=4096):
-        column = batch.column(0).combine_chunks()
-        digest.update(np.asarray(column.value_lengths()).tobytes() + np.asarray(column.flatten()).astype(np.int64).tobytes())
-    return digest.hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -158,63 +137,15 @@ class STARLossMixin:
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TOKEN_COLUMNS]))
 
-    @torch.no_grad()
     def _ref_logps_column(self, dataset, batch_size: int):
-        """`ref_logps` of every token of a tokenized dataset (0 for the first), from one pass of the reference before
-        any update: the explicit `ref_model`, else the model with its adapters disabled (docs/method.md 1.2).
-
-        Every process computes its share of the examples and the shares are gathered. The result is cached in
-        `<output_dir>/ref_logps/`, keyed by the reference's identity and the dataset's token ids, so a second
-        identical run runs no reference forward and any change computes it anew."""
-        from accelerate.utils import gather_object
-        from datasets import load_from_disk
-
+        """`ref_logps` of every token of a tokenized dataset from one pass of the reference before any update: the
+        explicit `ref_model`, else the model with its PEFT adapters disabled (docs/method.md 1.2); cached in
+        `<output_dir>/ref_logps/` (`reference.ref_logps_column`)."""
         reference = self._precompute_reference or self.accelerator.unwrap_model(self.model)
         # The policy itself serves as pi_ref with its PEFT adapters disabled (docs/method.md 1.2).
         disable_adapters = self._precompute_reference is None and _is_peft_model(self.accelerator.unwrap_model(reference))
-        key = _reference_key(reference, dataset, disable_adapters)
-        path = os.path.join(self.args.output_dir, "ref_logps", key)
-        if not os.path.exists(path):
-            rows = self._ref_logps_rows(reference, dataset, batch_size, disable_adapters)
-            column = [None] * len(dataset)
-            for index, values in gather_object(rows):
-                column[index] = values
-            if self.accelerator.is_main_process:
-                from datasets import Dataset
-
-                save_dataset_atomic(Dataset.from_dict({"ref_logps": column}), path)
-            self.accelerator.wait_for_everyone()
-        else:
-            logger.info(f"Reference log-probs of {len(dataset)} examples read from the cache {path}")
-        return dataset.add_column("ref_logps", load_from_disk(path)["ref_logps"])
-
-    def _ref_logps_rows(self, reference, dataset, batch_size: int, disable_adapters: bool) -> list[tuple[int, list[float]]]:
-        """This process's share of the reference pass, as `(example index, ref_logps)`. Shares are padded to the
-        same length, so sharded models run the same number of forwards on every process."""
-        device = self.accelerator.device
-        disabled = (self.accelerator.unwrap_model(reference).disable_adapter() if disable_adapters
-                    else contextlib.nullcontext())  # fmt: skip
-        was_training = reference.training
-        reference.eval()
-        rows = []
-        with self.accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as mine, disabled:
-            bar = tqdm(total=len(mine), desc="Precomputing reference log-probs", unit="ex",
-                       disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process)  # fmt: skip
-            for start in range(0, len(mine), batch_size):
-                indices = mine[start : start + batch_size]
-                sequences = dataset.select(indices)["input_ids"]
-                lengths = [len(ids) for ids in sequences]
-                input_ids = pad([torch.tensor(ids) for ids in sequences], padding_value=0, padding_side="right")
-                attention_mask = pad([torch.ones(n, dtype=torch.long) for n in lengths], padding_value=0,
-                                     padding_side="right")  # fmt: skip
-                labels = input_ids.masked_fill(attention_mask == 0, -100)
-                logps = reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  labels=labels.to(device), fused_lm_head=True).log_probs.float().cpu()  # fmt: skip
-                rows += [(i, [0.0] + logps[r, : n - 1].tolist()) for r, (i, n) in enumerate(zip(indices, lengths))]
-                bar.update(len(indices))
-            bar.close()
-        reference.train(was_training)
-        return list(dict(rows).items())  # the padding repeats the last example: once is enough
+        return ref_logps_column(self.accelerator, reference, dataset, batch_size, disable_adapters,
+                                os.path.join(self.args.output_dir, "ref_logps"), progress=not self.args.disable_tqdm)
 
     def _reference(self, model):
         """A context in which `ref(**inputs, ...)` runs pi_ref: the explicit/frozen reference or disabled adapters."""
