@@ -303,3 +303,20 @@ def test_a_gemma2_guard_saved_to_disk_loads_and_scores_exactly(tmp_path):
     # The user's choice wins (and transformers' own refusal of sdpa for Gemma-2 then reaches the user).
     with pytest.raises(ValueError, match="does not support an attention implementation through"):
         load_guardrail(str(tmp_path / "shieldgemma-2b"), attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("template, family", [(GRANITE_GUARDIAN_TEMPLATE, "GraniteGuardian"),
+                                              (GRANITE_33_TEMPLATE, "GraniteGuardian33")])  # fmt: skip
+def test_granite_guardians_load_from_disk_by_their_template(tmp_path, template, family):
+    """No Granite tokenizer is reachable here (no PyPI package ships one): the tiny tokenizer with Granite-shaped
+    templates, saved and loaded as a user loads a guard, the family told by the template."""
+    from trl_star_dss.families import load_guardrail
+
+    tokenizer = family_tokenizer(template, [" yes", " no", "<score>", "<think>", "</think>"])
+    tiny_causal_lm(tokenizer, model_type="granite").save_pretrained(tmp_path / "guard")
+    tokenizer.save_pretrained(tmp_path / "guard")
+    guard = load_guardrail(str(tmp_path / "guard"))
+    assert type(guard).__name__ == family and guard.content_shape == "string"
+    z = label_logits(guard.model, guard, CONVERSATION)
+    assert guard.score([CONVERSATION])[0] == pytest.approx(torch.sigmoid(z[guard.safe_id] - z[guard.unsafe_id]).item(),
+                                                           abs=1e-5)  # fmt: skip

@@ -226,3 +226,74 @@ def test_forged_special_tokens_stay_text_in_both_shapes(llama3, template, shape)
     both = EnsembleGuardrail([guard, other])
     assert both.score([CONVERSATION])[0] == pytest.approx(
         (guard.score([CONVERSATION])[0] + other.score([CONVERSATION])[0]) / 2, abs=1e-6)
+
+
+# The stand-in's heads as remote code in the saved directory, as Qwen3Guard-Stream ships its own (`auto_map`), so
+# that `load_guardrail(path, trust_remote_code=True)` takes the user's path: `AutoModel.from_pretrained`.
+STREAM_MODELING = '''
+import torch
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3PreTrainedModel, Qwen3RMSNorm
+
+
+class StreamGuard(Qwen3PreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Qwen3Model(config)
+        self.risk_level_category_pre = torch.nn.Linear(config.hidden_size, 32, bias=False)
+        self.risk_level_category_layernorm = Qwen3RMSNorm(32, eps=config.rms_norm_eps)
+        self.risk_level_head = torch.nn.Linear(32, 3, bias=False)
+        self.response_risk_level_map = {0: "Safe", 1: "Unsafe", 2: "Controversial"}
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return ModelOutput(risk_level_logits=self.risk_level_head(
+            self.risk_level_category_layernorm(self.risk_level_category_pre(hidden))))
+'''
+
+
+@pytest.mark.slow  # Qwen3's tokenizer read twice, and remote code imported
+def test_qwen3guard_stream_loads_from_disk_with_its_remote_code(tmp_path):
+    """QwenLM/Qwen3Guard README and `eval/eval_stream.py` (commit 6a52eca): `AutoModel.from_pretrained(...,
+    trust_remote_code=True)`, Qwen3's template with thinking off, one forward, `risk_level_logits` per token; the
+    verdict on a prefix is read at its last response token. Real Qwen3 tokenizer; the heads are a stand-in."""
+    import json
+    import sys
+
+    from transformers import Qwen3Config
+
+    from trl_star_dss.testing import QWEN3_TEMPLATE, qwen3_tokenizer
+
+    tokenizer = qwen3_tokenizer(QWEN3_TEMPLATE)
+    path = tmp_path / "Qwen3Guard-Stream-0.6B"
+    path.mkdir()
+    (path / "modeling_stream.py").write_text(STREAM_MODELING)
+    config = Qwen3Config(vocab_size=len(tokenizer), **TINY, pad_token_id=tokenizer.pad_token_id)
+    config.auto_map = {"AutoModel": "modeling_stream.StreamGuard"}
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    sys.path.insert(0, str(path))
+    try:
+        from modeling_stream import StreamGuard
+
+        torch.manual_seed(0)
+        StreamGuard(config).save_pretrained(path)
+    finally:
+        sys.path.remove(str(path))
+        sys.modules.pop("modeling_stream", None)
+    assert json.loads((path / "config.json").read_text())["auto_map"]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_guardrail(str(path))
+    guard = load_guardrail(str(path), trust_remote_code=True)
+    assert type(guard).__name__ == "TokenLevelGuardrail" and guard.content_shape == "string"
+    text, ids, offsets = guard.encode_with_offsets([CONVERSATION])[0]
+    assert text == tokenizer.apply_chat_template(CONVERSATION, tokenize=False, enable_thinking=False)
+    with torch.no_grad():
+        z = guard.model(input_ids=torch.tensor([ids])).risk_level_logits[0]
+    last = max(i for i, (_, b) in enumerate(offsets) if b <= text.index(CONVERSATION[1]["content"]) + len(CONVERSATION[1]["content"]))
+    assert guard.score([CONVERSATION])[0] == pytest.approx(torch.softmax(z[last], -1)[0].item(), abs=1e-5)
+    response = CONVERSATION[1]["content"]
+    query = PrefixQuery(CONVERSATION[:1], response, chunk_ends(response, 2, "token", tokenizer))
+    assert guard.score_prefixes([query])[0].scores == pytest.approx(guard.score_prefixes([query], "naive")[0].scores,
+                                                                    abs=1e-5)  # fmt: skip
