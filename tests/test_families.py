@@ -277,3 +277,46 @@ def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
     assert guard.score([CONVERSATION])[0] == pytest.approx(expected[-1], abs=1e-4)
     with pytest.raises(ValueError, match=r"do not each begin with a token of their own in this tokenizer.* needs the guard's own tokenizer"):
         WildGuard(model, tiny_tokenizer(chat_template=""))
+
+
+def test_a_gemma2_guard_saved_to_disk_loads_and_scores_exactly(tmp_path):
+    """Issue 24, defect 2: `load_guardrail` forced `sdpa`, which transformers refuses for Gemma-2 (ShieldGemma), so
+    no Gemma-2 guard loaded. It now loads with the attention its class supports (eager), and the fast path (whose
+    attention soft-caps as Gemma-2's layers ask) equals the naive one; a user's `attn_implementation=` still wins."""
+    from trl_star_dss.families import load_guardrail
+
+    tokenizer = family_tokenizer((TEMPLATES / "shieldgemma.jinja").read_text(), ["Yes", "No"])
+    model = tiny_causal_lm(tokenizer, model_type="gemma2", attn_implementation="eager", head_dim=16,
+                           query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+                           sliding_window=16)  # fmt: skip
+    model.save_pretrained(tmp_path / "shieldgemma-2b")
+    tokenizer.save_pretrained(tmp_path / "shieldgemma-2b")
+    guard = load_guardrail(str(tmp_path / "shieldgemma-2b"))
+    assert type(guard) is ShieldGemma and guard.model.config._attn_implementation == "eager"
+    z = label_logits(guard.model, guard, CONVERSATION)
+    assert guard.score([CONVERSATION])[0] == pytest.approx(torch.sigmoid(z[guard.safe_id] - z[guard.unsafe_id]).item(),
+                                                           abs=1e-5)  # fmt: skip
+    response = CONVERSATION[1]["content"]
+    query = PrefixQuery(CONVERSATION[:1], response, chunk_ends(response, 2, "token", tokenizer))
+    fast, naive = guard.score_prefixes([query])[0], guard.score_prefixes([query], "naive")[0]
+    assert fast.guard_tokens < naive.guard_tokens and fast.scores == pytest.approx(naive.scores, abs=1e-5)
+    # The user's choice wins (and transformers' own refusal of sdpa for Gemma-2 then reaches the user).
+    with pytest.raises(ValueError, match="does not support an attention implementation through"):
+        load_guardrail(str(tmp_path / "shieldgemma-2b"), attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("template, family", [(GRANITE_GUARDIAN_TEMPLATE, "GraniteGuardian"),
+                                              (GRANITE_33_TEMPLATE, "GraniteGuardian33")])  # fmt: skip
+def test_granite_guardians_load_from_disk_by_their_template(tmp_path, template, family):
+    """No Granite tokenizer is reachable here (no PyPI package ships one): the tiny tokenizer with Granite-shaped
+    templates, saved and loaded as a user loads a guard, the family told by the template."""
+    from trl_star_dss.families import load_guardrail
+
+    tokenizer = family_tokenizer(template, [" yes", " no", "<score>", "<think>", "</think>"])
+    tiny_causal_lm(tokenizer, model_type="granite").save_pretrained(tmp_path / "guard")
+    tokenizer.save_pretrained(tmp_path / "guard")
+    guard = load_guardrail(str(tmp_path / "guard"))
+    assert type(guard).__name__ == family and guard.content_shape == "string"
+    z = label_logits(guard.model, guard, CONVERSATION)
+    assert guard.score([CONVERSATION])[0] == pytest.approx(torch.sigmoid(z[guard.safe_id] - z[guard.unsafe_id]).item(),
+                                                           abs=1e-5)  # fmt: skip

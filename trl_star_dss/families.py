@@ -46,7 +46,8 @@ class LlamaGuard4(LlamaGuard):
     (`...<|eot|><|header_start|>assistant<|header_end|>`) and it writes `\n\nsafe` or `\n\nunsafe\nS9` (that
     notebook's saved outputs), so the verdict is read as Llama Guard 3's: after a blank line, `safe` vs `unsafe`
     (single tokens 60411 / 72110 after `\n\n` = 368 in the Llama 4 tokenizer, which its model card says it shares).
-    Messages are given as a list of text parts, as the notebook gives them to the model's template."""
+    Its template reads messages as lists of text parts, as the notebook gives them: found by rendering, as for every
+    guard (`TemplatedGuardrail.content_shape`)."""
 
     def __init__(self, model, tokenizer, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
@@ -58,9 +59,6 @@ class LlamaGuard4(LlamaGuard):
                 "so the verdict would be read at the wrong position. Use the model's own template, or family='generic' "
                 "with the verdict_prefix your template needs."
             )
-
-    def render(self, conversation: Conversation) -> str:
-        return super().render([{**m, "content": [{"type": "text", "text": m["content"]}]} for m in conversation])
 
 
 class GraniteGuardian(CausalLMGuardrail):
@@ -358,15 +356,36 @@ def load_guardrail(
         model_class = Llama4ForConditionalGeneration
         if tokenizer.chat_template is None and "chat_template" not in kwargs:  # the template may ship with the processor
             tokenizer.chat_template = AutoProcessor.from_pretrained(spec).chat_template
+    attn_implementation = kwargs.pop("attn_implementation", None)  # the user's choice wins
+    if attn_implementation is None:
+        attn_implementation = _attention_for(model_class, spec, trust_remote_code)
     model = model_class.from_pretrained(
         spec,
         dtype=dtype,
         device_map=device_map,
         trust_remote_code=trust_remote_code,
-        attn_implementation=kwargs.pop("attn_implementation", "sdpa"),
+        attn_implementation=attn_implementation,
     ).eval()
     cls = FAMILY_CLASSES.get(family, CausalLMGuardrail)
     return cls(model, tokenizer, temperature=temperature, name=spec, **kwargs)
+
+
+def _attention_for(model_class, spec: str, trust_remote_code: bool) -> str | None:
+    """The attention a guard is loaded with (docs/method.md 3, "Attention"): `sdpa` where the model's class supports
+    it, else `eager` (Gemma-2, hence ShieldGemma: its soft-capped attention scores are not in PyTorch's SDPA, and
+    transformers 5.23 refuses `sdpa` for `Gemma2ForCausalLM`). Both are exact, take the float masks of the naive
+    path, and leave the fast path's own attention function (`shared_prefix.attention`, which soft-caps as the layer
+    asks) in charge of the closing suffixes. A class not known to transformers (remote code): None, transformers'
+    own choice (`sdpa` when it can, else `eager`)."""
+    from transformers import AutoConfig
+
+    if hasattr(model_class, "_model_mapping"):  # an Auto class: the class the config maps to
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        try:
+            model_class = model_class._model_mapping[type(config)]
+        except KeyError:
+            return None
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code, **kwargs):

@@ -177,24 +177,63 @@ class TemplatedGuardrail(Guardrail):
         self._special_pattern = special_token_pattern(self._special_strings)
         self._special_ids = set(tokenizer.convert_tokens_to_ids(self._special_strings))
         self._slots: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
+        self.content_shape = self._detect_content_shape()
 
     # -- rendering -----------------------------------------------------------------------------------------------
 
-    def render(self, conversation: Conversation) -> str:
-        text = self.tokenizer.apply_chat_template(
+    def _template_name(self) -> str:
+        return "the chat_template= given" if self.chat_template is not None else "its tokenizer's chat template"
+
+    def _detect_content_shape(self) -> str:
+        """How the template reads a message's content (docs/method.md 1.1, issue 24): `"string"` or `"parts"` (a list
+        of `{"type": "text", "text": ...}`, as Llama Guard 3 1B's and Llama Guard 4's templates read it). A user and an
+        assistant stand-in are rendered both ways, once per guard; the shape whose rendering holds more of them wins
+        (a string on a tie: a template that prints a list whole also shows its text, but as a list's repr)."""
+        stand_ins = [{"role": "user", "content": _SLOT.format(0)}, {"role": "assistant", "content": _SLOT.format(1)}]
+        found = {}
+        for shape in ("string", "parts"):
+            try:
+                text = self._apply_template(stand_ins, shape)
+            except Exception:  # noqa: BLE001 -- a template may reject a shape outright (`content.strip()` on a list, `+` on a str)
+                found[shape] = 0
+                continue
+            found[shape] = sum(_SLOT.format(i) in text for i in range(2))
+        if max(found.values()) == 0:
+            raise ValueError(
+                f"The chat template of guard {self.name!r} ({self._template_name()}) writes no message content into "
+                "the guard input, neither given as a string nor as a list of text parts, so the guard would judge "
+                "nothing. Pass a `chat_template=` that writes the conversation (`message['content']`)."
+            )
+        return "parts" if found["parts"] > found["string"] else "string"
+
+    def _apply_template(self, conversation: Conversation, shape: str) -> str:
+        if shape == "parts":
+            conversation = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in conversation]
+        return self.tokenizer.apply_chat_template(
             conversation,
             chat_template=self.chat_template,
             tokenize=False,
             add_generation_prompt=self.generation_prompt,
             **self.template_kwargs,
         )
-        return text + self.verdict_prefix
+
+    def render(self, conversation: Conversation) -> str:
+        """The guard input as text: the conversation through the guard's template, each content passed in the shape
+        the template reads (`content_shape`), then the verdict prefix."""
+        for i, message in enumerate(conversation):
+            if not isinstance(message.get("content"), str):
+                raise TypeError(
+                    f"Message {i} ({message.get('role')!r}) of the conversation given to guard {self.name!r} has "
+                    f"content of type {type(message.get('content')).__name__}; a guard reads text. Give each message's "
+                    "content as a string (the guard passes it on in the shape its template reads)."
+                )
+        return self._apply_template(conversation, self.content_shape) + self.verdict_prefix
 
     def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
         """The guard's token ids of each conversation. Message content is always text (docs/method.md 2.1): a
         special-token string inside it (`<|eot_id|>`, ...) never becomes a special token, while the template's own
         special tokens stay special. Clean content tokenizes exactly as the rendered text always did."""
-        texts = [self.render(conversation) for conversation in conversations]
+        texts = self._checked_renders(conversations)
         # The template writes its own special tokens (BOS etc.), so the tokenizer must not add them again.
         if not self.tokenizer.is_fast:
             for conversation in conversations:
@@ -204,7 +243,7 @@ class TemplatedGuardrail(Guardrail):
 
     def encode_with_offsets(self, conversations: Sequence[Conversation]) -> list[tuple[str, list[int], list]]:
         """`encode` with the rendered text and each token's character span in it (a fast tokenizer only)."""
-        texts = [self.render(conversation) for conversation in conversations]
+        texts = self._checked_renders(conversations)
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return [(text, *self._content_as_text(conversation, text, ids, [tuple(o) for o in offsets]))
                 for conversation, text, ids, offsets
@@ -277,6 +316,40 @@ class TemplatedGuardrail(Guardrail):
             spans.append((position, end))
             position = end + len(literal)
         return spans if position == len(text) else None
+
+    def _checked_renders(self, conversations: Sequence[Conversation]) -> list[str]:
+        """Each conversation rendered, refused unless the guard input holds what the guard is asked to judge
+        (docs/method.md 1.1, "What the guard reads"): the last message (the response, or the prefix of it, being
+        scored) and every message whose content the template writes for this sequence of roles (its stand-in
+        rendering shows which: ShieldGemma and WildGuard read only the last user turn and the response, by design).
+        A content counts as present where the template writes it verbatim or stripped (Llama Guard 3 writes
+        `content | trim`) at the places the stand-in rendering puts it; for a template that transforms content in
+        another way, where its stripped text occurs anywhere in the input."""
+        texts = []
+        for conversation in conversations:
+            text = self.render(conversation)
+            if conversation:
+                self._check_content(conversation, text)
+            texts.append(text)
+        return texts
+
+    def _check_content(self, conversation: Conversation, text: str) -> None:
+        _, slots = self._slotted(tuple(message["role"] for message in conversation))
+        wanted = sorted(set(slots) | {len(conversation) - 1})
+        missing = [i for i in wanted if i not in slots]  # the template never writes the scored message
+        if not missing and self.content_spans(conversation, text) is None:
+            missing = [i for i in wanted if conversation[i]["content"].strip() not in text]
+        if missing:
+            what = "; ".join(f"message {i} ({conversation[i]['role']}"
+                             f"{', the response being scored' if i == len(conversation) - 1 else ''}): "
+                             f"{_preview(conversation[i]['content'])}" for i in missing)  # fmt: skip
+            raise ValueError(
+                f"The input of guard {self.name!r}, rendered with {self._template_name()} (content passed as "
+                f"{'a list of text parts' if self.content_shape == 'parts' else 'a string'}), does not contain what it "
+                f"is asked to judge: {what}. Scoring it would give the same score whatever the response says. Use "
+                "the guard's own template, or pass a `chat_template=` that writes every message's content (and the "
+                "response last)."
+            )
 
     def audit_sources(self) -> tuple[list[str], TemplateMarkers]:
         literals, _ = self._slotted(("user", "assistant"))
@@ -542,6 +615,10 @@ class CausalLMGuardrail(TemplatedGuardrail):
         for result, (scores, guard_tokens) in zip(results, self._shared_prefix_scores(encoded)):
             result.scores, result.guard_tokens = scores, guard_tokens
         return results
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def one_token_after(tokenizer, text: str, label: str) -> int | None:

