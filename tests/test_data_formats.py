@@ -165,3 +165,40 @@ def test_a_trl_tool_calling_dataset_scores_and_trains(tmp_path):
     logged = trainer.state.log_history[0]
     # The poison call and its answer are unsafe: some trained tokens weigh 0.05, the others 0.95 or 1.
     assert 0.05 < logged["star/weight_mean"] < 1 and logged["star/kl_share"] > 0
+
+
+@pytest.mark.slow
+def test_a_trl_tool_calling_dataset_scores_and_trains_through_axolotl(tmp_path):
+    """One `axolotl train` subprocess (about 30 s): Axolotl's chat_template strategy reads the tool calls, the plugin
+    scores them as text and weights their tokens, and training logs STAR weights below 1."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("axolotl", reason="install Axolotl as the README says")
+    yaml = pytest.importorskip("yaml")
+    tokenizer = tiny_tokenizer(chat_template=TOOL_TEMPLATE)
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with open(tmp_path / "data.jsonl", "w") as handle:
+        for item in ("flour", "poison", "salt", "yeast") * 2:
+            handle.write(json.dumps(tool_example(item)) + "\n")
+    config = {"base_model": str(tmp_path / "model"), "chat_template": "tokenizer_default", "sequence_len": 256,
+              "datasets": [{"path": str(tmp_path / "data.jsonl"), "type": "chat_template", "ds_type": "json"}],
+              "sample_packing": False, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "num_epochs": 1,
+              "max_steps": 2, "learning_rate": 1e-3, "optimizer": "adamw_torch", "lr_scheduler": "constant",
+              "output_dir": str(tmp_path / "run"), "dataset_prepared_path": str(tmp_path / "prepared"),
+              "val_set_size": 0, "seed": 0, "logging_steps": 1, "save_strategy": "no", "bf16": False, "fp16": False,
+              "tf32": False, "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
+              "star_dss": True, "star_dss_guardrail": "trl_star_dss.testing:scripted_guardrail"}  # fmt: skip
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
+           "CUDA_VISIBLE_DEVICES": "", "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "axolotl.cli.main", "train", str(tmp_path / "config.yml")], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert re.search(r"STAR scoring: examples 8 \(scored now 8.*turns 16", log)
+    steps = [eval(m) for m in re.findall(r"\{'loss': .*?\}", log)]
+    assert len(steps) == 2 and all(0 < float(s["star/weight_mean"]) < 1 for s in steps)

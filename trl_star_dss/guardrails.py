@@ -116,8 +116,13 @@ class PythonGuardrail(Guardrail):
             raise TypeError(f"PythonGuardrail needs a function conversation -> P(safe), got {type(fn).__name__}.")
         self.fn = fn
         self.name = name or getattr(fn, "__qualname__", repr(fn))
+        self._given_name = name is not None
 
     def score_settings(self) -> dict:
+        # A `name` given is the rule's identity (a run resumed with a fixed copy of the rule keeps its scores);
+        # without one, the function's module joins its qualified name.
+        if self._given_name:
+            return {}
         return {"function": f"{getattr(self.fn, '__module__', '')}:{getattr(self.fn, '__qualname__', repr(self.fn))}"}
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
