@@ -23,7 +23,7 @@ def token_scores(token_ends: Sequence[int], chunk_ends: Sequence[int], scores: S
 
 def content_text(message: dict) -> str:
     """A message's content as a chat template writes it: a string as it is; text parts joined with nothing between
-    them, as Qwen2-VL's, Llama 3.2 Vision's and Llama 4's templates write them (docs/method.md 1.5); no content
+    them, as Qwen2-VL's and Llama 4's templates write them (docs/method.md 1.5); no content
     (an assistant turn that only calls tools) as the empty string."""
     content = message.get("content")
     if content is None:
