@@ -208,3 +208,20 @@ def test_dtype_is_checked_before_anything_loads(command, capsys):
         main([*command, "--dtype", "fp16"])
     assert exit_.value.code == 2
     assert "--dtype: invalid choice: 'fp16' (choose from 'auto', 'bfloat16', 'float16', 'float32')" in capsys.readouterr().err
+
+
+def test_show_refuses_a_bad_star_record_and_score_names_output(tmp_path):
+    """Issue 25: `star-dss show` checks the `star` column before drawing it; a cache of other settings names
+    `--output`, the flag the user typed."""
+    main(["score", "--guardrail", SCRIPTED, "--dataset", SAMPLE, "--unit", "word", "--output", str(tmp_path / "s"),
+          "--no-progress"])  # fmt: skip
+    scored = load_from_disk(str(tmp_path / "s" / "dataset"))
+    column = list(scored["star"])
+    column[3][0]["scores"][0] = 1.5
+    scored.remove_columns("star").add_column("star", column).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(SystemExit, match=r"star-dss show: error: Example 3: the `star` record of turn 1: scores\[0\] "
+                                         r"= 1\.5 is not a probability in \[0, 1\]"):  # fmt: skip
+        main(["show", "--dataset", str(tmp_path / "bad"), "--output", str(tmp_path / "pictures")])
+    with pytest.raises(SystemExit, match=r"--output '.*s' holds STAR scores made with other settings"):
+        main(["score", "--guardrail", SCRIPTED, "--dataset", SAMPLE, "--unit", "word", "--chunk-size", "3",
+              "--output", str(tmp_path / "s"), "--no-progress"])  # fmt: skip

@@ -95,8 +95,10 @@ def test_bad_examples_are_clear_errors():
         response_turns({"messages": messages("Hi", "  \n ")}, "messages", 4)
     with pytest.raises(ValueError, match=r"Example 2 has no assistant turn to score \(messages roles: \['user'\]\)"):
         response_turns({"messages": [{"role": "user", "content": "Hi"}]}, "messages", 2)
-    with pytest.raises(ValueError, match=r"messages\[1\]\.content is a list, not a string"):
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content\[0\] is a text part without a string 'text'"):
         response_turns({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text"}]}]}, "messages", 0)
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content is a int, not a string or a list of text parts"):
+        response_turns({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]}, "messages", 0)
     with pytest.raises(ValueError, match=r"completion is a int, not a list of messages"):
         response_turns({"prompt": [{"role": "user", "content": "Hi"}], "completion": 3}, "prompt_completion", 0)
     with pytest.raises(ValueError, match=r"columns \['text'\], so STAR cannot tell which text is the assistant response"):

@@ -366,7 +366,7 @@ def demo_command(args) -> None:
 
 def show_command(args) -> None:
     from .report import first_flagged, heatmap_html, summary_png, trajectory_png
-    from .scoring import STAR_COLUMN, scored_dataset_path
+    from .scoring import STAR_COLUMN, check_star_dataset, scored_dataset_path
 
     _check_positive("--max-examples", args.max_examples, "Use e.g. 200 (the default).")
     path = args.dataset
@@ -377,6 +377,7 @@ def show_command(args) -> None:
         raise ValueError(
             f"--dataset {args.dataset!r} has no `{STAR_COLUMN}` column. Score it first with `star-dss score`."
         )
+    check_star_dataset(dataset)  # the column is input (issue 25): a bad record is named, not drawn
     tokenizer = _load_tokenizer(args.policy_tokenizer) if args.policy_tokenizer else None
     for index in args.examples or []:
         if not 0 <= index < len(dataset):
@@ -437,9 +438,10 @@ def score_command(args) -> None:
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
-        guardrail_id=guardrail_id,
+        guardrail_id=guardrail_id,  # the id `load_guardrail` gives the same spec from Python (issue 25)
         progress=not args.no_progress,
         audit=not args.no_audit,
+        output_name="--output",
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary.format())

@@ -324,13 +324,15 @@ def load_guardrail(
     """
     if isinstance(spec, Guardrail):
         return spec
+    # The id of this spec and these settings, the one `deferred_guardrail` gives start-up scoring (issue 25).
+    cache_id = guardrail_id(spec, family, temperature, **kwargs)
     if not isinstance(spec, str):
         guards = [load_guardrail(s, family, temperature, dtype, device_map, trust_remote_code, **kwargs) for s in spec]
-        return guards[0] if len(guards) == 1 else EnsembleGuardrail(guards)
+        return _with_id(guards[0] if len(guards) == 1 else EnsembleGuardrail(guards), cache_id)
     if family is not None and family not in (*FAMILIES, "generic"):
         raise ValueError(f"family={family!r} is not known. Use one of {(*FAMILIES, 'generic')} or leave it unset.")
     if not os.path.exists(spec) and ":" in spec:
-        return _python_guardrail(spec)
+        return _with_id(_python_guardrail(spec), cache_id)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -348,7 +350,8 @@ def load_guardrail(
             f"class (Qwen3Guard), not to {spec!r} (family {family!r}). Leave it unset."
         )
     if family == "qwen3guard_stream":
-        return _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code, **kwargs)
+        return _with_id(_load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code,
+                                           **kwargs), cache_id)  # fmt: skip
     model_class = AutoModelForCausalLM
     if family == "llama_guard_4":  # its own class, as Meta's and Hugging Face's notebooks load it; text only here
         from transformers import AutoProcessor, Llama4ForConditionalGeneration
@@ -367,7 +370,12 @@ def load_guardrail(
         attn_implementation=attn_implementation,
     ).eval()
     cls = FAMILY_CLASSES.get(family, CausalLMGuardrail)
-    return cls(model, tokenizer, temperature=temperature, name=spec, **kwargs)
+    return _with_id(cls(model, tokenizer, temperature=temperature, name=spec, **kwargs), cache_id)
+
+
+def _with_id(guard: Guardrail, cache_id: str) -> Guardrail:
+    guard.id = cache_id
+    return guard
 
 
 def _attention_for(model_class, spec: str, trust_remote_code: bool) -> str | None:
@@ -428,7 +436,8 @@ def guard_options(controversial: str | None = None) -> dict:
 
 def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0, **kwargs):
     """`(build, guardrail_id)` for `score_dataset`: a function that loads the guard (`load_guardrail`, with
-    `kwargs`) only if something is left to score (a fully cached run never loads it), and its cache id."""
+    `kwargs`) only if something is left to score (a fully cached run never loads it), and its cache id: the `id`
+    of the guard `build` returns, the same as `load_guardrail(spec, ...)` gives from Python (issue 25)."""
 
     def build() -> Guardrail:
         return load_guardrail(spec, family=family, temperature=temperature, **kwargs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,27 @@ class Guardrail:
     per-prefix query."""
 
     name: str = "guardrail"
+    _id: str | None = None
+
+    @property
+    def id(self) -> str:
+        """What names this guard's scores in a scoring cache (issue 25). `load_guardrail` gives a guard the id of
+        its spec and settings (`families.guardrail_id`), the one `star-dss score` and both trainers' start-up
+        scoring use, so any of them reuses the others' scores. A guard built in code is named by its class, its
+        name and the settings that change its scores (`score_settings`); set `guard.id` yourself when its name does
+        not identify its weights (a guard trained in code)."""
+        if self._id is not None:
+            return self._id
+        return json.dumps({"guardrail": [self.name], "class": type(self).__name__, **self.score_settings()},
+                          sort_keys=True, default=str)  # fmt: skip
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
+
+    def score_settings(self) -> dict:
+        """The settings of this guard that change its scores, for its default `id`."""
+        return {}
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         raise NotImplementedError
@@ -95,6 +117,14 @@ class PythonGuardrail(Guardrail):
             raise TypeError(f"PythonGuardrail needs a function conversation -> P(safe), got {type(fn).__name__}.")
         self.fn = fn
         self.name = name or getattr(fn, "__qualname__", repr(fn))
+        self._given_name = name is not None
+
+    def score_settings(self) -> dict:
+        # A `name` given is the rule's identity (a run resumed with a fixed copy of the rule keeps its scores);
+        # without one, the function's module joins its qualified name.
+        if self._given_name:
+            return {}
+        return {"function": f"{getattr(self.fn, '__module__', '')}:{getattr(self.fn, '__qualname__', repr(self.fn))}"}
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         scores = []
@@ -117,6 +147,9 @@ class EnsembleGuardrail(Guardrail):
             raise ValueError("EnsembleGuardrail needs at least one guardrail.")
         self.guardrails = list(guardrails)
         self.name = "+".join(guard.name for guard in self.guardrails)
+
+    def score_settings(self) -> dict:
+        return {"members": [guard.id for guard in self.guardrails]}
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         per_guard = [guard.score(conversations) for guard in self.guardrails]
@@ -178,6 +211,12 @@ class TemplatedGuardrail(Guardrail):
         self._special_ids = set(tokenizer.convert_tokens_to_ids(self._special_strings))
         self._slots: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
         self.content_shape = self._detect_content_shape()
+
+    def score_settings(self) -> dict:
+        return {"chat_template": self.chat_template, "template_kwargs": self.template_kwargs,
+                "verdict_prefix": self.verdict_prefix, "temperature": self.temperature, "max_length": self.max_length,
+                "labels": getattr(self, "label_ids", None), "safe_labels": getattr(self, "safe_labels", None),
+                "controversial": getattr(self, "controversial", None)}  # fmt: skip
 
     # -- rendering -----------------------------------------------------------------------------------------------
 

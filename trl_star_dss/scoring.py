@@ -27,6 +27,7 @@ from .config import UNITS
 from .storage import save_dataset_atomic, write_text_atomic
 from .audit import AUDIT_VERSION, Auditor, count_findings
 from .guardrails import Conversation, Guardrail, PrefixQuery
+from .weights import check_star_records, content_text
 from .weights import token_scores  # noqa: F401 (the scores of a token, as stored here; re-exported)
 
 STAR_COLUMN = "star"
@@ -91,22 +92,103 @@ def dataset_format(column_names: Sequence[str], required: bool = True) -> str | 
     )
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
 def _check_messages(messages, where: str) -> None:
+    """Refuse what STAR cannot read as text (docs/method.md 1.5): a message without a role, content that is not a
+    string or text parts (images), a tool call not in TRL's format."""
     if not isinstance(messages, list):
         raise ValueError(f"{where} is a {type(messages).__name__}, not a list of messages. Use [{{'role', 'content'}}].")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict):
             raise ValueError(f"{where}[{i}] is {message!r}; each message needs 'role' and 'content' keys.")
-        if not isinstance(message["content"], str):
+        if message.get("role") is None:
             raise ValueError(
-                f"{where}[{i}].content is a {type(message['content']).__name__}, not a string. STAR scores text: "
-                "flatten content parts to one string first (e.g. join the 'text' parts)."
+                f"{where}[{i}] has no role ({'role None' if 'role' in message else 'no role key'}). Arrow gives every "
+                "message every key of the column and fills the missing ones with None, so a message written without "
+                f"a role reads this way. Give every message a role: one of {ROLES}."
+            )
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise ValueError(f"{where}[{i}].tool_calls is a {type(calls).__name__}, not a list of calls.")
+            for k, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    raise ValueError(
+                        f"{where}[{i}].tool_calls[{k}] is {call!r}; a call is read in TRL's format "
+                        '{"type": "function", "function": {"name": ..., "arguments": {...}}}.'
+                    )
+        content = message.get("content")
+        if content is None:
+            if message["role"] == "assistant" and calls:
+                continue  # a turn that only calls tools: its calls are its text
+            raise ValueError(
+                f"{where}[{i}] ({message['role']!r}) has no content (content None) and calls no tool. Give it its "
+                "text (an empty string if it has none)."
+            )
+        if isinstance(content, list):
+            for k, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(
+                        f"{where}[{i}].content[{k}] is a {kind!r} part; STAR scores text, and no guard here reads "
+                        "images or audio. Remove such parts (or such examples) first; text parts are read joined, "
+                        "as the policy's chat template joins them."
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"{where}[{i}].content[{k}] is a text part without a string 'text': {part!r}.")
+        elif not isinstance(content, str):
+            raise ValueError(
+                f"{where}[{i}].content is a {type(content).__name__}, not a string or a list of text parts "
+                '([{"type": "text", "text": ...}]). STAR scores text.'
             )
 
 
+def tool_call_text(call: dict) -> str:
+    """A tool call as the guard reads it (docs/method.md 1.5): `{"name": ..., "arguments": {...}}` in JSON, the
+    shape Hermes/Qwen-style templates write and TRL's tool-call parsers read back. Arguments given as a JSON string
+    (OpenAI's format) are read, so both spellings of one call read the same."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass  # not JSON: the guard reads the string as it is
+    return json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
+
+
+def message_text(message: dict) -> str:
+    """The text STAR reads for one message: its content (text parts joined as the policy's template joins them,
+    `weights.content_text`), then each tool call it makes on a line of its own (`tool_call_text`)."""
+    calls = [tool_call_text(call) for call in message.get("tool_calls") or []]
+    return "\n".join(filter(None, [content_text(message), *calls])) if calls else content_text(message)
+
+
+def guard_context(messages: Sequence[dict]) -> Conversation:
+    """The conversation before a response as the guard reads it: user and assistant messages as text; a tool's
+    results as a user message that says so (guard templates know only the user and the assistant, and a result is
+    input the response answers, not something the assistant wrote); system messages are not judged."""
+    context: Conversation = []
+    for message in messages:
+        role = message["role"]
+        if role in ("user", "assistant"):
+            context.append({"role": role, "content": message_text(message)})
+        elif role == "tool":
+            name = message.get("name")
+            result = f"[tool result{': ' + name if name else ''}] {message_text(message)}"
+            if context and context[-1].get("tool"):  # results in a row are one turn of input
+                context[-1] = {"role": "user", "content": context[-1]["content"] + "\n" + result, "tool": True}
+            else:
+                context.append({"role": "user", "content": result, "tool": True})
+    return [{"role": m["role"], "content": m["content"]} for m in context]
+
+
 def response_turns(example: dict, fmt: str, index: int) -> list[tuple[int, Conversation, str]]:
-    """The assistant turns to score in one example, as (turn, context, response). Context keeps user and assistant
-    messages only: system and tool messages are not what a guard judges, and guard templates reject them."""
+    """The assistant turns to score in one example, as (turn, context, response). The response is the turn's text
+    with its tool calls (`message_text`); the context is `guard_context` of the messages before it."""
     where = f"Example {index}"
     if fmt == "messages":
         messages, offset, prefix = example["messages"], 0, []
@@ -125,14 +207,14 @@ def response_turns(example: dict, fmt: str, index: int) -> list[tuple[int, Conve
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("train", True) is False:
             continue
-        if not message["content"].strip():
+        response = message_text(message)
+        if not response.strip():
             raise ValueError(
                 f"{where}: {column}[{i + offset}] is an assistant turn with an empty or whitespace-only response, "
                 "which has nothing to score. Remove or fill such examples first "
                 "(e.g. dataset.filter(lambda ex: ...))."
             )
-        context = [m for m in prefix + messages[:i] if m["role"] in ("user", "assistant")]
-        turns.append((i, context, message["content"]))
+        turns.append((i, guard_context(prefix + messages[:i]), response))
     if not turns:
         raise ValueError(
             f"{where} has no assistant turn to score ({column} roles: {[m['role'] for m in messages]}). "
@@ -141,14 +223,45 @@ def response_turns(example: dict, fmt: str, index: int) -> list[tuple[int, Conve
     return turns
 
 
+def check_star_example(example: dict, fmt: str, index: int) -> None:
+    """`weights.check_star_records` on one example of a TRL format: its messages (or completion) read as scoring
+    reads them, then its `star` records (issue 25: the column is input, checked before any model step)."""
+    if fmt == "messages":
+        messages, column = example["messages"], "messages"
+    else:
+        completion, column = example["completion"], "completion"
+        messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    _check_messages(messages, f"Example {index}: {column}")
+    responses = [message_text(m) if m["role"] == "assistant" else None for m in messages]
+    check_star_records(example[STAR_COLUMN], responses, index, column, [m["role"] for m in messages])
+
+
+def check_star_dataset(dataset) -> None:
+    """`check_star_example` on every example of a scored dataset (messages or prompt/completion), read in Arrow
+    batches. Its cost on 100,000 examples: `benchmarks/bench_star_check.py`."""
+    fmt = dataset_format(dataset.column_names)
+    columns = [STAR_COLUMN, "messages"] if fmt == "messages" else [STAR_COLUMN, "completion"]
+    index = 0
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):
+        for values in zip(*(batch[c] for c in columns)):
+            check_star_example(dict(zip(columns, values)), fmt, index)
+            index += 1
+
+
 def example_columns(example: dict, fmt: str) -> list[tuple[str, list[dict]]]:
     """Every message of an example, by the column that holds it: `(column, messages)` (a plain-text prompt or
     completion is one user or assistant message)."""
     if fmt == "messages":
-        return [("messages", example["messages"])]
-    return [(column, [{"role": role, "content": value}] if isinstance(value, str) else value)
+        return [("messages", _as_text(example["messages"]))]
+    return [(column, [{"role": role, "content": value}] if isinstance(value, str) else _as_text(value))
             for column, role, value in (("prompt", "user", example["prompt"]),
                                         ("completion", "assistant", example["completion"]))]  # fmt: skip
+
+
+def _as_text(messages: list[dict]) -> list[dict]:
+    """Messages with their content as the text STAR reads (`message_text`), for the audit and the content rule: a
+    special-token string inside a text part or a tool call's arguments is found there too."""
+    return [{**m, "content": message_text(m)} if isinstance(m, dict) else m for m in messages]
 
 
 def example_hash(example: dict, fmt: str) -> str:
@@ -259,6 +372,7 @@ def score_dataset(
     progress: bool = True,
     distributed: bool = True,
     audit: bool = True,
+    output_name: str = "output_dir",
 ):
     """Score every trained assistant turn of `dataset` and return `(scored_dataset, summary)`.
 
@@ -266,8 +380,11 @@ def score_dataset(
     `shard_size` examples as it finishes: an interrupted run started again resumes where it stopped, a finished
     run is loaded without any guard forward, and the scored dataset is saved to `output_dir/dataset`
     (`datasets.load_from_disk`). Under `accelerate launch` the processes split the shards and the main process
-    merges them. `guardrail` may be a zero-argument function that builds it, so a fully cached run never loads
-    the guard; then `guardrail_id` (what identifies its scores) is required. `distributed=False` scores
+    merges them. The cache is named by the guard's `id` (`Guardrail.id`: for a guard from `load_guardrail`, the id
+    `star-dss score` and both trainers use for the same spec and settings), or by `guardrail_id` when given.
+    `guardrail` may be a zero-argument function that builds it, so a fully cached run never loads the guard; then
+    `guardrail_id` (`families.deferred_guardrail` gives both) is required. `output_name` is how errors name the
+    directory (the caller's setting: `star_scores_dir`, `--output`). `distributed=False` scores
     everything in this process even under `accelerate launch` (for callers that run on one process only, such as
     Axolotl's dataset preparation).
 
@@ -279,9 +396,14 @@ def score_dataset(
     start_time = time.perf_counter()
     fmt = dataset_format(dataset.column_names)
     check_chunking(chunk_size, unit, tokenizer)
+    aliases = ()
     if isinstance(guardrail, Guardrail):
-        guardrail_id = guardrail_id or f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}" + (
-            f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else "")
+        if guardrail_id is None:
+            guardrail_id = guardrail.id
+            # What this function named a guard object's scores before guards carried an id (issue 25): such a cache
+            # is read as this guard's and its settings file rewritten with the id above.
+            aliases = (f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}" + (
+                f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else ""),)
     elif guardrail_id is None:
         raise ValueError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
     tokenizer_id = _tokenizer_id(tokenizer) if tokenizer is not None else None
@@ -304,7 +426,8 @@ def score_dataset(
     shard_dir = None
     if output_dir is not None:
         shard_dir = os.path.join(output_dir, "shards")
-        _check_settings(output_dir, settings, overwrite, is_main=rank == 0, barrier=barrier)
+        _check_settings(output_dir, settings, overwrite, is_main=rank == 0, barrier=barrier, aliases=aliases,
+                        output_name=output_name)  # fmt: skip
 
     num_shards = (len(dataset) + shard_size - 1) // shard_size
     mine = [s for s in range(num_shards) if s % world == rank]
@@ -314,7 +437,7 @@ def score_dataset(
     for s in mine:
         cached = _read_shard(shard_dir, s) if shard_dir else None
         if cached is not None:
-            _check_hashes(cached, dataset, fmt, output_dir)
+            _check_hashes(cached, dataset, fmt, output_dir, output_name)
             records[s] = cached
         else:
             todo.append(s)
@@ -384,26 +507,40 @@ def _distributed():
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 
-def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: bool, barrier) -> None:
+def _named(output_name: str, output_dir: str) -> str:
+    """The directory as the user set it: `star_scores_dir='d'`, `--output 'd'`."""
+    return f"{output_name} {output_dir!r}" if output_name.startswith("--") else f"{output_name}={output_dir!r}"
+
+
+def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: bool, barrier, aliases=(),
+                    output_name: str = "output_dir") -> None:  # fmt: skip
     path = os.path.join(output_dir, _SETTINGS_FILE)
-    existing = None
+    existing, renamed = None, False
     if os.path.exists(path):
         with open(path) as handle:
             existing = json.load(handle)
         existing.setdefault("audit", None)  # written before audits existed: scores without one
+        if existing.get("guardrail") in aliases:  # the same guard under its earlier name: recorded under its id
+            existing["guardrail"], renamed = settings["guardrail"], True
     if existing is not None and existing != settings and not overwrite:
         changed = {k: (existing.get(k), v) for k, v in settings.items() if existing.get(k) != v}
+        earlier = ""
+        if "guardrail" in changed and "|T=" in str(existing.get("guardrail")):
+            earlier = (" Its guard id is the form `score_dataset` wrote for a guard object before guards carried "
+                       "an id: run that `score_dataset` call again with the same guard (it reads the scores without "
+                       "a guard forward and records the guard's id), then this.")  # fmt: skip
         raise ValueError(
-            f"output_dir={output_dir!r} holds STAR scores made with other settings ({changed}, as (stored, now)). "
-            "Scores made with different settings are never mixed: choose another output directory, or delete them "
-            "and score again (overwrite=True; `star-dss score --overwrite`)."
+            f"{_named(output_name, output_dir)} holds STAR scores made with other settings ({changed}, as (stored, "
+            f"now)).{earlier} Scores made with different settings are never mixed: choose another {output_name}, or "
+            "delete those scores and score again (score_dataset(overwrite=True), `star-dss score --overwrite`, or "
+            "delete the directory)."
         )
     barrier()
     if is_main:
         if overwrite and existing is not None:
             shutil.rmtree(os.path.join(output_dir, "shards"), ignore_errors=True)
         os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
-        if existing != settings:
+        if existing != settings or renamed:
             write_text_atomic(path, json.dumps(settings, indent=2))
     barrier()
 
@@ -416,13 +553,13 @@ def _read_shard(shard_dir: str, s: int) -> list[dict] | None:
         return [json.loads(line) for line in handle]
 
 
-def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str) -> None:
+def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str, output_name: str = "output_dir") -> None:
     for record in records:
         if record["hash"] != example_hash(dataset[record["index"]], fmt):
             raise ValueError(
-                f"output_dir={output_dir!r} holds scores of another dataset: example {record['index']} differs from "
-                "the one scored there. Choose another output directory, or delete those scores (overwrite=True; "
-                "`star-dss score --overwrite`)."
+                f"{_named(output_name, output_dir)} holds scores of another dataset: example {record['index']} "
+                f"differs from the one scored there. Choose another {output_name}, or delete those scores "
+                "(score_dataset(overwrite=True), `star-dss score --overwrite`, or delete the directory)."
             )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +25,7 @@ from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sh
 from .heads import add_hidden_state_output, check_output_head, output_head
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .reference import ref_logps_column
-from .scoring import STAR_COLUMN, dataset_format, example_columns, score_dataset
+from .scoring import STAR_COLUMN, check_star_dataset, dataset_format, example_columns, score_dataset
 from .weights import rejected, token_weights
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
     # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
     records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
     if "messages" in example or isinstance(example["prompt"], list):
+        tools = example.get("tools")  # TRL reads a JSON string as its list of tools (trl 1.16 `tokenize_fn`)
         text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
-                                             tools=example.get("tools"))  # fmt: skip
+                                             tools=json.loads(tools) if isinstance(tools, str) else tools)  # fmt: skip
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
         text = messages[0]["content"] + messages[1]["content"]
@@ -329,6 +331,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str) else model.config._name_or_path)
             train_dataset = self._score_at_start(train_dataset, processing_class, args)
+        if uses_scores and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
+            check_star_dataset(train_dataset)  # the column is input: checked before anything reads it (issue 25)
         if args.star_report and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
             self._write_star_report(train_dataset, os.path.join(args.output_dir, "star_report"))
         # With precomputed reference log-probs, packing waits until they exist (the reference runs on whole examples).
@@ -377,6 +381,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             unit=args.star_unit,
             output_dir=args.star_scores_dir or os.path.join(args.output_dir, "star_scores"),
             guardrail_id=guardrail_id,
+            output_name="star_scores_dir",
         )
         if PartialState().is_main_process:
             logger.info(f"STAR scoring: {summary.format()}")
@@ -404,6 +409,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
                 "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
             )
+        if not tokenized and uses_scores and dataset_name != "train":  # the train dataset was checked in __init__
+            check_star_dataset(dataset)
         if not tokenized:
             dataset = self._apply_content_rule(dataset, processing_class, args, dataset_name)
         if args.shaping == "rejection_sampling":

@@ -9,6 +9,7 @@ A scored record is one element of the `star` column: `{"turn": i, "chunk_ends": 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 
 
@@ -20,11 +21,23 @@ def token_scores(token_ends: Sequence[int], chunk_ends: Sequence[int], scores: S
     return [scores[min(bisect.bisect_left(chunk_ends, end), last)] for end in token_ends]
 
 
+def content_text(message: dict) -> str:
+    """A message's content as a chat template writes it: a string as it is; text parts joined with nothing between
+    them, as Qwen2-VL's and Llama 4's templates write them (docs/method.md 1.5); no content
+    (an assistant turn that only calls tools) as the empty string."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+
+
 def message_spans(text: str, messages: Sequence[dict]) -> list[tuple[int, int]]:
     """Where each message's content sits in the rendered `text`, searched in order."""
     spans, cursor = [], 0
     for i, message in enumerate(messages):
-        content = message["content"]
+        content = content_text(message)
         start = text.find(content, cursor) if content else cursor
         if start < 0:
             stripped = content.strip()  # some templates trim the content
@@ -56,7 +69,7 @@ def response_regions(text: str, messages: Sequence[dict], turns: Sequence[int],
             raise
     regions, end = {}, len(text)
     for i in sorted(turns, reverse=True):
-        content = messages[i]["content"].strip()
+        content = content_text(messages[i]).strip()
         start = text.rfind(content, 0, end)
         if start < 0:
             raise ValueError(
@@ -67,14 +80,21 @@ def response_regions(text: str, messages: Sequence[dict], turns: Sequence[int],
     return regions
 
 
-def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[int, int]], records: dict) -> list[float]:
+def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[int, int]], records: dict,
+                   whole_turns: Sequence[int] = ()) -> list[float]:  # fmt: skip
     """Per-token weights from token character `offsets` and, for each scored turn, its `region` in the text and its
     record (`chunk_ends` in characters from the region's start, `scores`). Tokens outside every region (prompt,
-    template) weigh 1; a token past a response's last chunk (its end-of-turn tokens) takes the last score."""
+    template) weigh 1; a token past a response's last chunk (its end-of-turn tokens) takes the last score. Every
+    token of a turn in `whole_turns` (one that calls tools, docs/method.md 1.5) takes the turn's lowest score."""
     weights = [1.0] * len(offsets)
     for turn, (start, stop) in regions.items():
         record = records[turn]
         inside = [t for t, (a, b) in enumerate(offsets) if b > start and a < stop and b > a]
+        if turn in whole_turns:
+            lowest = min(record["scores"])
+            for t in inside:
+                weights[t] = lowest
+            continue
         ends = [offsets[t][1] - start for t in inside]
         for t, value in zip(inside, token_scores(ends, record["chunk_ends"], record["scores"])):
             weights[t] = value
@@ -86,10 +106,78 @@ def token_weights(text: str, offsets: Sequence[tuple[int, int]], messages: Seque
     """The STAR weight of every token of one rendered example: `text`, its tokens' character `offsets`, the
     `messages` it was rendered from and their scored `records`."""
     by_turn = {record["turn"]: record for record in records}
-    return region_weights(offsets, response_regions(text, messages, list(by_turn), rewritten_prompt), by_turn)
+    # The policy's template writes a tool call in its own syntax, so the scored text's character offsets do not map
+    # into it: such a turn is weighted whole (docs/method.md 1.5).
+    calls = [turn for turn in by_turn if messages[turn].get("tool_calls")]
+    return region_weights(offsets, response_regions(text, messages, list(by_turn), rewritten_prompt), by_turn, calls)
 
 
 def rejected(records: Sequence[dict], threshold: float) -> bool:
     """Rejection sampling (docs/method.md 1.3): an example is dropped whole when any of its scored responses has a
     whole-response score (its last chunk's) below `threshold`."""
     return any(record["scores"][-1] < threshold for record in records)
+
+
+# -- the `star` column is input ------------------------------------------------------------------------------------
+
+STAR_RECORD_FIX = (
+    'Records are {"turn": i, "chunk_ends": [...], "scores": [...]} as `star-dss score` writes them (README, "How '
+    'scores are stored"): score the data again, or correct the record.'
+)
+
+
+def check_star_records(records, responses: Sequence[str | None], index: int, column: str = "messages",
+                       roles: Sequence[str | None] | None = None) -> None:  # fmt: skip
+    """Refuse an example's `star` records unless each places scores that mean something (issue 25): `turn` names an
+    assistant response; `chunk_ends` are strictly increasing positive whole numbers, none past the response's
+    length in characters; as many `scores` as ends, each finite and in [0, 1].
+
+    `responses[i]` is the text scored for message `i` of `column` (`scoring.message_text`), None where message `i`
+    is not an assistant response (`roles[i]` names what it is). `index` is the example's, for the error. The
+    trainers and `star-dss show` call it before any model step: a NaN or a score of 1.5 would otherwise train as
+    a weight, and an end past the response would silently weigh the wrong tokens."""
+
+    def fail(problem: str, turn=None):
+        head = "the `star` record" if turn is None else f"the `star` record of turn {turn!r}"
+        raise ValueError(f"Example {index}: {head}: {problem}. {STAR_RECORD_FIX}")
+
+    if not isinstance(records, list):
+        raise ValueError(f"Example {index}: the `star` value is {records!r}, not a list of records. {STAR_RECORD_FIX}")
+    seen = set()
+    for r, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"Example {index}: the `star` record {r} is {record!r}, not a dict. {STAR_RECORD_FIX}")
+        for key in ("turn", "chunk_ends", "scores"):
+            if key not in record:
+                raise ValueError(f"Example {index}: the `star` record {r} has no {key!r}. {STAR_RECORD_FIX}")
+        turn, ends, scores = record["turn"], record["chunk_ends"], record["scores"]
+        if type(turn) is not int:
+            fail(f"turn {turn!r} is not a whole number", turn)
+        if not 0 <= turn < len(responses):
+            fail(f"turn {turn} is not a message (the example has {len(responses)} in {column})", turn)
+        response = responses[turn]
+        if response is None:
+            role = roles[turn] if roles is not None else None
+            fail(f"turn {turn} is {column}[{turn}], a {role!r} message, not an assistant response", turn)
+        if turn in seen:
+            fail(f"two records for turn {turn}", turn)
+        seen.add(turn)
+        if not isinstance(ends, list) or not isinstance(scores, list):
+            fail(f"chunk_ends and scores must be lists (got {type(ends).__name__} and {type(scores).__name__})", turn)
+        if not ends:
+            fail("it has no chunk_ends (every scored response has at least one chunk)", turn)
+        if len(ends) != len(scores):
+            fail(f"it has {len(ends)} chunk_ends but {len(scores)} scores (one score per chunk)", turn)
+        previous = 0
+        for k, end in enumerate(ends):
+            if type(end) is not int and not (type(end) is float and end.is_integer()):
+                fail(f"chunk_ends[{k}] = {end!r} is not a positive whole number", turn)
+            if end <= previous:
+                fail(f"chunk_ends[{k}] = {end!r} is not a positive whole number" if k == 0 else
+                     f"chunk_ends are not strictly increasing (chunk_ends[{k}] = {end} after {previous})", turn)  # fmt: skip
+            previous = end
+        if previous > len(response):
+            fail(f"chunk_ends[-1] = {previous} is past the end of the response ({len(response)} characters)", turn)
+        for k, score in enumerate(scores):
+            if type(score) not in (float, int) or not 0.0 <= score <= 1.0 or math.isnan(score):
+                fail(f"scores[{k}] = {score!r} is not a probability in [0, 1]", turn)

@@ -19,7 +19,7 @@ import os
 
 from trl_star_dss.audit import content_special_token_rule
 from trl_star_dss.collator import TOKEN_COLUMNS
-from trl_star_dss.scoring import STAR_COLUMN
+from trl_star_dss.scoring import STAR_COLUMN, check_star_example
 from trl_star_dss.weights import rejected, token_weights
 
 from .args import settings as star_settings
@@ -83,7 +83,10 @@ def conversation_reader(strategy):
 
         def read(row):
             turns = strategy.get_conversation_thread(row)
-            return [{"role": t["role"], "content": t.get("content") or ""} for t in turns]
+            # Tool calls are what a calling turn says (docs/method.md 1.5): kept for scoring and weighting.
+            return [{"role": t["role"], "content": t.get("content") or "",
+                     **({"tool_calls": t["tool_calls"]} if t.get("tool_calls") else {}),
+                     **({"name": t["name"]} if t.get("name") else {})} for t in turns]  # fmt: skip
 
         return read
     if isinstance(strategy, InstructionPromptTokenizingStrategy):
@@ -117,6 +120,8 @@ def with_star(strategy, dataset, cfg):
         records = _look_up(conversations, values["scores_path"])
     else:
         records = _score(conversations, strategy.tokenizer, values, cfg)
+    for index, (messages, star) in enumerate(zip(conversations, records)):  # the column is input (issue 25)
+        check_star_example({"messages": messages, STAR_COLUMN: star}, "messages", index)
     threshold = values["rejection_threshold"] if values["shaping"] == "rejection_sampling" else None
     return STARStrategy(strategy, read, threshold), dataset.add_column(STAR_COLUMN, records)
 
