@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench_training import PeakMemory  # the same memory measure as the training benchmark
 
-from trl_star_dss.audit import Auditor
-from trl_star_dss.families import LlamaGuard
-from trl_star_dss.guardrails import PrefixQuery, TokenLevelGuardrail
+from trl_star_dss.scoring.audit import Auditor
+from trl_star_dss.scoring.families import LlamaGuard
+from trl_star_dss.scoring import PrefixQuery, TokenLevelGuardrail
 from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import llama3_tokenizer, tiny_stream_guard
 

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=1, help="Assistant responses per example (default 1).")
     parser.add_argument("--response-chars", type=int, default=1000, help="Characters per response (default 1000).")
     args = parser.parse_args()
-    from trl_star_dss.scoring import check_star_dataset
+    from trl_star_dss.formats import check_star_dataset
 
     start = time.perf_counter()
     dataset, chunks = build(args.examples, args.turns, args.response_chars)

@@ -5,10 +5,10 @@ import json
 import pytest
 from datasets import Dataset
 
-from trl_star_dss.audit import Auditor, special_token_strings
+from trl_star_dss.scoring.audit import Auditor, special_token_strings
 from trl_star_dss.config import STARDSSConfig
-from trl_star_dss.families import GraniteGuardian, LlamaGuard
-from trl_star_dss.guardrails import CausalLMGuardrail, EnsembleGuardrail, PrefixQuery, PythonGuardrail
+from trl_star_dss.scoring.families import GraniteGuardian, LlamaGuard
+from trl_star_dss.scoring import CausalLMGuardrail, EnsembleGuardrail, PrefixQuery, PythonGuardrail
 from trl_star_dss.scoring import chunk_ends, score_dataset
 from trl_star_dss.testing import GRANITE_GUARDIAN_TEMPLATE, tiny_causal_lm, tiny_tokenizer
 

@@ -22,7 +22,7 @@ from star_dss.args import star_dss_enabled  # noqa: E402
 from trl_star_dss.trainer import example_star_weights  # noqa: E402
 from trl_star_dss.demo import build_world  # noqa: E402 (the world's data)
 from trl_star_dss.testing import scripted_guardrail  # noqa: E402
-from trl_star_dss.guardrails import PythonGuardrail  # noqa: E402
+from trl_star_dss.scoring import PythonGuardrail  # noqa: E402
 from trl_star_dss.scoring import score_dataset  # noqa: E402
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
 

@@ -6,8 +6,9 @@ import json
 import pytest
 from datasets import Dataset
 
-from trl_star_dss.guardrails import PythonGuardrail
-from trl_star_dss.scoring import response_turns, score_dataset
+from trl_star_dss.scoring import PythonGuardrail
+from trl_star_dss.formats import response_turns
+from trl_star_dss.scoring import score_dataset
 from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokenizer
 from trl_star_dss.trainer import example_star_weights
 

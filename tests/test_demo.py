@@ -104,7 +104,7 @@ def test_guard_data_is_its_own_and_labelled_as_documented():
 
 def test_learned_guard_is_fooled_by_the_misleading_sentence_on_whole_responses(tmp_path):
     from trl_star_dss.demo import GUARD_TEMPLATE, save_guard, train_guard, world_tokenizer
-    from trl_star_dss.families import LlamaGuard
+    from trl_star_dss.scoring.families import LlamaGuard
 
     tokenizer = world_tokenizer(build_world(seed=0))
     guard = save_guard(train_guard(tokenizer, guard_training_data(seed=0, per_kind=100)), str(tmp_path / "guard"))

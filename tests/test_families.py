@@ -7,8 +7,8 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
-from trl_star_dss.families import detect_family, GraniteGuardian, GraniteGuardian33, Qwen3GuardGen, ShieldGemma
-from trl_star_dss.guardrails import PrefixQuery
+from trl_star_dss.scoring.families import detect_family, GraniteGuardian, GraniteGuardian33, Qwen3GuardGen, ShieldGemma
+from trl_star_dss.scoring import PrefixQuery
 from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import GRANITE_GUARDIAN_TEMPLATE, LLAMA_GUARD_3_TEMPLATE, tiny_causal_lm, tiny_tokenizer
 
@@ -137,7 +137,7 @@ def tiny_llama4(tokenizer, **text_config):
 
 
 def test_llama_guard_4_on_the_real_llama4_tokenizer(tmp_path):
-    from trl_star_dss.families import LlamaGuard4, load_guardrail
+    from trl_star_dss.scoring.families import LlamaGuard4, load_guardrail
     from trl_star_dss.testing import llama4_tokenizer
 
     tokenizer = llama4_tokenizer((TEMPLATES / "llama_guard_4.jinja").read_text())
@@ -175,7 +175,7 @@ def test_position_dependent_attention_takes_the_exact_path(text_config):
     not see: inputs longer than they allow are scored by the naive path (the fast path was off by 0.13 and 1.8e-4)."""
     tokenizer = tiny_tokenizer(chat_template=LLAMA_GUARD_3_TEMPLATE)
     tokenizer.add_tokens([AddedToken(label, normalized=False) for label in ("safe", "unsafe")])
-    from trl_star_dss.families import LlamaGuard
+    from trl_star_dss.scoring.families import LlamaGuard
 
     guard = LlamaGuard(tiny_llama4(tokenizer, **text_config), tokenizer)
     response = "Mix flour, water and yeast, then bake it in a hot oven for forty minutes."
@@ -230,7 +230,7 @@ Answers: [/INST]
 
 
 def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
-    from trl_star_dss.families import WildGuard
+    from trl_star_dss.scoring.families import WildGuard
 
     from trl_star_dss.heads import text_backbone
 
@@ -283,7 +283,7 @@ def test_a_gemma2_guard_saved_to_disk_loads_and_scores_exactly(tmp_path):
     """Issue 24, defect 2: `load_guardrail` forced `sdpa`, which transformers refuses for Gemma-2 (ShieldGemma), so
     no Gemma-2 guard loaded. It now loads with the attention its class supports (eager), and the fast path (whose
     attention soft-caps as Gemma-2's layers ask) equals the naive one; a user's `attn_implementation=` still wins."""
-    from trl_star_dss.families import load_guardrail
+    from trl_star_dss.scoring.families import load_guardrail
 
     tokenizer = family_tokenizer((TEMPLATES / "shieldgemma.jinja").read_text(), ["Yes", "No"])
     model = tiny_causal_lm(tokenizer, model_type="gemma2", attn_implementation="eager", head_dim=16,
@@ -310,7 +310,7 @@ def test_a_gemma2_guard_saved_to_disk_loads_and_scores_exactly(tmp_path):
 def test_granite_guardians_load_from_disk_by_their_template(tmp_path, template, family):
     """No Granite tokenizer is reachable here (no PyPI package ships one): the tiny tokenizer with Granite-shaped
     templates, saved and loaded as a user loads a guard, the family told by the template."""
-    from trl_star_dss.families import load_guardrail
+    from trl_star_dss.scoring.families import load_guardrail
 
     tokenizer = family_tokenizer(template, [" yes", " no", "<score>", "<think>", "</think>"])
     tiny_causal_lm(tokenizer, model_type="granite").save_pretrained(tmp_path / "guard")

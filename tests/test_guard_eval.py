@@ -6,7 +6,7 @@ from datasets import Dataset
 from trl_star_dss.cli import main as star_dss
 from trl_star_dss.demo import guard_eval_data, scripted_guardrail
 from trl_star_dss.guard_eval import evaluate_guard, guard_figures, read_labels
-from trl_star_dss.guardrails import PythonGuardrail
+from trl_star_dss.scoring import PythonGuardrail
 from trl_star_dss.scoring import chunk_ends
 
 

@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
-from trl_star_dss.families import detect_family, GraniteGuardian, LlamaGuard, load_guardrail
-from trl_star_dss.guardrails import CausalLMGuardrail, EnsembleGuardrail, PrefixQuery, PythonGuardrail
+from trl_star_dss.scoring.families import detect_family, GraniteGuardian, LlamaGuard, load_guardrail
+from trl_star_dss.scoring import CausalLMGuardrail, EnsembleGuardrail, PrefixQuery, PythonGuardrail
 from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import LLAMA_GUARD_3_TEMPLATE, tiny_causal_lm, tiny_tokenizer
 

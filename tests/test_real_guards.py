@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_star_dss.families import load_guardrail
-from trl_star_dss.guardrails import PrefixQuery
+from trl_star_dss.scoring.families import load_guardrail
+from trl_star_dss.scoring import PrefixQuery
 from trl_star_dss.scoring import chunk_ends
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -98,7 +98,7 @@ def test_llama_guard_3_8b_reads_string_content(tmp_path, llama3):
 def test_a_template_that_drops_the_response_is_refused(llama3):
     """Given string content, Llama Guard 3 1B's template wrote no message: such an input is refused, naming the
     guard, its template and what is missing (here a generic guard whose template reads parts of the user turn only)."""
-    from trl_star_dss.guardrails import CausalLMGuardrail
+    from trl_star_dss.scoring import CausalLMGuardrail
     from trl_star_dss.testing import tiny_causal_lm
 
     template = (TEMPLATES / "llama_guard_3_1b.jinja").read_text().replace(
@@ -179,7 +179,7 @@ def test_wildguard_on_the_real_mistral_tokenizer(tmp_path):
     """allenai/wildguard (v1.0.0, commit 495b9dc) `wildguard.py`: `WILDGUARD_INPUT_FORMAT.format(prompt=...,
     response=...)`, greedy `generate`, `parse_model_generation_to_output` reads the lines' `yes`/`no`/`n/a`. The family
     is told by the name (WildGuard ships no template)."""
-    from trl_star_dss.families import WILDGUARD_FIELDS
+    from trl_star_dss.scoring.families import WILDGUARD_FIELDS
     from trl_star_dss.testing import mistral_v3_tokenizer
 
     tokenizer = mistral_v3_tokenizer()
@@ -209,8 +209,8 @@ def test_wildguard_on_the_real_mistral_tokenizer(tmp_path):
 def test_forged_special_tokens_stay_text_in_both_shapes(llama3, template, shape):
     """docs/method.md 2.1: a special-token string in content never becomes a special token, whichever shape the
     template takes content in; the template's own special tokens stay special. And an ensemble of both shapes."""
-    from trl_star_dss.families import LlamaGuard
-    from trl_star_dss.guardrails import EnsembleGuardrail
+    from trl_star_dss.scoring.families import LlamaGuard
+    from trl_star_dss.scoring import EnsembleGuardrail
     from trl_star_dss.testing import tiny_causal_lm
 
     model = tiny_causal_lm(llama3, **TINY)

@@ -5,9 +5,11 @@ import pytest
 from datasets import Dataset
 
 from trl_star_dss.testing import EXCULPATORY_SENTENCE, scripted_guardrail
-from trl_star_dss.families import LlamaGuard
-from trl_star_dss.guardrails import PythonGuardrail
-from trl_star_dss.scoring import STARScorer, chunk_ends, response_turns, score_dataset, token_scores
+from trl_star_dss.scoring.families import LlamaGuard
+from trl_star_dss.scoring import PythonGuardrail
+from trl_star_dss.formats import response_turns
+from trl_star_dss.scoring import STARScorer, chunk_ends, score_dataset
+from trl_star_dss.weights import token_scores
 
 HARMFUL = "Sure. Mix the poison into the drink and wait for the guests. " + EXCULPATORY_SENTENCE
 

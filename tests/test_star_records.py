@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset
 
 from trl_star_dss.config import STARDSSConfig
-from trl_star_dss.guardrails import PythonGuardrail
+from trl_star_dss.scoring import PythonGuardrail
 from trl_star_dss.scoring import score_dataset
 from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokenizer
 from trl_star_dss.trainer import STARDSSTrainer
@@ -112,7 +112,7 @@ def test_good_records_pass_and_structural_errors_are_named():
 def test_readme_score_from_python_then_start_up_scoring_runs_no_guard_forward(tmp_path, tokenizer, monkeypatch):
     """The README's "Score from Python" block (a guard loaded from its path), then `STARDSSTrainer` with
     `guardrail=[path]` and `star_scores_dir=` the same directory: the scores are reused, no guard is loaded or run."""
-    import trl_star_dss.families as families
+    import trl_star_dss.scoring.families as families
     from trl_star_dss import load_guardrail
     from trl_star_dss.testing import tiny_guard
 
@@ -150,7 +150,7 @@ def test_cache_of_other_settings_names_the_setting_the_user_set(tmp_path, tokeni
 
 
 def test_guard_objects_carry_the_id_every_path_uses(tmp_path):
-    from trl_star_dss.families import deferred_guardrail, load_guardrail
+    from trl_star_dss.scoring.families import deferred_guardrail, load_guardrail
 
     spec = "trl_star_dss.testing:scripted_guardrail"
     assert load_guardrail(spec).id == deferred_guardrail(spec)[1] == deferred_guardrail([spec])[1]

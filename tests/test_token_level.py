@@ -5,8 +5,8 @@ import bisect
 import pytest
 import torch
 
-from trl_star_dss.families import detect_family, load_guardrail
-from trl_star_dss.guardrails import PrefixQuery, TokenLevelGuardrail
+from trl_star_dss.scoring.families import detect_family, load_guardrail
+from trl_star_dss.scoring import PrefixQuery, TokenLevelGuardrail
 from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import QWEN3_TEMPLATE, llama3_tokenizer, tiny_stream_guard, tiny_tokenizer
 
@@ -109,7 +109,7 @@ def test_unknown_class_map_and_loading_are_refused(stream_guard, tmp_path):
 def test_options_that_change_scores_join_the_cache_id(tmp_path):
     import json
 
-    from trl_star_dss.families import guardrail_id
+    from trl_star_dss.scoring.families import guardrail_id
 
     # A guard with default options keeps the id of earlier releases (their caches stay valid) ...
     assert json.loads(guardrail_id("g")) == {"guardrail": ["g"], "family": None, "temperature": 1.0, "max_length": None}

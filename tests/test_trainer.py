@@ -8,7 +8,7 @@ from trl import SFTConfig, SFTTrainer
 from trl_star_dss.collator import DataCollatorForSTAR
 from trl_star_dss.config import STARDSSConfig
 from trl_star_dss.testing import scripted_guardrail
-from trl_star_dss.guardrails import PythonGuardrail
+from trl_star_dss.scoring import PythonGuardrail
 from trl_star_dss.scoring import chunk_ends, score_dataset
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
 from trl_star_dss.trainer import STARDSSTrainer, example_star_weights
@@ -434,7 +434,7 @@ def test_precomputed_reference_is_the_given_ref_model_and_is_cached(tmp_path, to
 
 
 def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tokenizer, scored, monkeypatch):
-    import trl_star_dss.families as families
+    import trl_star_dss.scoring.families as families
     from trl_star_dss.cli import main
 
     tokenizer.save_pretrained(tmp_path / "policy")

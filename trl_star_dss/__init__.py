@@ -1,42 +1,41 @@
-"""STAR-DSS for TRL and Axolotl (arXiv 2505.17196): safety-shaped finetuning driven by guardrail STAR scores."""
+"""STAR-DSS for TRL and Axolotl (arXiv 2505.17196): safety-shaped finetuning driven by guardrail STAR scores.
 
-from .families import GraniteGuardian, LlamaGuard, load_guardrail
-from .guardrails import CausalLMGuardrail, EnsembleGuardrail, Guardrail, PrefixQuery, PrefixScores, PythonGuardrail
-from .audit import Auditor
-from .collator import DataCollatorForSTAR
-from .config import STARDSSConfig
-from .heads import OutputHead
-from .loss import deep_token_loss, full_kl, star_dss_loss
-from .scoring import STARScorer, ScoringSummary, chunk_ends, score_dataset
-from .trainer import STARDSSTrainer, STARLossMixin, STARSettings
-from .weights import token_scores, token_weights
+Public names are loaded on first use (PEP 562, as TRL's own package does), so `import trl_star_dss` and
+`star-dss --help` load neither TRL's trainers nor the optional packages they pull in (bitsandbytes, PEFT).
+"""
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "Auditor",
-    "CausalLMGuardrail",
-    "DataCollatorForSTAR",
-    "EnsembleGuardrail",
-    "GraniteGuardian",
-    "Guardrail",
-    "LlamaGuard",
-    "OutputHead",
-    "PrefixQuery",
-    "PrefixScores",
-    "PythonGuardrail",
-    "STARDSSConfig",
-    "STARDSSTrainer",
-    "STARLossMixin",
-    "STARSettings",
-    "STARScorer",
-    "ScoringSummary",
-    "chunk_ends",
-    "deep_token_loss",
-    "full_kl",
-    "load_guardrail",
-    "score_dataset",
-    "star_dss_loss",
-    "token_scores",
-    "token_weights",
-]
+
+__version__ = "0.2.0"  # the one place the version is stated (pyproject.toml reads it; CHANGELOG.md)
+
+# Each public name and the module that defines it: the training core at the top level, scoring in `scoring`.
+_MODULES = {
+    "config": ["STARDSSConfig"],
+    "errors": ["STARDSSError"],
+    "trainer": ["STARDSSTrainer", "STARLossMixin", "STARSettings"],
+    "collator": ["DataCollatorForSTAR"],
+    "heads": ["OutputHead"],
+    "loss": ["deep_token_loss", "full_kl", "star_dss_loss", "token_kl"],
+    "weights": ["check_star_records", "token_scores", "token_weights"],
+    "scoring": [
+        "Auditor", "CausalLMGuardrail", "EnsembleGuardrail", "FAMILIES", "GraniteGuardian", "GraniteGuardian33",
+        "Guardrail", "LlamaGuard", "LlamaGuard4", "PrefixQuery", "PrefixScores", "PythonGuardrail", "Qwen3GuardGen",
+        "STARScorer", "ScoringSummary", "ShieldGemma", "TemplatedGuardrail", "TokenLevelGuardrail", "WildGuard",
+        "chunk_ends", "detect_family", "guardrail_id", "load_guardrail", "score_dataset", "scored_dataset_path",
+    ],
+}  # fmt: skip
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

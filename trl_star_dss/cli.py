@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 
-from .families import FAMILIES
+from .scoring.families import FAMILIES
 from .config import CONTROVERSIAL
 from .loading import load_dataset_arg, response_columns
 
@@ -231,7 +231,7 @@ def eval_capability_command(args) -> None:
     import torch
 
     from .evaluation import evaluate_capability
-    from .scoring import write_text_atomic
+    from .storage import write_text_atomic
 
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--limit", args.limit, "Use e.g. 20 for a quick look, or leave --limit out for every example.")
@@ -251,7 +251,7 @@ def eval_safety_command(args) -> None:
     from accelerate import PartialState
 
     from .evaluation import DecodingConfig, evaluate_safety, load_policy, load_prompts
-    from .families import load_guardrail
+    from .scoring.families import load_guardrail
 
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--max-new-tokens", args.max_new_tokens, "Use e.g. 500 (the paper's).")
@@ -275,7 +275,7 @@ def eval_safety_command(args) -> None:
 
 def eval_guard_command(args) -> None:
     from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
-    from .families import deferred_guardrail
+    from .scoring.families import deferred_guardrail
 
     _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")
     _check_positive("--batch-size", args.batch_size, "Use e.g. 16 (the default).")
@@ -366,7 +366,8 @@ def demo_command(args) -> None:
 
 def show_command(args) -> None:
     from .report import first_flagged, heatmap_html, summary_png, trajectory_png
-    from .scoring import STAR_COLUMN, check_star_dataset, scored_dataset_path
+    from .formats import STAR_COLUMN, check_star_dataset
+    from .scoring import scored_dataset_path
 
     _check_positive("--max-examples", args.max_examples, "Use e.g. 200 (the default).")
     path = args.dataset
@@ -395,7 +396,7 @@ def show_command(args) -> None:
 
 
 def score_command(args) -> None:
-    from .families import deferred_guardrail
+    from .scoring.families import deferred_guardrail
     from .scoring import score_dataset, scored_dataset_path
 
     # The flags are checked here, before the dataset or a guard loads, and named as typed (scoring's own checks name

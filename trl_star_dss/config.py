@@ -67,7 +67,7 @@ class STARDSSConfig(SFTConfig):
     )
     guardrail_family: str | None = field(
         default=None,
-        metadata={"help": "Force the guard family (one of `trl_star_dss.families.FAMILIES`, or `generic`); "
+        metadata={"help": "Force the guard family (one of `trl_star_dss.scoring.families.FAMILIES`, or `generic`); "
                   "default: recognised from the guard's chat template, else its name."},
     )
     guardrail_controversial: str | None = field(

@@ -233,7 +233,7 @@ def train_guard(tokenizer, rows: list[dict], seed: int = 0, epochs: int = 3, lr:
 
     import torch
 
-    from .families import LlamaGuard
+    from .scoring.families import LlamaGuard
     from .testing import tiny_causal_lm
 
     guard_tok = guard_tokenizer(tokenizer)
@@ -267,7 +267,7 @@ def train_guard(tokenizer, rows: list[dict], seed: int = 0, epochs: int = 3, lr:
 def save_guard(guard, path: str):
     """Save the guard like a hub checkpoint and read it back as a user would, through `load_guardrail` (its family is
     recognised from its template: Llama Guard, a blank line then `safe` / `unsafe`)."""
-    from .families import load_guardrail
+    from .scoring.families import load_guardrail
 
     guard.model.save_pretrained(path)
     guard.tokenizer.save_pretrained(path)
@@ -324,7 +324,7 @@ def _score_attack(world: dict, attack: str, tokenizer, output_dir: str, guard=No
     examples to `output_dir` (the benign mix's first five are benign tasks, which show nothing)."""
     from datasets import Dataset
 
-    from .guardrails import PythonGuardrail
+    from .scoring import PythonGuardrail
     from .report import first_flagged, heatmap_html
     from .scoring import score_dataset
 
@@ -398,7 +398,7 @@ def _evaluate_learned_guard(guard, tokenizer, seed: int, output_dir: str | None 
     from datasets import Dataset
 
     from .guard_eval import evaluate_guard
-    from .scoring import write_text_atomic
+    from .storage import write_text_atomic
 
     rows = guard_eval_data(seed)
     if output_dir is not None:
@@ -464,7 +464,7 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, attacks=ATTACKS, meth
             announce(f"attack {ATTACK_LABELS[attack]} x {METHOD_LABELS[method]} ({len(scored)} examples)")
             table[attack][method] = _attack(model, aligned, tokenizer, world, scored, method, stages, scratch, seed)
     result = {"table": table, "guard_eval": figures, "guard": guard, "seconds": time.perf_counter() - start}
-    from .scoring import write_text_atomic
+    from .storage import write_text_atomic
 
     write_text_atomic(os.path.join(output_dir, "table.md"), format_report(result) + f"\n\n({result['seconds']:.0f} s)\n")
     _chart(table, os.path.join(output_dir, "chart.png"), GUARD_NAMES[guard])
@@ -476,7 +476,7 @@ def _write_guard_eval(figures: dict, output_dir: str) -> None:
     import json
 
     from .guard_eval import DRIFT_FILE, FIGURES_FILE, drift_png
-    from .scoring import write_text_atomic
+    from .storage import write_text_atomic
 
     write_text_atomic(os.path.join(output_dir, FIGURES_FILE), json.dumps(figures, indent=2))
     drift_png(figures, os.path.join(output_dir, DRIFT_FILE))
@@ -528,7 +528,7 @@ def run_ablation(output_dir: str = "runs/demo-ablation", seed: int = 0, chunk_si
 
     import torch
 
-    from .scoring import write_text_atomic
+    from .storage import write_text_atomic
 
     _check_guard(guard)
     if (chunk_sizes is None) == (label_noise is None):
@@ -724,7 +724,7 @@ def run_smollm2_demo(output_dir: str = "runs/demo-smollm2", seed: int = 0, attac
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .scoring import write_text_atomic
+    from .storage import write_text_atomic
 
     start = time.perf_counter()
     world = build_world(seed)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .guardrails import Guardrail
+from .scoring import Guardrail
 
 # Refusal phrases (the keyword list used by the GCG / Qi et al. safety evaluations, lower-cased matching).
 REFUSAL_KEYWORDS = (

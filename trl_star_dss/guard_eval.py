@@ -19,7 +19,9 @@ import os
 import statistics
 from collections.abc import Callable
 
-from .scoring import STAR_COLUMN, dataset_format, response_turns, score_dataset, write_text_atomic
+from .formats import STAR_COLUMN, dataset_format, response_turns
+from .scoring import score_dataset
+from .storage import write_text_atomic
 from .weights import token_scores
 
 LABEL_COLUMN = "label"

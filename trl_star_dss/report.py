@@ -9,7 +9,9 @@ import html
 import os
 from collections.abc import Sequence
 
-from .scoring import STAR_COLUMN, dataset_format, response_turns, unit_ends, write_text_atomic
+from .formats import STAR_COLUMN, dataset_format, response_turns
+from .scoring.dataset import unit_ends
+from .storage import write_text_atomic
 from .weights import token_scores
 
 

@@ -19,13 +19,13 @@ from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.utils import add_fused_lm_head
 
-from .audit import content_special_token_rule
+from .special_tokens import content_special_token_rule
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
 from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sharding
 from .heads import add_hidden_state_output, check_output_head, output_head
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .reference import ref_logps_column
-from .scoring import STAR_COLUMN, check_star_dataset, dataset_format, example_columns, score_dataset
+from .formats import STAR_COLUMN, check_star_dataset, dataset_format, example_columns
 from .weights import rejected, token_weights
 
 logger = logging.getLogger(__name__)
@@ -369,25 +369,15 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
         from accelerate import PartialState
 
-        from .families import deferred_guardrail, guard_options
+        # The core's one way into scoring (docs/method.md 6): loaded only when a dataset needs scores.
+        from .scoring.startup import score_for_training
 
-        build, guardrail_id = deferred_guardrail(args.guardrail, args.guardrail_family, args.guardrail_temperature,
-                                                 **guard_options(args.guardrail_controversial))  # fmt: skip
-        scored, summary = score_dataset(
-            dataset,
-            build,
-            tokenizer=tokenizer,
-            chunk_size=args.star_chunk_size,
-            unit=args.star_unit,
+        scored, _ = score_for_training(
+            dataset, tokenizer, args.guardrail, family=args.guardrail_family, temperature=args.guardrail_temperature,
+            controversial=args.guardrail_controversial, chunk_size=args.star_chunk_size, unit=args.star_unit,
             output_dir=args.star_scores_dir or os.path.join(args.output_dir, "star_scores"),
-            guardrail_id=guardrail_id,
-            output_name="star_scores_dir",
-        )
-        if PartialState().is_main_process:
-            logger.info(f"STAR scoring: {summary.format()}")
-            if summary.audited_examples:
-                logger.warning(f"{summary.audited_examples} training examples have audit findings; read them before "
-                               f"training: {summary.format_audit()}")  # fmt: skip
+            output_name="star_scores_dir", log=PartialState().is_main_process,
+        )  # fmt: skip
         return scored
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):

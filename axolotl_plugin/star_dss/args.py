@@ -78,7 +78,7 @@ class StarDSSArgs(BaseModel):
     )
     star_dss_guardrail_family: str | None = Field(
         default=None,
-        description="Force the guard family (one of `trl_star_dss.families.FAMILIES`, or `generic`); default: "
+        description="Force the guard family (one of `trl_star_dss.scoring.families.FAMILIES`, or `generic`); default: "
         "recognised from the guard's chat template, else its name.",
     )
     star_dss_guardrail_controversial: str | None = Field(

@@ -17,9 +17,9 @@ import json
 import logging
 import os
 
-from trl_star_dss.audit import content_special_token_rule
+from trl_star_dss.special_tokens import content_special_token_rule
 from trl_star_dss.collator import TOKEN_COLUMNS
-from trl_star_dss.scoring import STAR_COLUMN, check_star_example
+from trl_star_dss.formats import STAR_COLUMN, check_star_example
 from trl_star_dss.weights import rejected, token_weights
 
 from .args import settings as star_settings
@@ -130,7 +130,7 @@ def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
     import torch
     from datasets import Dataset
 
-    from trl_star_dss.families import deferred_guardrail, guard_options
+    from trl_star_dss.scoring.families import deferred_guardrail, guard_options
     from trl_star_dss.scoring import score_dataset
 
     build, guard_id = deferred_guardrail(values["guardrail"], values["guardrail_family"], values["guardrail_temperature"],

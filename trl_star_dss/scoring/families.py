@@ -15,19 +15,18 @@ import os
 import re
 from collections.abc import Sequence
 
-from .guardrails import (
-    CausalLMGuardrail,
-    Conversation,
+from ..formats import Conversation
+from .causal_lm import CausalLMGuardrail, one_token_after
+from .guardrail import (
     EnsembleGuardrail,
     Guardrail,
     PrefixQuery,
     PrefixScores,
     PythonGuardrail,
-    TokenLevelGuardrail,
     _check_method,
     check_controversial,
-    one_token_after,
 )
+from .token_level import TokenLevelGuardrail
 
 FAMILIES = ("llama_guard", "llama_guard_4", "granite_guardian", "granite_guardian_3_3", "qwen3guard_gen",
             "shieldgemma", "wildguard", "qwen3guard_stream")

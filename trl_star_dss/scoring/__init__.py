@@ -1,0 +1,51 @@
+"""Offline STAR scoring (docs/method.md 1.1, 3): guardrails, the guard families, the audit of scored data, and
+`score_dataset`. The training core never imports this package except through `scoring.startup`."""
+
+from .audit import Auditor
+from .causal_lm import CausalLMGuardrail
+from .dataset import STARScorer, ScoringSummary, chunk_ends, score_dataset, scored_dataset_path
+from .families import (
+    FAMILIES,
+    GraniteGuardian,
+    GraniteGuardian33,
+    LlamaGuard,
+    LlamaGuard4,
+    Qwen3GuardGen,
+    ShieldGemma,
+    WildGuard,
+    detect_family,
+    guardrail_id,
+    load_guardrail,
+)
+from .guardrail import EnsembleGuardrail, Guardrail, PrefixQuery, PrefixScores, PythonGuardrail
+from .template import TemplatedGuardrail
+from .token_level import TokenLevelGuardrail
+
+
+__all__ = [
+    "FAMILIES",
+    "Auditor",
+    "CausalLMGuardrail",
+    "EnsembleGuardrail",
+    "GraniteGuardian",
+    "GraniteGuardian33",
+    "Guardrail",
+    "LlamaGuard",
+    "LlamaGuard4",
+    "PrefixQuery",
+    "PrefixScores",
+    "PythonGuardrail",
+    "Qwen3GuardGen",
+    "STARScorer",
+    "ScoringSummary",
+    "ShieldGemma",
+    "TemplatedGuardrail",
+    "TokenLevelGuardrail",
+    "WildGuard",
+    "chunk_ends",
+    "detect_family",
+    "guardrail_id",
+    "load_guardrail",
+    "score_dataset",
+    "scored_dataset_path",
+]

@@ -1,0 +1,109 @@
+"""Token-level guards (Qwen3Guard-Stream): one forward per response gives a verdict at every token, so STAR at
+any chunk size costs one forward (docs/method.md 3)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from ..formats import Conversation
+from .guardrail import PrefixQuery, PrefixScores, _check_method, check_controversial, prefix_conversations
+from .template import TemplatedGuardrail
+
+# Qwen3Guard's risk classes, in the order of its risk-level logits: `label_map` in QwenLM/Qwen3Guard
+# `eval/eval_stream.py` (commit 6a52eca), the same map the remote code exposes as `response_risk_level_map`.
+QWEN3GUARD_CLASSES = ("Safe", "Unsafe", "Controversial")
+
+
+class TokenLevelGuardrail(TemplatedGuardrail):
+    """A guard that classifies every token of a response as it streams (Qwen3Guard-Stream 0.6B/4B/8B), read in
+    one forward per response (docs/method.md 3).
+
+    The conversation with the whole response is rendered with the guard's template (Qwen3's, thinking off) and run
+    once; the model returns `risk_level_logits` `[batch, tokens, 3]` over Safe / Unsafe / Controversial at every
+    position. The STAR of the prefix that ends at character `c` of the response is P(safe classes) =
+    softmax(z / T) read at the last guard token that lies wholly inside `response[:c]`; for `c` before the first
+    whole token, at the token before the response. `controversial` says whether the third class counts as safe.
+
+    Interface verified against QwenLM/Qwen3Guard (commit 6a52eca): README's `AutoModel.from_pretrained(...,
+    trust_remote_code=True)` and `eval/eval_stream.py`, which runs one forward with a 4-D boolean causal mask and
+    reads `outputs.risk_level_logits.view(-1, 3)` from the first response token on. Its own verdict on a whole
+    response (unsafe when two consecutive tokens are) is a decision rule over these per-token classes; STAR keeps
+    the probability of each prefix instead.
+    """
+
+    generation_prompt = False  # the response is the last message; nothing is generated
+
+    def __init__(self, model, tokenizer, controversial: str = "unsafe", chat_template: str | None = None,
+                 template_kwargs: dict | None = None, temperature: float = 1.0, max_length: int | None = None,
+                 name: str | None = None):  # fmt: skip
+        template_kwargs = {"enable_thinking": False, **(template_kwargs or {})}
+        super().__init__(model, tokenizer, chat_template, template_kwargs, "", temperature, max_length, 1, name)
+        self.controversial = check_controversial(controversial)
+        classes = getattr(model, "response_risk_level_map", None) or dict(enumerate(QWEN3GUARD_CLASSES))
+        if [classes[i] for i in sorted(classes)] != list(QWEN3GUARD_CLASSES):
+            raise ValueError(
+                f"The token-level guard {self.name!r} names its risk classes {classes}, not Qwen3Guard-Stream's "
+                f"{dict(enumerate(QWEN3GUARD_CLASSES))}, so which logit is safe is not known here. Map its classes "
+                "to these indices, or report the guard."
+            )
+        if not tokenizer.is_fast:
+            raise ValueError(
+                f"The token-level guard {self.name!r} needs a fast tokenizer: it maps the policy's chunk ends to guard "
+                "tokens by their character offsets."
+            )
+        self._safe_classes = [0, 2] if controversial == "safe" else [0]
+
+    def _positions(self, text: str, offsets, conversation: Conversation, ends: Sequence[int]) -> list[int]:
+        """The guard token at which each prefix `response[:end]` is read (the response is the last message)."""
+        spans = self.content_spans(conversation, text)
+        if spans is None:
+            raise ValueError(
+                f"The chat template of token-level guard {self.name!r} does not write the response verbatim, so its "
+                "tokens cannot be matched to the prefixes' characters. Pass a `chat_template=` that does."
+            )
+        start, stop = spans[-1]
+        response = conversation[-1]["content"]
+        lead = response.find(text[start:stop])  # what the template stripped from the front
+        token_ends = [b for _, b in offsets]
+        # The last token that ends at or before the cut; a token straddling the cut is not inside the prefix.
+        return [bisect.bisect_right(token_ends, start + min(max(end - lead, 0), stop - start)) - 1 for end in ends]
+
+    def _risk_scores(self, ids: list[int], positions: list[int]) -> list[float]:
+        import torch
+
+        input_ids = torch.tensor([ids], device=self.model.device)
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.model.device).tril()[None, None]
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=causal).risk_level_logits[0, positions].float()
+        return torch.softmax(logits / self.temperature, -1)[:, self._safe_classes].sum(-1).tolist()
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        return self._score_whole(conversations)[0]
+
+    def _score_whole(self, conversations: Sequence[Conversation]) -> tuple[list[float], int]:
+        """Each conversation read at its last response token, one forward each; and the guard tokens run."""
+        scores, tokens = [], 0
+        for conversation, (text, ids, offsets) in zip(conversations, self.encode_with_offsets(conversations)):
+            end = len(conversation[-1]["content"])
+            scores += self._risk_scores(ids, self._positions(text, offsets, conversation, [end]))
+            tokens += len(ids)
+        return scores, tokens
+
+    def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
+        """`fast`: one forward per response, every prefix read from it. `naive`: one forward per prefix, each read
+        at the prefix's own last response token (the same numbers, by causality, where the guard tokenizes the
+        prefix as the start of the whole response)."""
+        _check_method(method)
+        results = []
+        for query in queries:
+            context, cut = self.fit_context(query)
+            if method == "naive":
+                scores, tokens = self._score_whole(prefix_conversations(PrefixQuery(context, query.response, query.ends)))
+            else:
+                conversation = context + [{"role": "assistant", "content": query.response}]
+                [(text, ids, offsets)] = self.encode_with_offsets([conversation])
+                scores = self._risk_scores(ids, self._positions(text, offsets, conversation, query.ends))
+                tokens = len(ids)
+            results.append(PrefixScores(scores, context_cut=cut, guard_tokens=tokens))
+        return results
