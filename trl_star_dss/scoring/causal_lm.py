@@ -121,8 +121,9 @@ class CausalLMGuardrail(TemplatedGuardrail):
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()} | {"use_cache": False}
         rows, ends = torch.arange(len(ends)), ends.to(device)
         head = self._label_head()
-        attention = shared_prefix_attention(self.model, shared_prefix) if shared_prefix else contextlib.nullcontext()
-        with torch.inference_mode(), attention:
+        attention = shared_prefix_attention(self.model, shared_prefix) if shared_prefix else contextlib.nullcontext({})
+        with torch.inference_mode(), attention as trunks:
+            inputs |= trunks
             if head is not None:
                 hidden = text_backbone(self.model)(**inputs).last_hidden_state
                 logits = head.logits(hidden[rows, ends])

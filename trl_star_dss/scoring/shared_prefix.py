@@ -14,8 +14,9 @@ and merged exactly (the cascade decomposition, docs/method.md 3):
 
 So memory is the trunks once plus the suffix rows, and the arithmetic is that of the rows alone.
 
-`attention` is registered in transformers' `AttentionInterface` under `ATTENTION_NAME`; `shared_prefix_attention`
-switches a model to it for one forward and gives it the trunks.
+`shared_prefix_attention` registers `attention` in transformers' `AttentionInterface` under `ATTENTION_NAME` the
+first time a fast scorer needs it, switches the guard to it for one forward, and gives the forward the trunks as a
+keyword argument (`star_shared_prefix`), which transformers passes down to every attention layer: no module state.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from transformers import AttentionInterface
 ATTENTION_NAME = "star_dss_shared_prefix"
 
 
+# PyTorch's fused CPU kernel that also returns the log-sum-exp: a private op, so where a torch build lacks it the
+# explicit float32 path below is taken (slower, as exact).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def attend(query, key, value, mask, scale: float, softcap: float | None = None, seen=None):
     """Softmax attention that also returns the log-sum-exp of each query's scores: (out, lse), lse in float32.
 
@@ -38,10 +44,10 @@ def attend(query, key, value, mask, scale: float, softcap: float | None = None, 
     formed explicitly in float32."""
     if seen is None:
         seen = (mask == 0).any(-1)
-    if query.device.type == "cpu" and softcap is None:
+    if query.device.type == "cpu" and softcap is None and _CPU_FLASH is not None:
         # aten::_scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, *, attn_mask,
         # scale) -> (output, logsumexp), in torch 2.13; it writes out = 0, lse = 0 for a fully masked query.
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        out, lse = _CPU_FLASH(
             query, key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1),
             attn_mask=mask.to(query.dtype), scale=scale,
         )  # fmt: skip
@@ -123,8 +129,13 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
     """An `AttentionInterface` function: rows of closing suffixes over their shared trunks (see the module doc).
 
     query: (rows, heads, width, dim); key/value: (rows, kv_heads, width, dim), the rows' own. The trunks are those
-    of the innermost `shared_prefix_attention` block; `attention_mask` (the rows' causal mask) is not needed."""
-    shared = _current[-1]
+    given by `shared_prefix_attention` as `star_shared_prefix`; `attention_mask` (the rows' causal mask) is not needed."""
+    shared = kwargs.get("star_shared_prefix")
+    if shared is None:
+        raise RuntimeError(
+            f"{ATTENTION_NAME} attention ran without its trunks: the model did not pass `star_shared_prefix` down to its "
+            "attention layers. Score this guard with method='naive', and report its model class."
+        )
     softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
     rows, heads, width, dim = query.shape
     kv_heads = key.shape[1]
@@ -152,18 +163,17 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
     return out.reshape(rows, heads, width, dim).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION_NAME, attention)
-_current: list[SharedPrefix] = []  # set by `shared_prefix_attention` (the model's forward passes no extra argument)
-
-
 @contextmanager
 def shared_prefix_attention(model, shared: SharedPrefix):
-    """Inside the block, `model`'s attention layers run `attention` over `shared`'s trunks; then they are restored."""
+    """Inside the block, `model`'s attention layers run `attention`; the block gives the keyword arguments that carry
+    `shared`'s trunks to them (pass them to the model's forward). Then the model's own attention is restored.
+
+    The switch writes the config's attention implementation because transformers 5's attention layers read it there at
+    every forward; `set_attn_implementation` would walk every module of the guard at every forward."""
+    AttentionInterface.register(ATTENTION_NAME, attention)  # idempotent: registered when a fast scorer first runs
     saved = model.config._attn_implementation
     model.config._attn_implementation = ATTENTION_NAME
-    _current.append(shared)
     try:
-        yield
+        yield {"star_shared_prefix": shared}
     finally:
-        _current.pop()
         model.config._attn_implementation = saved
