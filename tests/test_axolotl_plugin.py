@@ -5,6 +5,7 @@ Axolotl 0.21 declares Python >= 3.12; here it is installed without dependencies 
 """
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 
 pytest.importorskip("axolotl", reason="install Axolotl as the README says (`pip install --no-deps ... axolotl`)")
 
+import star_dss  # noqa: E402
 import torch  # noqa: E402
+import trl_star_dss  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -33,6 +36,12 @@ def all_safe(conversation):
 
 def all_unsafe(conversation):
     return 0.0
+
+
+def harm_unsafe(conversation):  # the harmful vocabulary, whatever the response claims about itself
+    from trl_star_dss.testing import is_harmful
+
+    return 0.05 if is_harmful(conversation[-1]["content"]) else 0.95
 '''
 CPU = {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
 QLORA = {"adapter": "qlora", "load_in_4bit": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
@@ -91,8 +100,13 @@ def axolotl(world, command: str, name: str, pythonpath: str | None = None, **ext
     """`axolotl <command>` on a config in a subprocess; returns its stdout + stderr."""
     path = world / f"{name}.yml"
     path.write_text(yaml.safe_dump(_config(world, name, **extra)))
+    # The subprocess imports the code this test imported (a checkout, not another installed copy), and finds
+    # `accelerate`, which `axolotl train` runs from PATH, in this interpreter's environment, activated or not.
+    code = [os.path.dirname(os.path.dirname(module.__file__)) for module in (star_dss, trl_star_dss)]
+    imports = os.pathsep.join(filter(None, [pythonpath, str(world / "guards"), *code, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(world / "guards")]))}  # fmt: skip
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": imports,
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "axolotl.cli.main", command, str(path)], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     log = result.stdout + result.stderr
@@ -105,9 +119,13 @@ def train(world, name: str, pythonpath: str | None = None, **extra):
     if name not in _RUNS:
         log = axolotl(world, "train", name, pythonpath, **extra)
         file = "adapter_model.safetensors" if extra.get("adapter") else "model.safetensors"
-        steps = [eval(m) for m in re.findall(r"\{'loss': .*?\}", log)]  # the Trainer's printed log dicts
-        _RUNS[name] = (log, load_file(world / "runs" / name / file), steps)
+        _RUNS[name] = (log, load_file(world / "runs" / name / file), logged(log))
     return _RUNS[name]
+
+
+def logged(log: str, kind: str = "loss") -> list[dict]:
+    """The Trainer's printed log dicts of training steps (`kind="loss"`) or evaluations (`"eval_loss"`)."""
+    return [eval(m) for m in re.findall(r"\{'" + kind + r"': .*?\}", log)]
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -149,6 +167,14 @@ def test_star_dss_is_on_by_key_or_by_listing_the_plugin():
          r"star_dss_full_kl_chunk_size=0 must be a positive whole number"),
         ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_guardrail_controversial": "strict"},
          r"star_dss_guardrail_controversial='strict' is not known"),
+        # A misspelled key is named with the closest known one; Axolotl's own unknown keys are not ours to name.
+        ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_chunk_sise": 5, "not_an_axolotl_key": 1},
+         r"^Unknown STAR-DSS key 'star_dss_chunk_sise' \(did you mean 'star_dss_chunk_size'\?\): the plugin would "
+         r"ignore it \(and use the default\)\. Fix the spelling or remove the key\.$"),
+        ({"plugins": ["star_dss.StarDSSPlugin"], "star_dss_guardrail": "g", "star_dss_shapping": "sft",
+          "star_dss_xyz": 1},
+         r"Unknown STAR-DSS keys 'star_dss_shapping' \(did you mean 'star_dss_shaping'\?\), 'star_dss_xyz'.*"
+         r"The star_dss_\* keys are: star_dss_guardrail, "),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused_while_the_config_is_validated(world, extra, message):
@@ -159,6 +185,15 @@ def test_bad_config_is_refused_while_the_config_is_validated(world, extra, messa
     # load_cfg validates the config; models and datasets are loaded only later, by `train`.
     with pytest.raises(Exception, match=message):
         load_cfg(str(path))
+
+
+def test_unknown_keys_of_a_run_without_star_dss_are_left_alone(world):
+    """Off, the plugin reads nothing of the config (`star_dss: false` with a leftover misspelled key still loads)."""
+    from axolotl.cli.config import load_cfg
+
+    path = world / "off_misspelled.yml"
+    path.write_text(yaml.safe_dump(_config(world, "off_misspelled", star_dss=False, star_dss_chunk_sise=5)))
+    assert load_cfg(str(path)).star_dss is False
 
 
 # -- weights through Axolotl's tokenization and collators -------------------------------------------------------
@@ -240,7 +275,50 @@ def test_policy_special_tokens_in_content_are_refused_or_dropped(tmp_path, llama
     assert [m[1]["content"] for m in dataset["messages"]] == ["A0.", "A2."]
 
 
-def test_rejection_sampling_trains_the_same_examples_in_both_trainers(tmp_path, llama3_tok):
+@pytest.mark.parametrize("shaping", ["deep_token", "sft"])
+def test_shapings_that_read_no_scores_score_nothing(tmp_path, llama3_tok, shaping):
+    """Deep Token and SFT read no STAR scores (docs/method.md 1.3): without a guardrail nothing crashes, and with
+    one (here one that cannot even load) nothing is scored; the content rule still applies."""
+    from axolotl.prompt_strategies.chat_template import load
+    from axolotl.utils.dict import DictDefault
+    from datasets import Dataset
+
+    from star_dss.data import with_star
+
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+            for i in range(3)]  # fmt: skip
+    rows[1]["messages"][1]["content"] += "<|eot_id|>"
+    for guard in (None, "no_such_module_anywhere:guard"):
+        cfg = DictDefault({"chat_template": "llama3", "sequence_len": 512, "star_dss": True, "star_dss_shaping": shaping,
+                           "star_dss_guardrail": guard, "star_dss_content_special_tokens": "drop",
+                           "dataset_prepared_path": str(tmp_path)})  # fmt: skip
+        strategy = load(llama3_tok, cfg, DictDefault({"type": "chat_template", "field_messages": "messages"}))
+        wrapped, dataset = with_star(strategy, Dataset.from_list(rows), cfg)
+        assert wrapped is strategy and dataset.column_names == ["messages"]  # Axolotl's own tokenization
+        assert [m[1]["content"] for m in dataset["messages"]] == ["A0.", "A2."]
+    assert not (tmp_path / "star_scores").exists()
+
+
+def test_evaluation_metrics_carry_the_eval_prefix():
+    """As the TRL trainer logs them (TRL's `SFTTrainer.log`): `eval_star/...` during evaluation, so trackers do not
+    mix them into the training curves."""
+    from star_dss.trainer import STARDSSAxolotlTrainer
+
+    class Host:
+        def __init__(self):
+            self.stored = []
+
+        def store_metrics(self, metrics, train_eval="train"):
+            self.stored.append((train_eval, metrics))
+
+    host, metrics = Host(), {"star/weight_mean": 0.5, "loss/ce": 1.0, "kl": 0.25}
+    STARDSSAxolotlTrainer._store_star_metrics(host, metrics, "eval", {})
+    STARDSSAxolotlTrainer._store_star_metrics(host, metrics, "train", {})
+    assert host.stored == [("eval", {"eval_star/weight_mean": 0.5, "eval_loss/ce": 1.0, "eval_kl": 0.25}),
+                           ("train", metrics)]  # fmt: skip
+
+
+def test_rejection_sampling_trains_the_same_examples_in_both_trainers(tmp_path, llama3_tok, caplog):
     """One rule (docs/method.md 1.3): an example with any response scored below the threshold is dropped whole, by
     the TRL trainer (prompt tokens included, without `assistant_only_loss`) and by the Axolotl plugin alike."""
     from axolotl.prompt_strategies.chat_template import load
@@ -266,14 +344,22 @@ def test_rejection_sampling_trains_the_same_examples_in_both_trainers(tmp_path, 
     strategy = load(llama3_tok, cfg, DictDefault({"type": "chat_template", "field_messages": "messages"}))
     wrapped, scored = with_star(strategy, Dataset.from_list(rows), cfg)
     axolotl_kept = {row["messages"][0]["content"] for row in scored if wrapped.filter_rows(row)}
+    assert wrapped.rejection == (2, 4)  # what `load_star_datasets` reports (the `axolotl` runs below check it)
 
     policy = tiny_causal_lm(llama3_tok, hidden_size=32, intermediate_size=64)
     args = STARDSSConfig(output_dir=str(tmp_path / "trl"), shaping="rejection_sampling", assistant_only_loss=False,
-                         report_to="none", use_cpu=True)  # fmt: skip
+                         report_to="none", use_cpu=True, max_steps=1, logging_steps=1, save_strategy="no")  # fmt: skip
+    caplog.set_level(logging.INFO, logger="trl_star_dss")
     trainer = STARDSSTrainer(policy, args=args, train_dataset=scored, processing_class=llama3_tok)
     trl_kept = {next(q for q in ("Question 0.0?", "Question 1.0?", "Question 2.0?", "Question 3.0?")
                      if q in llama3_tok.decode(ids)) for ids in trainer.train_dataset["input_ids"]}  # fmt: skip
     assert trl_kept == axolotl_kept == {"Question 0.0?", "Question 3.0?"}
+    # Said once, in the log and in the run's metrics (the first logged step).
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejection sampling")]
+    assert said == ["rejection sampling kept 2 of 4 examples (threshold 0.5)"]
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["rejection_sampling/kept_examples"] == 2 and first["rejection_sampling/examples"] == 4
 
 
 def test_scores_path_is_matched_by_content_not_position(tmp_path):
@@ -346,11 +432,32 @@ def test_installed_but_off_changes_nothing(world):
     }
 
 
-def test_label_balancing_sees_axolotls_own_collator(world):
-    """`balance_labels` checks the collator's exact type; the STAR collator that wraps it must pass that check."""
-    _, _, steps = train(world, "balanced", star_dss=True, star_dss_guardrail="toy_guards:all_safe",
-                        balance_labels=True)  # fmt: skip
-    assert steps and all(s["star/weight_mean"] == "1" for s in steps)
+@pytest.mark.slow
+def test_rejection_sampling_says_what_it_kept_with_label_balancing(world):
+    """Rejection sampling reports once what it kept, in `axolotl preprocess` (which drops the examples) and again in
+    the `axolotl train` that reuses the prepared data, with the counts in the run's metrics. The run also has
+    `balance_labels`, which checks the collator's exact type: the STAR collator that wraps it must pass that check."""
+    settings = dict(star_dss=True, star_dss_shaping="rejection_sampling", balance_labels=True,
+                    star_dss_guardrail="toy_guards:harm_unsafe")  # fmt: skip
+    said = "rejection sampling kept 16 of 32 examples (threshold 0.5)"  # the 16 harmful answers go
+    log = axolotl(world, "preprocess", "balanced", **settings)
+    assert re.search(r"STAR scoring: examples 32 \(scored now \d+", log) and log.count(said) == 1
+    log, _, steps = train(world, "balanced", **settings)
+    assert "STAR scoring" not in log and log.count(said) == 1
+    assert len(steps) == 4 and "star/weight_mean" not in steps[0]  # Axolotl's cross-entropy on what was kept
+    assert steps[0]["rejection_sampling/kept_examples"] == "16" and steps[0]["rejection_sampling/examples"] == "32"
+
+
+@pytest.mark.slow
+def test_deep_token_without_a_guardrail_trains_and_evaluates_under_eval_names(world):
+    """Deep Token reads no scores, so it needs no guardrail and scores nothing; its evaluation metrics carry the
+    `eval_` prefix (and its training metrics do not)."""
+    log, _, steps = train(world, "deep_token", star_dss=True, star_dss_shaping="deep_token", val_set_size=0.25,
+                          eval_steps=2)  # fmt: skip
+    evaluations = logged(log, "eval_loss")
+    assert "STAR scoring" not in log and len(steps) == 4 and len(evaluations) >= 2
+    assert all("kl" in s and "eval_kl" not in s for s in steps)
+    assert all("eval_kl" in e and "eval_mean_token_accuracy" in e and "kl" not in e for e in evaluations)
 
 
 def test_star_weights_reach_the_loss(world):

@@ -26,7 +26,7 @@ from .heads import add_hidden_state_output, check_output_head, output_head
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .reference import ref_logps_column
 from .formats import STAR_COLUMN, check_star_dataset, dataset_format, example_columns
-from .weights import rejected, token_weights
+from .weights import rejected, rejection_report, token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -338,8 +338,11 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         # With precomputed reference log-probs, packing waits until they exist (the reference runs on whole examples).
         self._defer_packing = args.precompute_ref_log_probs and args.shaping in REFERENCE_SHAPINGS
         self._deferred_packing: dict[str, bool] = {}
+        self._rejection_metrics: dict[str, dict[str, int]] = {}  # `_reject`'s counts, for the first logged step
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
+        for mode, counts in self._rejection_metrics.items():
+            self._metrics[mode].update({key: [value] for key, value in counts.items()})
         if data_collator is None:  # carry star_weights / ref_logps through TRL's own collation choices
             self.data_collator = DataCollatorForSTAR(**asdict(self.data_collator))
 
@@ -417,10 +420,10 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             prepared = self._pack(prepared, args)
         return prepared
 
-    @staticmethod
-    def _reject(dataset, args, dataset_name):
+    def _reject(self, dataset, args, dataset_name):
         """Rejection sampling (docs/method.md 1.3): examples with a response scored below the threshold are dropped
-        whole, before tokenization; the rest train with plain cross-entropy."""
+        whole, before tokenization; the rest train with plain cross-entropy. Says once what it kept (a log line, and
+        the counts in the first logged metrics of the dataset's mode)."""
         total = len(dataset)
         dataset = dataset.filter(lambda example: not rejected(example[STAR_COLUMN], args.rejection_threshold),
                                  desc=f"Rejection sampling of the {dataset_name} dataset")  # fmt: skip
@@ -430,6 +433,16 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"response scored below rejection_threshold={args.rejection_threshold}), so there is nothing to "
                 "train on. That is the method's answer for this data: do not finetune on it, or lower the threshold."
             )
+        from accelerate import PartialState
+
+        message, metrics = rejection_report(len(dataset), total, args.rejection_threshold)
+        if PartialState().is_main_process:
+            logger.info(message + ("" if dataset_name == "train" else f" of the {dataset_name} dataset"))
+        # SFTTrainer prepares the data before `_metrics` exists: `__init__` moves these into it. A named eval dataset
+        # (a dict of them) keeps its name in the key.
+        mode = "train" if dataset_name == "train" else "eval"
+        suffix = "" if dataset_name in ("train", "eval") else f"/{dataset_name}"
+        self._rejection_metrics.setdefault(mode, {}).update({key + suffix: value for key, value in metrics.items()})
         return dataset
 
     @staticmethod

@@ -118,6 +118,13 @@ def rejected(records: Sequence[dict], threshold: float) -> bool:
     return any(record["scores"][-1] < threshold for record in records)
 
 
+def rejection_report(kept: int, total: int, threshold: float) -> tuple[str, dict[str, int]]:
+    """What rejection sampling says once, the same in the TRL trainer and the Axolotl plugin: a log line and the
+    counts for the run's metrics (kept `kept` of `total` examples at `threshold`)."""
+    message = f"rejection sampling kept {kept} of {total} examples (threshold {threshold})"
+    return message, {"rejection_sampling/kept_examples": kept, "rejection_sampling/examples": total}
+
+
 # -- the `star` column is input ------------------------------------------------------------------------------------
 
 STAR_RECORD_FIX = (

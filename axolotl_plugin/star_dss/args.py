@@ -6,6 +6,7 @@ the trainer's values with `STARDSSConfig`'s defaults (the paper's).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 
@@ -54,6 +55,31 @@ def settings(cfg) -> dict:
     values["guardrail_family"] = cfg.get("star_dss_guardrail_family")
     values["scores_path"] = cfg.get("star_dss_scores_path")
     return values
+
+
+# Set by the plugin itself while it prepares data (`data.load_star_datasets`), never by users: accepted, not suggested.
+INTERNAL_KEYS = ("star_dss_scores_fingerprint",)
+
+
+def check_keys(cfg) -> None:
+    """The plugin owns the `star_dss_` prefix: a key with it that no field declares is a typo, which pydantic would
+    silently drop (`star_dss_chunk_sise: 5` would train with the default M). Axolotl's own keys are not checked."""
+    known = [name for name in StarDSSArgs.model_fields if name.startswith("star_dss_")]
+    unknown = [key for key in cfg if isinstance(key, str) and key.startswith("star_dss_")
+               and key not in known and key not in INTERNAL_KEYS]  # fmt: skip
+    if not unknown:
+        return
+    prefix, guesses, lost = "star_dss_", [], False
+    for key in unknown:
+        # Compared without the shared prefix, which would make every key look close to every other.
+        close = difflib.get_close_matches(key[len(prefix):], [k[len(prefix):] for k in known], n=1)
+        guesses.append(f"{key!r} (did you mean {prefix + close[0]!r}?)" if close else repr(key))
+        lost = lost or not close
+    listing = f" The star_dss_* keys are: {', '.join(known)}." if lost else ""
+    raise ValueError(
+        f"Unknown STAR-DSS key{'s' if len(unknown) > 1 else ''} {', '.join(guesses)}: the plugin would ignore "
+        f"{'them' if len(unknown) > 1 else 'it'} (and use the default). Fix the spelling or remove the key.{listing}"
+    )
 
 
 def _zero3(deepspeed) -> bool:

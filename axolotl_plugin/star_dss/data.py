@@ -19,8 +19,9 @@ import os
 
 from trl_star_dss.special_tokens import content_special_token_rule
 from trl_star_dss.collator import TOKEN_COLUMNS
+from trl_star_dss.config import SCORED_SHAPINGS
 from trl_star_dss.formats import STAR_COLUMN, check_star_example
-from trl_star_dss.weights import rejected, token_weights
+from trl_star_dss.weights import rejected, rejection_report, token_weights
 
 from .args import settings as star_settings
 
@@ -32,6 +33,12 @@ HASH_FIELDS = ("star_dss", "star_dss_guardrail", "star_dss_guardrail_family", "s
                "star_dss_guardrail_controversial",
                "star_dss_chunk_size", "star_dss_scores_path", "star_dss_scores_fingerprint", "star_dss_shaping",
                "star_dss_rejection_threshold", "star_dss_content_special_tokens")  # fmt: skip
+# Beside a prepared dataset (inside its directory): what rejection sampling kept while preparing it, so a run that
+# reuses the prepared data (`axolotl preprocess`, then `axolotl train`) still reports it.
+REJECTION_FILE = "star_dss_rejection.json"
+# Where `load_star_datasets` leaves the counts for the trainer's metrics: {split: [kept, total]}. Not a `star_dss_*`
+# key: the plugin sets it, users never do.
+REJECTION_CFG_KEY = "_star_dss_rejection"
 
 
 @contextlib.contextmanager
@@ -47,27 +54,68 @@ def _swapped(module, name: str, value):
 def load_star_datasets(cfg, preprocess: bool = False):
     """Axolotl's own `load_datasets`, with STAR weights attached to every tokenized training example."""
     from axolotl.common.datasets import load_datasets
-    from axolotl.utils.data import shared, wrappers
+    from axolotl.utils.data import sft, shared, wrappers
 
+    values = star_settings(cfg)
+    scored = values["shaping"] in SCORED_SHAPINGS
+    if not scored and (values["guardrail"] or values["scores_path"]):
+        LOG.info(f"star_dss_shaping={values['shaping']!r} reads no STAR scores: the data is not scored "
+                 "(star_dss_guardrail / star_dss_scores_path are not used).")  # fmt: skip
     if cfg.get("star_dss_scores_path"):
         cfg["star_dss_scores_fingerprint"] = _scores_fingerprint(cfg["star_dss_scores_path"])
     original = wrappers.wrap_dataset_for_tokenized_prompt
+    counts: list[tuple[int, int]] = []  # rejection sampling's (kept, total) per dataset of the split being prepared
 
     def wrap(prompt_tokenizer, dataset, **kwargs):
         strategy, dataset = with_star(prompt_tokenizer, dataset, cfg)
+        if getattr(strategy, "rejection", None) is not None:
+            counts.append(strategy.rejection)
         return original(strategy, dataset, **kwargs)
 
+    load_split, reports = sft._load_tokenized_prepared_datasets, {}
+
+    def load_and_count(tokenizer, split_cfg, split="train", *args, **kwargs):
+        counts.clear()
+        result = load_split(tokenizer, split_cfg, split, *args, **kwargs)
+        reports[split] = _rejection_counts(split_cfg, tokenizer, split, counts)
+        return result
+
     extra_fields = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + HASH_FIELDS
+    rejecting = values["shaping"] == "rejection_sampling"
     with _swapped(wrappers, "wrap_dataset_for_tokenized_prompt", wrap), \
-            _swapped(shared, "DATASET_HASH_CONFIG_EXTRA_FIELDS", extra_fields):  # fmt: skip
+            _swapped(shared, "DATASET_HASH_CONFIG_EXTRA_FIELDS", extra_fields), \
+            _swapped(sft, "_load_tokenized_prepared_datasets", load_and_count if rejecting else load_split):  # fmt: skip
         meta = load_datasets(cfg=cfg)
-    if meta.train_dataset is not None and "star_weights" not in meta.train_dataset.column_names:
+    if scored and meta.train_dataset is not None and "star_weights" not in meta.train_dataset.column_names:
         raise ValueError(
             "The prepared training dataset has no `star_weights` column: it was loaded already tokenized, or its "
             "dataset type does not tokenize through a prompt strategy. Use `type: chat_template` (or an instruction "
             "type such as alpaca) on the raw data, and delete stale prepared data under dataset_prepared_path."
         )
+    if rejecting:
+        reports = {split: found for split, found in reports.items() if found is not None}
+        for split, (kept, total) in reports.items():
+            message, _ = rejection_report(kept, total, values["rejection_threshold"])
+            LOG.info(message + (" in the test datasets" if split == "test" else ""))
+        cfg[REJECTION_CFG_KEY] = reports
     return meta
+
+
+def _rejection_counts(cfg, tokenizer, split: str, counts: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """[kept, total] of rejection sampling over one split's datasets: counted now when they were prepared now (and
+    written beside the prepared dataset), else read from beside the prepared dataset Axolotl reused."""
+    from axolotl.utils.data import shared
+
+    configs = cfg.datasets if split == "train" else cfg.test_datasets
+    # The path Axolotl itself saves and loads the split at (the STAR settings are in its hash while this runs).
+    path = shared.get_prepared_dataset_path(cfg, shared.generate_dataset_hash_from_config(
+        cfg, configs, tokenizer.name_or_path)) / REJECTION_FILE  # fmt: skip
+    if counts:
+        found = [sum(kept for kept, _ in counts), sum(total for _, total in counts)]
+        if path.parent.is_dir():  # not when Axolotl saved nothing (`skip_prepare_dataset`)
+            path.write_text(json.dumps(found))
+        return found
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # -- the conversation of a raw example, read through Axolotl's own strategy ---------------------------------------
@@ -106,9 +154,16 @@ def conversation_reader(strategy):
 
 def with_star(strategy, dataset, cfg):
     """(wrapped strategy, dataset with a `star` column): scores for every example, then the strategy that turns
-    them into per-token weights while it tokenizes."""
-    read = conversation_reader(strategy)
+    them into per-token weights while it tokenizes. Shapings that read no scores (`deep_token`, `sft`; docs/method.md
+    1.3) get the content rule only: nothing is scored, the strategy and the dataset stay Axolotl's."""
     values = star_settings(cfg)
+    scored = values["shaping"] in SCORED_SHAPINGS
+    try:
+        read = conversation_reader(strategy)
+    except ValueError:
+        if scored:
+            raise
+        return strategy, dataset  # no conversations, so no message content to check either (as in the TRL trainer)
     conversations = [read(row) for row in dataset]
     kept = content_special_token_rule(conversations, strategy.tokenizer, values["content_special_tokens"],
                                       "star_dss_content_special_tokens")  # fmt: skip
@@ -116,6 +171,8 @@ def with_star(strategy, dataset, cfg):
         LOG.warning(f"star_dss_content_special_tokens: drop: {len(conversations) - len(kept)} of {len(conversations)} "
                     "examples hold the policy's special-token strings and are not trained.")  # fmt: skip
         dataset, conversations = dataset.select(kept), [conversations[i] for i in kept]
+    if not scored:
+        return strategy, dataset
     if values["scores_path"]:
         records = _look_up(conversations, values["scores_path"])
     else:
@@ -123,7 +180,10 @@ def with_star(strategy, dataset, cfg):
     for index, (messages, star) in enumerate(zip(conversations, records)):  # the column is input (issue 25)
         check_star_example({"messages": messages, STAR_COLUMN: star}, "messages", index)
     threshold = values["rejection_threshold"] if values["shaping"] == "rejection_sampling" else None
-    return STARStrategy(strategy, read, threshold), dataset.add_column(STAR_COLUMN, records)
+    wrapped = STARStrategy(strategy, read, threshold)
+    if threshold is not None:
+        wrapped.rejection = (sum(not rejected(r, threshold) for r in records), len(records))
+    return wrapped, dataset.add_column(STAR_COLUMN, records)
 
 
 def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
@@ -211,6 +271,7 @@ class STARStrategy:
 
     def __init__(self, inner, read, threshold: float | None = None):
         self.inner, self.read, self.threshold = inner, read, threshold
+        self.rejection: tuple[int, int] | None = None  # rejection sampling's (kept, total), set by `with_star`
         filter_rows = getattr(inner, "filter_rows", None)
         if threshold is not None:  # rejection sampling drops whole examples before tokenizing them
 

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from axolotl.integrations.base import BasePlugin
 
-from .args import star_dss_enabled
+from .args import check_keys, star_dss_enabled
 
 
 class StarDSSPlugin(BasePlugin):
     """Scores the training data with a guardrail (or reads `star_dss_scores_path`), attaches per-token STAR weights
     while Axolotl tokenizes, and trains with `STARDSSAxolotlTrainer`."""
+
+    def register(self, cfg: dict):
+        # Axolotl hands plugins the raw config here, before validation drops the keys no model declares: the one
+        # place a misspelled `star_dss_*` key can still be seen (and refused before any data or model loads).
+        if star_dss_enabled(cfg):
+            check_keys(cfg)
 
     def get_input_args(self) -> str:
         return "star_dss.args.StarDSSArgs"

@@ -10,8 +10,10 @@ from trl.trainer.utils import add_fused_lm_head
 from trl_star_dss.collator import TOKEN_COLUMNS
 from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS
 from trl_star_dss.trainer import STARLossMixin, STARSettings
+from trl_star_dss.weights import rejection_report
 
 from .args import settings
+from .data import REJECTION_CFG_KEY
 
 
 class STARCollator:
@@ -67,6 +69,11 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
         super().post_set_axolotl_cfg()
         values = settings(self.axolotl_cfg)
         self.star_settings = STARSettings.of(values)
+        rejection = (self.axolotl_cfg.get(REJECTION_CFG_KEY) or {}).get("train")
+        if values["shaping"] == "rejection_sampling" and rejection:  # counted by `load_star_datasets`
+            _, counts = rejection_report(*rejection, values["rejection_threshold"])
+            # Floats: Axolotl averages stored values with `torch.mean`, which refuses integers.
+            self.store_metrics({key: float(value) for key, value in counts.items()}, train_eval="train")
         if values["shaping"] in SCORED_SHAPINGS and self.train_dataset is not None:
             if "star_weights" not in self.train_dataset.column_names:
                 raise ValueError(
@@ -106,6 +113,10 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
         return super().star_loss(model, inputs, num_items_in_batch)
 
     def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
+        # Axolotl logs what is stored for "eval" under the stored names, beside its own `eval_loss`: evaluation
+        # metrics get the `eval_` prefix here, the rule of TRL's `SFTTrainer.log` that the TRL trainer logs by.
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
         self.store_metrics(metrics, train_eval=mode)
 
 
