@@ -67,26 +67,38 @@ def response_regions(text: str, messages: Sequence[dict], turns: Sequence[int],
     return regions
 
 
-def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[int, int]], records: dict) -> list[float]:
+def look_ahead(scores: Sequence[float], lookahead: int) -> list[float]:
+    """Chunk scores seen `lookahead` chunks ahead (docs/method.md 1.5, this project's extension, not the paper's):
+    chunk k takes min(s_k, ..., s_{k+L}). Scores are computed offline, so a token may weigh by what its response goes
+    on to say: a guard that flags harm one chunk late then still pulls the chunk that names it toward the reference.
+    0 is the paper's STAR (each chunk its own score)."""
+    return [min(scores[k : k + lookahead + 1]) for k in range(len(scores))]
+
+
+def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[int, int]], records: dict,
+                   lookahead: int = 0) -> list[float]:  # fmt: skip
     """Per-token weights from token character `offsets` and, for each scored turn, its `region` in the text and its
     record (`chunk_ends` in characters from the region's start, `scores`). Tokens outside every region (prompt,
-    template) weigh 1; a token past a response's last chunk (its end-of-turn tokens) takes the last score."""
+    template) weigh 1; a token past a response's last chunk (its end-of-turn tokens) takes the last score.
+    `lookahead` chunks: see `look_ahead`."""
     weights = [1.0] * len(offsets)
     for turn, (start, stop) in regions.items():
         record = records[turn]
         inside = [t for t, (a, b) in enumerate(offsets) if b > start and a < stop and b > a]
         ends = [offsets[t][1] - start for t in inside]
-        for t, value in zip(inside, token_scores(ends, record["chunk_ends"], record["scores"])):
+        scores = look_ahead(record["scores"], lookahead)
+        for t, value in zip(inside, token_scores(ends, record["chunk_ends"], scores)):
             weights[t] = value
     return weights
 
 
 def token_weights(text: str, offsets: Sequence[tuple[int, int]], messages: Sequence[dict], records: Sequence[dict],
-                  rewritten_prompt: bool = False) -> list[float]:  # fmt: skip
+                  rewritten_prompt: bool = False, lookahead: int = 0) -> list[float]:  # fmt: skip
     """The STAR weight of every token of one rendered example: `text`, its tokens' character `offsets`, the
-    `messages` it was rendered from and their scored `records`."""
+    `messages` it was rendered from and their scored `records`; `lookahead` chunks (`look_ahead`, 0: the paper's)."""
     by_turn = {record["turn"]: record for record in records}
-    return region_weights(offsets, response_regions(text, messages, list(by_turn), rewritten_prompt), by_turn)
+    regions = response_regions(text, messages, list(by_turn), rewritten_prompt)
+    return region_weights(offsets, regions, by_turn, lookahead)
 
 
 def rejected(records: Sequence[dict], threshold: float) -> bool:

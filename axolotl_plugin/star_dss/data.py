@@ -118,7 +118,7 @@ def with_star(strategy, dataset, cfg):
     else:
         records = _score(conversations, strategy.tokenizer, values, cfg)
     threshold = values["rejection_threshold"] if values["shaping"] == "rejection_sampling" else None
-    return STARStrategy(strategy, read, threshold), dataset.add_column(STAR_COLUMN, records)
+    return STARStrategy(strategy, read, threshold, values["star_lookahead"]), dataset.add_column(STAR_COLUMN, records)
 
 
 def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
@@ -204,8 +204,8 @@ class STARStrategy:
 
     supports_batched = False  # one row at a time: the weights need the row and its tokens together
 
-    def __init__(self, inner, read, threshold: float | None = None):
-        self.inner, self.read, self.threshold = inner, read, threshold
+    def __init__(self, inner, read, threshold: float | None = None, lookahead: int = 0):
+        self.inner, self.read, self.threshold, self.lookahead = inner, read, threshold, lookahead
         filter_rows = getattr(inner, "filter_rows", None)
         if threshold is not None:  # rejection sampling drops whole examples before tokenizing them
 
@@ -239,7 +239,8 @@ class STARStrategy:
                 "decode/encode round-trips (byte-level BPE such as Llama 3, Qwen, SmolLM)."
             )
         # Instruction types rewrite the user turn: the responses are then found from the end (`rewritten_prompt`).
-        return token_weights(text, encoded["offset_mapping"], messages, records, rewritten_prompt=True)
+        return token_weights(text, encoded["offset_mapping"], messages, records, rewritten_prompt=True,
+                             lookahead=self.lookahead)  # fmt: skip
 
 
 __all__ = ["TOKEN_COLUMNS", "STARStrategy", "conversation_reader", "load_star_datasets", "with_star"]
