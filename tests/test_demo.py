@@ -168,19 +168,45 @@ def test_demo_time_is_stated_once_the_same_in_readme_and_help(capsys):
     assert DEMO_TIME in " ".join(capsys.readouterr().out.split())
 
 
-def test_full_demo_reproduces_the_readme_table(tmp_path):
-    """The README's table and guard figures are what `star-dss demo` (seed 0, learned guard) prints, line for line;
-    re-run it here (DEMO_TIME)."""
-    result = run_demo(str(tmp_path), seed=0)
-    table = result["table"]
-    section = README.read_text().split("## The demo")[1].split("\n#")[0]
-    cells = [re.findall(r"\d+\.\d / \d+\.\d", line) for line in section.splitlines() if line.startswith("| ")]
-    readme = [row for row in cells if row]  # the four attack rows, methods in the order of METHODS
-    assert readme == [[f"{table[a][m][0]:.1f} / {table[a][m][1]:.1f}" for m in METHODS] for a in ATTACKS]
-    printed = [line for line in format_table(table).splitlines() if line.startswith("|")]
-    assert "\n".join(printed) in section  # same labels, same order
-    safety, capability = table["aligned model"]["-"]
-    assert f"The aligned model before any attack: safety {safety:.1f}, capability {capability:.1f}." in section
-    from trl_star_dss.guard_eval import format_figures
+def test_seeds_report_each_cells_mean_std_and_worst_seed(tmp_path, monkeypatch):
+    """`run_demo_seeds` aggregates whole runs: mean, standard deviation (n - 1) and the lowest seed of every cell,
+    every seed's cells in table.json, the chart with error bars. (The runs are stand-ins here: the full demo is
+    checked below.)"""
+    import statistics
 
-    assert format_figures(result["guard_eval"]) in section  # the learned guard's figures, as printed
+    import trl_star_dss.demo as demo
+
+    def fake_run(output_dir, seed, attacks, methods, stages, progress, guard, lookaheads):
+        methods = list(methods) + [demo.lookahead_method(n) for n in lookaheads if n]
+        table = {"aligned model": {"-": (100.0, 90.0 + seed)}}
+        table |= {a: {m: (10.0 * seed + i, 50.0 - seed) for i, m in enumerate(methods)} for a in attacks}
+        return {"table": table, "guard_eval": None, "guard": guard, "seed": seed, "seconds": 1.0}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    result = demo.run_demo_seeds(str(tmp_path), seeds=[3, 1, 2], progress=False, lookaheads=(0, 1))
+    cell = result["summary"]["harmful"]["star_dss"]
+    assert cell["safety"]["mean"] == pytest.approx(20.0 + 3) and cell["safety"]["std"] == pytest.approx(10.0)
+    assert (cell["safety"]["worst"], cell["safety"]["worst_seed"]) == (13.0, 1)
+    assert (cell["capability"]["worst"], cell["capability"]["worst_seed"]) == (47.0, 3)
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["seeds"] == [3, 1, 2] and saved["per_seed"]["2"]["table"]["harmful"]["star_dss_L1"] == [24.0, 48.0]
+    text = (tmp_path / "table.md").read_text()
+    assert "3 seeds (3, 1, 2)" in text and "| safety %: mean ± std (worst seed) | SFT |" in text
+    assert "STAR-DSS | STAR-DSS (L=1) |" in text
+    assert f"| harmful | 20.0 ± 10.0 (10.0) |" in text
+    assert statistics.stdev([90.0 + s for s in (3, 1, 2)]) == pytest.approx(1.0)
+    assert "capability 92.0 ± 1.0 (91.0)" in text
+    assert os.path.getsize(tmp_path / "chart.png") > 0
+    with pytest.raises(ValueError, match=r"--seeds gives 0 seeds"):
+        demo.run_demo_seeds(str(tmp_path), seeds=[], progress=False)
+
+
+def test_seeds_and_lookahead_flags_are_checked(capsys):
+    with pytest.raises(SystemExit, match=r"--seeds 0 must be a positive number of seeds"):
+        star_dss(["demo", "--seeds", "0"])
+    with pytest.raises(SystemExit, match=r"--lookahead -1 must be whole numbers of chunks >= 0"):
+        star_dss(["demo", "--fast", "--lookahead", "-1"])
+    with pytest.raises(SystemExit, match=r"--seeds is for the table, not the --chunk-sizes"):
+        star_dss(["demo", "--seeds", "2", "--chunk-sizes", "1", "5"])
+    with pytest.raises(SystemExit, match=r"--lookahead is for the toy policy"):
+        star_dss(["demo", "--policy", "smollm2", "--lookahead", "1"])

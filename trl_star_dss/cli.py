@@ -111,7 +111,14 @@ def _build_parser() -> argparse.ArgumentParser:
                                "(to stderr), then the table.")  # fmt: skip
     demo.add_argument("--output", help="Directory for table.md, chart.png and heat maps (default: runs/demo, or "
                       "runs/demo-smollm2 with --policy smollm2).")
-    demo.add_argument("--seed", type=int, default=0, help="World and training seed (same seed, same table).")
+    demo.add_argument("--seed", type=int, default=0, help="World and training seed (same seed and CPU, same table); "
+                      "with --seeds, the first seed.")
+    demo.add_argument("--seeds", type=int, metavar="N", help="Run N whole worlds (seeds --seed, ..., --seed + N - 1) "
+                      "and report each cell's mean ± standard deviation and worst seed, as the README's table "
+                      "(`--seeds 5`); writes table.md, table.json (every seed's cells) and chart.png (error bars).")
+    demo.add_argument("--lookahead", type=int, nargs="+", metavar="L", help="Also run STAR-DSS with a look-ahead of "
+                      "L chunks (a token weighs by the minimum of its chunk's and the next L chunks' scores; this "
+                      "project's extension, not the paper's), e.g. 0 1 2: extra columns on the same models and guard.")
     demo.add_argument("--fast", action="store_true", help="One attack, two methods, short training: a pipeline "
                       "check, not the result (with --policy smollm2: 2 steps, 8 held-out prompts).")
     demo.add_argument("--policy", choices=["toy", "smollm2"], default="toy", help="toy: the simulation's tiny model "
@@ -319,8 +326,10 @@ def demo_command(args) -> None:
     if args.max_steps is not None and args.policy != "smollm2":
         raise ValueError(f"--max-steps {args.max_steps} is for --policy smollm2; the toy world trains for fixed "
                          "epochs. Drop --max-steps, or use --fast for a short toy run.")  # fmt: skip
-    if args.policy == "smollm2" and (args.guard or args.chunk_sizes or args.guard_label_noise):
-        flag = "--guard" if args.guard else "--chunk-sizes" if args.chunk_sizes else "--guard-label-noise"
+    if args.policy == "smollm2" and (args.guard or args.chunk_sizes or args.guard_label_noise or args.seeds
+                                     or args.lookahead):
+        flag = ("--guard" if args.guard else "--chunk-sizes" if args.chunk_sizes else "--guard-label-noise"
+                if args.guard_label_noise else "--seeds" if args.seeds else "--lookahead")  # fmt: skip
         raise ValueError(f"{flag} is for the toy policy; --policy smollm2 is a smoke test scored by the keyword rule. "
                          f"Drop {flag}, or drop --policy smollm2.")  # fmt: skip
     args.guard = args.guard or "learned"
@@ -342,6 +351,10 @@ def demo_command(args) -> None:
 
         if args.fast:
             raise ValueError("--fast is a short run of the table; an ablation runs its full settings. Drop --fast.")
+        if args.seeds or args.lookahead:
+            flag = "--seeds" if args.seeds else "--lookahead"
+            raise ValueError(f"{flag} is for the table, not the --chunk-sizes / --guard-label-noise ablations (one "
+                             f"seed each). Drop {flag}, or drop the ablation.")  # fmt: skip
         output = args.output or "runs/demo-ablation"
         print(f"SIMULATION: a toy world, {args.guard} guard, an ablation (see README).", flush=True)
         result = run_ablation(output, args.seed, args.chunk_sizes, args.guard_label_noise, args.guard,
@@ -349,19 +362,29 @@ def demo_command(args) -> None:
         print(format_ablation(result))
         print(f"wrote {output}/ablation.md")
         return
-    from .demo import GUARD_NAMES, format_report
+    from .demo import GUARD_NAMES, ONE_SEED_NOTE, format_report, format_seeds_report, run_demo_seeds
 
-    output = args.output or "runs/demo"
+    if args.seeds is not None and args.seeds <= 0:
+        raise ValueError(f"--seeds {args.seeds} must be a positive number of seeds, e.g. 5.")
+    lookaheads = tuple(args.lookahead or (0,))
+    output = args.output or ("runs/demo-seeds" if args.seeds else "runs/demo")
     print(f"SIMULATION: a toy world with a {GUARD_NAMES[args.guard]}, not a real safety judge (see README).", flush=True)
-    if args.fast:
-        result = run_demo(output, args.seed, attacks=("misleading_suffix",), methods=("sft", "star_dss"),
-                          stages={"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4), "guard": (1, 2e-3)},
-                          progress=not args.no_progress, guard=args.guard)  # fmt: skip
-    else:
-        result = run_demo(output, args.seed, progress=not args.no_progress, guard=args.guard)
+    fast = {"attacks": ("misleading_suffix",), "methods": ("sft", "star_dss"),
+            "stages": {"knowledge": (2, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4), "guard": (1, 2e-3)}}
+    options = fast if args.fast else {}
+    if args.seeds:
+        result = run_demo_seeds(output, range(args.seed, args.seed + args.seeds), progress=not args.no_progress,
+                                guard=args.guard, lookaheads=lookaheads, **options)  # fmt: skip
+        print(format_seeds_report(result))
+        print(f"({result['seconds']:.0f} s) wrote {output}/table.md, table.json, chart.png; each seed's run in "
+              f"{output}/seed-<s>/")  # fmt: skip
+        return
+    result = run_demo(output, args.seed, progress=not args.no_progress, guard=args.guard, lookaheads=lookaheads,
+                      **options)  # fmt: skip
     print(format_report(result))
     extra = ", guard_eval.json, guard_drift.png" if result["guard_eval"] is not None else ""
     print(f"wrote {output}/table.md, chart.png, heatmap_*.html{extra}")
+    print(f"\n{ONE_SEED_NOTE}")
 
 
 def show_command(args) -> None:

@@ -50,6 +50,11 @@ class STARDSSConfig(SFTConfig):
     star_chunk_size: int = field(
         default=5, metadata={"help": "M: the response is scored after every M units (the paper: 5 tokens)."}
     )
+    star_lookahead: int = field(
+        default=0,
+        metadata={"help": "L: a token's STAR weight is the minimum of its chunk's score and the next L chunks' "
+                  "(this project's extension for guards that flag harm late, docs/method.md 1.5; 0 = the paper)."},
+    )
     star_unit: str = field(
         default="token",
         metadata={"help": "Unit of `star_chunk_size`: `token` (policy tokenizer) or `word`.", "choices": list(UNITS)},
@@ -123,7 +128,7 @@ class STARDSSConfig(SFTConfig):
 
 
 # The settings both trainers share (`STARDSSConfig` here, the Axolotl plugin's `star_dss_*` keys).
-CHECKED_FIELDS = ("shaping", "kl_coef", "kl_estimator", "star_chunk_size", "star_unit", "guardrail_temperature",
+CHECKED_FIELDS = ("shaping", "kl_coef", "kl_estimator", "star_chunk_size", "star_lookahead", "star_unit", "guardrail_temperature",
                   "guardrail_controversial", "precompute_ref_log_probs", "content_special_tokens", "rejection_threshold",
                   "full_kl_chunk_size")  # fmt: skip
 
@@ -143,6 +148,10 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
     chunk = values.get("star_chunk_size", 5)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
         raise ValueError(f"{name['star_chunk_size']}={chunk!r} must be a positive whole number (the paper: 5).")
+    lookahead = values.get("star_lookahead", 0)
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise ValueError(f"{name['star_lookahead']}={lookahead!r} must be a whole number of chunks >= 0 (0 = the "
+                         "paper's STAR; e.g. 1 to weigh each chunk also by the next one's score).")  # fmt: skip
     if values.get("star_unit", "token") not in UNITS:
         raise ValueError(f"{name['star_unit']}={values['star_unit']!r} is not known. Use one of {UNITS}.")
     temperature = values.get("guardrail_temperature", 1.0)

@@ -35,7 +35,8 @@ def _is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
-def example_star_weights(example: dict, tokenizer, chat_template: str | None = None) -> tuple[list[int], list[float]]:
+def example_star_weights(example: dict, tokenizer, chat_template: str | None = None,
+                         lookahead: int = 0) -> tuple[list[int], list[float]]:  # fmt: skip
     """The token ids and STAR weights of one scored example, rendered and tokenized as TRL's `SFTTrainer` does
     (the chat template for conversations; prompt + completion + EOS for plain text); `weights.token_weights` places
     the weights. Returns the full (untruncated) sequence."""
@@ -59,7 +60,7 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
     else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
         text = messages[0]["content"] + messages[1]["content"]
         encoded = tokenizer(text=text, return_offsets_mapping=True)
-    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records)
+    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records, lookahead=lookahead)
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     def _attach_star_weights(self, prepared, processing_class, args, dataset_name):
         def attach(example):
-            ids, weights = example_star_weights(example, processing_class, self.chat_template)
+            ids, weights = example_star_weights(example, processing_class, self.chat_template, args.star_lookahead)
             n = len(example["input_ids"])
             if self._keep(ids, n, args) != example["input_ids"]:
                 raise ValueError(

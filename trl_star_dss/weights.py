@@ -80,12 +80,21 @@ def response_regions(text: str, messages: Sequence[dict], turns: Sequence[int],
     return regions
 
 
+def look_ahead(scores: Sequence[float], lookahead: int) -> list[float]:
+    """Chunk scores seen `lookahead` chunks ahead (docs/method.md 1.5, this project's extension, not the paper's):
+    chunk k takes min(s_k, ..., s_{k+L}). Scores are computed offline, so a token may weigh by what its response goes
+    on to say: a guard that flags harm one chunk late then still pulls the chunk that names it toward the reference.
+    0 is the paper's STAR (each chunk its own score)."""
+    return [min(scores[k : k + lookahead + 1]) for k in range(len(scores))]
+
+
 def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[int, int]], records: dict,
-                   whole_turns: Sequence[int] = ()) -> list[float]:  # fmt: skip
+                   whole_turns: Sequence[int] = (), lookahead: int = 0) -> list[float]:  # fmt: skip
     """Per-token weights from token character `offsets` and, for each scored turn, its `region` in the text and its
     record (`chunk_ends` in characters from the region's start, `scores`). Tokens outside every region (prompt,
     template) weigh 1; a token past a response's last chunk (its end-of-turn tokens) takes the last score. Every
-    token of a turn in `whole_turns` (one that calls tools, docs/method.md 1.5) takes the turn's lowest score."""
+    token of a turn in `whole_turns` (one that calls tools, docs/method.md 1.5) takes the turn's lowest score.
+    `lookahead` chunks: see `look_ahead`."""
     weights = [1.0] * len(offsets)
     for turn, (start, stop) in regions.items():
         record = records[turn]
@@ -96,20 +105,22 @@ def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[
                 weights[t] = lowest
             continue
         ends = [offsets[t][1] - start for t in inside]
-        for t, value in zip(inside, token_scores(ends, record["chunk_ends"], record["scores"])):
+        scores = look_ahead(record["scores"], lookahead)
+        for t, value in zip(inside, token_scores(ends, record["chunk_ends"], scores)):
             weights[t] = value
     return weights
 
 
 def token_weights(text: str, offsets: Sequence[tuple[int, int]], messages: Sequence[dict], records: Sequence[dict],
-                  rewritten_prompt: bool = False) -> list[float]:  # fmt: skip
+                  rewritten_prompt: bool = False, lookahead: int = 0) -> list[float]:  # fmt: skip
     """The STAR weight of every token of one rendered example: `text`, its tokens' character `offsets`, the
-    `messages` it was rendered from and their scored `records`."""
+    `messages` it was rendered from and their scored `records`; `lookahead` chunks (`look_ahead`, 0: the paper's)."""
     by_turn = {record["turn"]: record for record in records}
     # The policy's template writes a tool call in its own syntax, so the scored text's character offsets do not map
     # into it: such a turn is weighted whole (docs/method.md 1.5).
     calls = [turn for turn in by_turn if messages[turn].get("tool_calls")]
-    return region_weights(offsets, response_regions(text, messages, list(by_turn), rewritten_prompt), by_turn, calls)
+    regions = response_regions(text, messages, list(by_turn), rewritten_prompt)
+    return region_weights(offsets, regions, by_turn, calls, lookahead)
 
 
 def rejected(records: Sequence[dict], threshold: float) -> bool:

@@ -20,6 +20,7 @@ FIELDS = {
     "star_dss_kl_coef": "kl_coef",
     "star_dss_kl_estimator": "kl_estimator",
     "star_dss_chunk_size": "star_chunk_size",
+    "star_dss_lookahead": "star_lookahead",
     "star_dss_guardrail_temperature": "guardrail_temperature",
     "star_dss_guardrail_controversial": "guardrail_controversial",
     "star_dss_precompute_ref": "precompute_ref_log_probs",
@@ -117,6 +118,9 @@ class StarDSSArgs(BaseModel):
         "instead of scoring here.",
     )
     star_dss_chunk_size: int | None = Field(default=None, description="M: score after every M response tokens (5).")
+    star_dss_lookahead: int | None = Field(
+        default=None, description="L: a token weighs by the minimum of its chunk's and the next L chunks' scores (0)."
+    )
     star_dss_kl_coef: float | None = Field(default=None, description="lambda: weight of the KL on unsafe spans (0.5).")
     star_dss_kl_estimator: str | None = Field(default=None, description="`k2` (default), `k1`, `k3` or `full`.")
     star_dss_shaping: str | None = Field(

@@ -180,7 +180,7 @@ def with_star(strategy, dataset, cfg):
     for index, (messages, star) in enumerate(zip(conversations, records)):  # the column is input (issue 25)
         check_star_example({"messages": messages, STAR_COLUMN: star}, "messages", index)
     threshold = values["rejection_threshold"] if values["shaping"] == "rejection_sampling" else None
-    wrapped = STARStrategy(strategy, read, threshold)
+    wrapped = STARStrategy(strategy, read, threshold, values["star_lookahead"])
     if threshold is not None:
         wrapped.rejection = (sum(not rejected(r, threshold) for r in records), len(records))
     return wrapped, dataset.add_column(STAR_COLUMN, records)
@@ -269,8 +269,8 @@ class STARStrategy:
 
     supports_batched = False  # one row at a time: the weights need the row and its tokens together
 
-    def __init__(self, inner, read, threshold: float | None = None):
-        self.inner, self.read, self.threshold = inner, read, threshold
+    def __init__(self, inner, read, threshold: float | None = None, lookahead: int = 0):
+        self.inner, self.read, self.threshold, self.lookahead = inner, read, threshold, lookahead
         self.rejection: tuple[int, int] | None = None  # rejection sampling's (kept, total), set by `with_star`
         filter_rows = getattr(inner, "filter_rows", None)
         if threshold is not None:  # rejection sampling drops whole examples before tokenizing them
@@ -305,7 +305,8 @@ class STARStrategy:
                 "decode/encode round-trips (byte-level BPE such as Llama 3, Qwen, SmolLM)."
             )
         # Instruction types rewrite the user turn: the responses are then found from the end (`rewritten_prompt`).
-        return token_weights(text, encoded["offset_mapping"], messages, records, rewritten_prompt=True)
+        return token_weights(text, encoded["offset_mapping"], messages, records, rewritten_prompt=True,
+                             lookahead=self.lookahead)  # fmt: skip
 
 
 __all__ = ["TOKEN_COLUMNS", "STARStrategy", "conversation_reader", "load_star_datasets", "with_star"]
