@@ -15,9 +15,9 @@ import os
 import sys
 import traceback
 
-from .scoring.families import FAMILIES
 from .config import CONTROVERSIAL
 from .loading import load_dataset_arg, response_columns
+from .scoring.families import FAMILIES
 
 
 SCORE_EXAMPLES = """\
@@ -388,8 +388,8 @@ def demo_command(args) -> None:
 
 
 def show_command(args) -> None:
-    from .report import first_flagged, heatmap_html, summary_png, trajectory_png
     from .formats import STAR_COLUMN, check_star_dataset
+    from .report import first_flagged, heatmap_html, summary_png, trajectory_png
     from .scoring import scored_dataset_path
 
     _check_positive("--max-examples", args.max_examples, "Use e.g. 200 (the default).")
@@ -419,8 +419,8 @@ def show_command(args) -> None:
 
 
 def score_command(args) -> None:
-    from .scoring.families import deferred_guardrail
     from .scoring import score_dataset, scored_dataset_path
+    from .scoring.families import deferred_guardrail
 
     # The flags are checked here, before the dataset or a guard loads, and named as typed (scoring's own checks name
     # its Python arguments).

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .errors import STARDSSError
+
+
 SHAPINGS = ("star_dss", "deep_token", "rejection_sampling", "sft")
 SCORED_SHAPINGS = ("star_dss", "rejection_sampling")  # read the STAR scores
 REFERENCE_SHAPINGS = ("star_dss", "deep_token")  # pull toward pi_ref (`star_loss`); the others train plain CE
@@ -139,54 +142,54 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
     name = {field: field for field in CHECKED_FIELDS} | (names or {})
     shaping, estimator = values.get("shaping", "star_dss"), values.get("kl_estimator", "k2")
     if shaping not in SHAPINGS:
-        raise ValueError(f"{name['shaping']}={shaping!r} is not known. Use one of {SHAPINGS}.")
+        raise STARDSSError(f"{name['shaping']}={shaping!r} is not known. Use one of {SHAPINGS}.")
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"{name['kl_estimator']}={estimator!r} is not known. Use one of {KL_ESTIMATORS}.")
+        raise STARDSSError(f"{name['kl_estimator']}={estimator!r} is not known. Use one of {KL_ESTIMATORS}.")
     kl_coef = values.get("kl_coef", 0.5)
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not kl_coef >= 0:
-        raise ValueError(f"{name['kl_coef']}={kl_coef!r} must be a number >= 0 (the paper uses 0.5).")
+        raise STARDSSError(f"{name['kl_coef']}={kl_coef!r} must be a number >= 0 (the paper uses 0.5).")
     chunk = values.get("star_chunk_size", 5)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"{name['star_chunk_size']}={chunk!r} must be a positive whole number (the paper: 5).")
+        raise STARDSSError(f"{name['star_chunk_size']}={chunk!r} must be a positive whole number (the paper: 5).")
     lookahead = values.get("star_lookahead", 0)
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
-        raise ValueError(f"{name['star_lookahead']}={lookahead!r} must be a whole number of chunks >= 0 (0 = the "
+        raise STARDSSError(f"{name['star_lookahead']}={lookahead!r} must be a whole number of chunks >= 0 (0 = the "
                          "paper's STAR; e.g. 1 to weigh each chunk also by the next one's score).")  # fmt: skip
     if values.get("star_unit", "token") not in UNITS:
-        raise ValueError(f"{name['star_unit']}={values['star_unit']!r} is not known. Use one of {UNITS}.")
+        raise STARDSSError(f"{name['star_unit']}={values['star_unit']!r} is not known. Use one of {UNITS}.")
     temperature = values.get("guardrail_temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{name['guardrail_temperature']}={temperature!r} must be a number > 0. Use e.g. 1.0.")
+        raise STARDSSError(f"{name['guardrail_temperature']}={temperature!r} must be a number > 0. Use e.g. 1.0.")
     controversial = values.get("guardrail_controversial")
     if controversial is not None and controversial not in CONTROVERSIAL:
-        raise ValueError(
+        raise STARDSSError(
             f"{name['guardrail_controversial']}={controversial!r} is not known. Use 'unsafe' (Qwen3Guard's strict "
             "mode: its Controversial class weighs as unsafe), 'safe' (its loose mode), or leave it unset."
         )
     mode = values.get("content_special_tokens", "refuse")
     if mode not in CONTENT_SPECIAL_TOKENS:
-        raise ValueError(
+        raise STARDSSError(
             f"{name['content_special_tokens']}={mode!r} is not known. Use one of {CONTENT_SPECIAL_TOKENS}: 'refuse' "
             "(the default: stop on content holding the policy's special-token strings), 'drop' or 'keep'."
         )
     threshold = values.get("rejection_threshold", 0.5)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise ValueError(
+        raise STARDSSError(
             f"{name['rejection_threshold']}={threshold!r} must be a number in [0, 1]: it is compared with STAR scores, "
             "which are probabilities (the paper: 0.5)."
         )
     kl_chunk = values.get("full_kl_chunk_size", 1024)
     if isinstance(kl_chunk, bool) or not isinstance(kl_chunk, int) or kl_chunk <= 0:
-        raise ValueError(f"{name['full_kl_chunk_size']}={kl_chunk!r} must be a positive whole number of tokens, e.g. 1024.")
+        raise STARDSSError(f"{name['full_kl_chunk_size']}={kl_chunk!r} must be a positive whole number of tokens, e.g. 1024.")
     precompute = name["precompute_ref_log_probs"]
     if values.get("precompute_ref_log_probs") and estimator == "full":
-        raise ValueError(
+        raise STARDSSError(
             f"{precompute}=True stores log pi_ref of the dataset tokens only, but {name['kl_estimator']}='full' "
             f"needs the reference's whole distribution at every step. Use {name['kl_estimator']}='k2' (or k1/k3) "
             f"with precomputed log-probs, or {precompute}=False."
         )
     if values.get("precompute_ref_log_probs") and shaping not in REFERENCE_SHAPINGS:
-        raise ValueError(
+        raise STARDSSError(
             f"{precompute}=True does nothing with {name['shaping']}={shaping!r}, which uses no reference. Set it to "
             f"False, or use {name['shaping']}='star_dss' or 'deep_token'."
         )
@@ -201,13 +204,13 @@ def check_sharding(values: dict, sharded: bool, has_reference: bool, names: dict
     if not sharded or shaping not in REFERENCE_SHAPINGS:
         return
     if shaping == "star_dss" and values.get("kl_estimator") == "full":
-        raise ValueError(
+        raise STARDSSError(
             f"{name['kl_estimator']}='full' reads the whole output layer, which DeepSpeed ZeRO-3/FSDP shard across "
             f"processes. Use {name['kl_estimator']}='k2' (with {name['precompute_ref_log_probs']}=True), or train "
             "without sharding (DDP)."
         )
     if not has_reference and not values.get("precompute_ref_log_probs"):
-        raise ValueError(
+        raise STARDSSError(
             "A full finetune under DeepSpeed ZeRO-3/FSDP would need a sharded frozen copy of the model as the "
             f"reference. Set {name['precompute_ref_log_probs']}=True (no reference is held during training), or use "
             "PEFT (LoRA/QLoRA: the reference is the model with its adapters disabled)."

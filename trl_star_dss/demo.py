@@ -356,9 +356,8 @@ def _score_attack(world: dict, attack: str, tokenizer, output_dir: str, guard=No
     examples to `output_dir` (the benign mix's first five are benign tasks, which show nothing)."""
     from datasets import Dataset
 
-    from .scoring import PythonGuardrail
     from .report import first_flagged, heatmap_html
-    from .scoring import score_dataset
+    from .scoring import PythonGuardrail, score_dataset
 
     guard = guard or PythonGuardrail(scripted_guardrail, name="scripted_guardrail")
     scored, summary = score_dataset(Dataset.from_list(world["attacks"][attack]), guard, tokenizer,

@@ -14,7 +14,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from .errors import STARDSSError
 from .scoring import Guardrail
+
 
 # Refusal phrases (the keyword list used by the GCG / Qi et al. safety evaluations, lower-cased matching).
 REFUSAL_KEYWORDS = (
@@ -59,13 +61,13 @@ def load_prompts(path: str, column: str = "prompt", split: str = "train") -> tup
 
     dataset = load_dataset_arg(path, split, flag="--prompts")
     if column not in dataset.column_names:
-        raise ValueError(
+        raise STARDSSError(
             f"The prompts in {path!r} have no column {column!r} (columns: {dataset.column_names}). Pass the right "
             "one with `--prompt-column`."
         )
     prompts = [str(p) for p in dataset[column]]
     if not prompts or not any(p.strip() for p in prompts):
-        raise ValueError(f"{path!r} holds no prompts in column {column!r}. Give a file with at least one prompt.")
+        raise STARDSSError(f"{path!r} holds no prompts in column {column!r}. Give a file with at least one prompt.")
     categories = [str(c) for c in dataset["category"]] if "category" in dataset.column_names else None
     return prompts, categories
 
@@ -82,7 +84,7 @@ def load_policy(model_path: str, adapter: str | None = None, dtype: str = "auto"
         try:
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError, KeyError) as error:
-            raise ValueError(
+            raise STARDSSError(
                 f"The adapter {adapter!r} does not fit the model {model_path!r} ({str(error).splitlines()[0][:200]}). "
                 "Pass the base model the adapter was trained on."
             ) from error
@@ -185,7 +187,7 @@ def _open_output(output: str, settings: dict, resume: bool) -> dict[int, dict]:
     """Records already in `output` (resume), after checking they were made with the same settings."""
     sidecar = f"{output}.settings.json"
     if os.path.exists(output) and not resume:
-        raise ValueError(
+        raise STARDSSError(
             f"The output {output!r} exists. Pass --resume to continue it (same settings), or choose another file; "
             "it is never overwritten."
         )
@@ -193,7 +195,7 @@ def _open_output(output: str, settings: dict, resume: bool) -> dict[int, dict]:
     if os.path.exists(output):
         stored = json.load(open(sidecar)) if os.path.exists(sidecar) else None
         if stored != settings:
-            raise ValueError(
+            raise STARDSSError(
                 f"The output {output!r} was made with other settings ({sidecar}), so it cannot be resumed. Choose "
                 "another file."
             )
@@ -224,7 +226,7 @@ def evaluate_capability(model_path: str, tasks: Sequence[str], adapter: str | No
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError as error:
-        raise ValueError(
+        raise STARDSSError(
             "Capability evaluation runs lm-evaluation-harness, which is not installed. Install it with "
             "`pip install 'trl-star-dss[eval]'` (or `pip install lm-eval`)."
         ) from error
@@ -232,7 +234,7 @@ def evaluate_capability(model_path: str, tasks: Sequence[str], adapter: str | No
     manager = TaskManager(include_path=include_path)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        raise ValueError(
+        raise STARDSSError(
             f"Unknown lm-eval task(s) {unknown}. Use names lm-eval knows (mmlu, arc_challenge, gsm8k, ...) or "
             "point --include-path at a directory with your task YAMLs."
         )

@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 
+from .errors import STARDSSError
 from .weights import check_star_records, content_text
 
 
@@ -25,7 +26,7 @@ def dataset_format(column_names: Sequence[str], required: bool = True) -> str | 
         return "prompt_completion"
     if not required:
         return None
-    raise ValueError(
+    raise STARDSSError(
         f"The dataset has columns {list(column_names)}, so STAR cannot tell which text is the assistant response. "
         "Use a TRL format that separates it: 'messages' (conversational) or 'prompt' + 'completion' "
         "(standard or conversational). Rename both columns, e.g. for Alpaca data (instruction, input, output): "
@@ -42,12 +43,12 @@ def _check_messages(messages, where: str) -> None:
     """Refuse what STAR cannot read as text (docs/method.md 1.5): a message without a role, content that is not a
     string or text parts (images), a tool call not in TRL's format."""
     if not isinstance(messages, list):
-        raise ValueError(f"{where} is a {type(messages).__name__}, not a list of messages. Use [{{'role', 'content'}}].")
+        raise STARDSSError(f"{where} is a {type(messages).__name__}, not a list of messages. Use [{{'role', 'content'}}].")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"{where}[{i}] is {message!r}; each message needs 'role' and 'content' keys.")
+            raise STARDSSError(f"{where}[{i}] is {message!r}; each message needs 'role' and 'content' keys.")
         if message.get("role") is None:
-            raise ValueError(
+            raise STARDSSError(
                 f"{where}[{i}] has no role ({'role None' if 'role' in message else 'no role key'}). Arrow gives every "
                 "message every key of the column and fills the missing ones with None, so a message written without "
                 f"a role reads this way. Give every message a role: one of {ROLES}."
@@ -55,11 +56,11 @@ def _check_messages(messages, where: str) -> None:
         calls = message.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):
-                raise ValueError(f"{where}[{i}].tool_calls is a {type(calls).__name__}, not a list of calls.")
+                raise STARDSSError(f"{where}[{i}].tool_calls is a {type(calls).__name__}, not a list of calls.")
             for k, call in enumerate(calls):
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                    raise ValueError(
+                    raise STARDSSError(
                         f"{where}[{i}].tool_calls[{k}] is {call!r}; a call is read in TRL's format "
                         '{"type": "function", "function": {"name": ..., "arguments": {...}}}.'
                     )
@@ -67,7 +68,7 @@ def _check_messages(messages, where: str) -> None:
         if content is None:
             if message["role"] == "assistant" and calls:
                 continue  # a turn that only calls tools: its calls are its text
-            raise ValueError(
+            raise STARDSSError(
                 f"{where}[{i}] ({message['role']!r}) has no content (content None) and calls no tool. Give it its "
                 "text (an empty string if it has none)."
             )
@@ -75,15 +76,15 @@ def _check_messages(messages, where: str) -> None:
             for k, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text":
-                    raise ValueError(
+                    raise STARDSSError(
                         f"{where}[{i}].content[{k}] is a {kind!r} part; STAR scores text, and no guard here reads "
                         "images or audio. Remove such parts (or such examples) first; text parts are read joined, "
                         "as the policy's chat template joins them."
                     )
                 if not isinstance(part.get("text"), str):
-                    raise ValueError(f"{where}[{i}].content[{k}] is a text part without a string 'text': {part!r}.")
+                    raise STARDSSError(f"{where}[{i}].content[{k}] is a text part without a string 'text': {part!r}.")
         elif not isinstance(content, str):
-            raise ValueError(
+            raise STARDSSError(
                 f"{where}[{i}].content is a {type(content).__name__}, not a string or a list of text parts "
                 '([{"type": "text", "text": ...}]). STAR scores text.'
             )
@@ -152,14 +153,14 @@ def response_turns(example: dict, fmt: str, index: int) -> list[tuple[int, Conve
             continue
         response = message_text(message)
         if not response.strip():
-            raise ValueError(
+            raise STARDSSError(
                 f"{where}: {column}[{i + offset}] is an assistant turn with an empty or whitespace-only response, "
                 "which has nothing to score. Remove or fill such examples first "
                 "(e.g. dataset.filter(lambda ex: ...))."
             )
         turns.append((i, guard_context(prefix + messages[:i]), response))
     if not turns:
-        raise ValueError(
+        raise STARDSSError(
             f"{where} has no assistant turn to score ({column} roles: {[m['role'] for m in messages]}). "
             "Every example needs at least one assistant response; drop examples without one."
         )

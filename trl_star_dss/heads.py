@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import STARDSSError
+
 
 @dataclass(frozen=True)
 class OutputHead:
@@ -112,7 +114,7 @@ def check_output_head(model, role: str) -> None:
     finally:
         model.train(was_training)
     if not matches:
-        raise ValueError(
+        raise STARDSSError(
             f"kl_estimator='full' computes the {role}'s logits from its output layer, but for "
             f"{type(model).__name__} (model_type={model.config.model_type!r}) those logits differ from the model's "
             f"own by up to {difference:.3g}: its forward post-processes them in a way this project does not know. "

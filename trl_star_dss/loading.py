@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import os
 
+from .errors import STARDSSError
+
+
 logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
@@ -20,7 +23,7 @@ def load_dataset_arg(path: str, split: str = "train", flag: str = "--dataset"):
     extension = os.path.splitext(path)[1].lstrip(".").lower()
     if os.path.isfile(path):
         if extension not in FILE_BUILDERS:
-            raise ValueError(
+            raise STARDSSError(
                 f"{flag} {path!r}: files ending in .{extension} are not read. Use .jsonl, .json, .csv or .parquet, "
                 "a directory saved with `save_to_disk`, or a hub id."
             )
@@ -30,12 +33,12 @@ def load_dataset_arg(path: str, split: str = "train", flag: str = "--dataset"):
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
         return datasets.load_from_disk(path)[split]
     if not os.path.exists(path) and (extension in FILE_BUILDERS or path.startswith((os.sep, ".", "~"))):
-        raise ValueError(f"{flag} {path!r} does not exist. Check the path (it is read relative to {os.getcwd()!r}).")
+        raise STARDSSError(f"{flag} {path!r} does not exist. Check the path (it is read relative to {os.getcwd()!r}).")
     try:
         return datasets.load_dataset(path, split=split)
     except Exception as error:  # the library's many failure types (offline hub, no data files, bad split)
         kind = "a directory that holds no dataset" if os.path.isdir(path) else "not a local file or directory"
-        raise ValueError(
+        raise STARDSSError(
             f"{flag} {path!r} is {kind}, and loading it as a dataset id failed ({type(error).__name__}: {error}). "
             "Give a .jsonl/.json/.csv/.parquet file, a directory saved with `save_to_disk` (for scores: the "
             "`star-dss score --output` directory), or a dataset id the hub can serve."
@@ -53,41 +56,41 @@ def response_columns(dataset, source: str, prompt_column: str = "prompt", comple
     named = {"--prompt-column": prompt_column, "--completion-column": completion_column, "--input-column": input_column}
     mapped = prompt_column != "prompt" or completion_column != "completion" or input_column is not None
     if mapped and "messages" in columns:
-        raise ValueError(
+        raise STARDSSError(
             f"--dataset {source!r} has a `messages` column, which is what STAR scores, so --prompt-column, "
             "--completion-column and --input-column would be ignored. Leave them out, or remove the `messages` column."
         )
     for flag, column in named.items():
         if column is not None and column not in columns and column not in ("prompt", "completion"):
-            raise ValueError(f"{flag} {column!r} is not a column of --dataset {source!r}, whose columns are {columns}. "
+            raise STARDSSError(f"{flag} {column!r} is not a column of --dataset {source!r}, whose columns are {columns}. "
                              "Name one of them.")  # fmt: skip
     if not mapped:
         if "messages" in columns or {"prompt", "completion"} <= set(columns):
             return dataset
         if {"instruction", "output"} <= set(columns):
             fix = "--prompt-column instruction" + (" --input-column input" if "input" in columns else "")
-            raise ValueError(
+            raise STARDSSError(
                 f"--dataset {source!r} has Alpaca's columns {columns}, so STAR cannot tell which text is the response "
                 f"without being told. Add `{fix} --completion-column output` (the prompt is the instruction, then a "
                 "blank line and the input when there is one)."
             )
-        raise ValueError(
+        raise STARDSSError(
             f"--dataset {source!r} has columns {columns}, so STAR cannot tell which text is the assistant response. "
             "Name them with --prompt-column COLUMN --completion-column COLUMN, or give TRL's format: a `messages` "
             "column, or `prompt` and `completion` columns."
         )
     if len({prompt_column, completion_column, input_column} - {None}) < 2 + (input_column is not None):
-        raise ValueError(
+        raise STARDSSError(
             f"--prompt-column {prompt_column!r}, --completion-column {completion_column!r} and --input-column "
             f"{input_column!r} name the same column twice. Name a different column for each."
         )
     for flag, column in (("--prompt-column", prompt_column), ("--completion-column", completion_column)):
         if column not in columns:  # a default left as it is, on data that has no such column
-            raise ValueError(f"--dataset {source!r} has no {column!r} column (its columns are {columns}). Name the "
+            raise STARDSSError(f"--dataset {source!r} has no {column!r} column (its columns are {columns}). Name the "
                              f"column that holds it with {flag}.")  # fmt: skip
     for target in ("prompt", "completion"):
         if target in columns and target not in named.values():
-            raise ValueError(
+            raise STARDSSError(
                 f"--dataset {source!r} already has a `{target}` column, which the column named with --{target}-column "
                 f"would replace. Pass --{target}-column {target}, or remove that column first."
             )
@@ -98,7 +101,7 @@ def response_columns(dataset, source: str, prompt_column: str = "prompt", comple
     def to_prompt_completion(example: dict, index: int) -> dict:
         prompt, extra = example[prompt_column], example[input_column] if input_column else None
         if extra is not None and not (isinstance(prompt, str) and isinstance(extra, str)):
-            raise ValueError(
+            raise STARDSSError(
                 f"Example {index}: --prompt-column {prompt_column!r} holds a {type(prompt).__name__} and "
                 f"--input-column {input_column!r} a {type(extra).__name__}; only text can be joined. Leave "
                 "--input-column out for conversational columns."

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import KL_ESTIMATORS
+from .errors import STARDSSError
 from .heads import OutputHead
+
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -30,7 +32,7 @@ def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torc
     if reduction == "mean":
         # 0, not NaN, for a batch without trained tokens (a fully masked micro-batch)
         return per_token.sum() / mask.sum().clamp(min=1)
-    raise ValueError(f"reduction={reduction!r} is not known. Use one of {REDUCTIONS}.")
+    raise STARDSSError(f"reduction={reduction!r} is not known. Use one of {REDUCTIONS}.")
 
 
 def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor, kl_estimator: str = "k2") -> torch.Tensor:
@@ -44,8 +46,8 @@ def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor, kl_estimator: str = "
     if kl_estimator == "k3":
         return torch.expm1(r) - r
     if kl_estimator == "full":
-        raise ValueError("kl_estimator='full' needs the whole vocabulary: compute it with `full_kl` and pass `kl=`.")
-    raise ValueError(f"kl_estimator={kl_estimator!r} is not known. Use one of {KL_ESTIMATORS}.")
+        raise STARDSSError("kl_estimator='full' needs the whole vocabulary: compute it with `full_kl` and pass `kl=`.")
+    raise STARDSSError(f"kl_estimator={kl_estimator!r} is not known. Use one of {KL_ESTIMATORS}.")
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

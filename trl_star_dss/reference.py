@@ -16,6 +16,7 @@ from trl.trainer.utils import pad
 
 from .storage import save_dataset_atomic
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .errors import STARDSSError
+
 
 def special_token_strings(tokenizer) -> list[str]:
     """The strings `tokenizer` turns into special tokens when it parses text: its special added tokens (all 256 of
@@ -55,7 +57,7 @@ def content_special_token_rule(conversations: Sequence[Sequence[dict]], tokenize
             kept.append(index)
         elif mode == "refuse":
             turn, string = hit
-            raise ValueError(
+            raise STARDSSError(
                 f"Example {index} of the {where} holds the policy tokenizer's special-token string {string!r} in "
                 f"message {turn}; the chat template would turn it into a real special token (a forged turn). Clean "
                 f"the data, or set {setting}='drop' to leave such examples out, or {setting}='keep' if the data "

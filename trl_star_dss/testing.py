@@ -11,6 +11,7 @@ import importlib
 import os
 import re
 
+
 # The public Llama Guard 3 prompt (Llama Guard 3 model card), written as a chat template. The real Llama Guard 3
 # checkpoints ship their own template; this one gives test and benchmark guards the same prompt shape and length.
 LLAMA_GUARD_3_CATEGORIES = (

@@ -19,14 +19,16 @@ from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.utils import add_fused_lm_head
 
-from .special_tokens import content_special_token_rule
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
 from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sharding
+from .errors import STARDSSError
+from .formats import STAR_COLUMN, check_star_dataset, dataset_format, example_columns
 from .heads import add_hidden_state_output, check_output_head, output_head
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .reference import ref_logps_column
-from .formats import STAR_COLUMN, check_star_dataset, dataset_format, example_columns
+from .special_tokens import content_special_token_rule
 from .weights import rejected, rejection_report, token_weights
+
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +184,7 @@ class STARLossMixin:
         kl = aux_loss = None
         if settings.kl_estimator == "full" and settings.shaping == "star_dss":
             if aux_enabled:
-                raise ValueError(
+                raise STARDSSError(
                     "kl_estimator='full' reads hidden states, without the router logits of this Mixture-of-Experts "
                     "model, so its load-balancing loss would be lost. Use kl_estimator='k2', or set "
                     "router_aux_loss_coef=0.0."
@@ -308,7 +310,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         if processing_class is None and not named:
             # TRL would load the tokenizer from the model's name, which a model built in code does not have, and fail
             # with an error about hub repository ids.
-            raise ValueError(
+            raise STARDSSError(
                 f"processing_class is None and the model (a {type(model).__name__} built in code) has no name or path "
                 "to load its tokenizer from. Pass the tokenizer: STARDSSTrainer(model, ..., processing_class=tokenizer)."
             )
@@ -324,7 +326,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         columns = train_dataset.column_names if train_dataset is not None else []
         if uses_scores and STAR_COLUMN not in columns and "star_weights" not in columns and train_dataset is not None:
             if not args.guardrail:
-                raise ValueError(
+                raise STARDSSError(
                     f"shaping={args.shaping!r} needs STAR scores, but the train dataset has no `{STAR_COLUMN}` column "
                     "and `guardrail` is not set. Score it first (`star-dss score ... --output DIR`, then "
                     "`datasets.load_from_disk('DIR/dataset')`), or set `guardrail=` to score it at start-up."
@@ -389,17 +391,17 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         uses_scores = args.shaping in SCORED_SHAPINGS
         tokenized = "input_ids" in columns
         if tokenized and args.shaping == "rejection_sampling":
-            raise ValueError(
+            raise STARDSSError(
                 f"shaping='rejection_sampling' needs each response's whole-response score, which a tokenized "
                 f"{dataset_name} dataset no longer has. Pass the untokenized scored dataset (its `{STAR_COLUMN}` column)."
             )
         if tokenized and uses_scores and "star_weights" not in columns:
-            raise ValueError(
+            raise STARDSSError(
                 f"The {dataset_name} dataset is already tokenized but has no `star_weights` column. Pass the "
                 f"untokenized scored dataset (with its `{STAR_COLUMN}` column) and let the trainer tokenize it."
             )
         if not tokenized and uses_scores and STAR_COLUMN not in columns:
-            raise ValueError(
+            raise STARDSSError(
                 f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
                 "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
             )
@@ -429,7 +431,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         dataset = dataset.filter(lambda example: not rejected(example[STAR_COLUMN], args.rejection_threshold),
                                  desc=f"Rejection sampling of the {dataset_name} dataset")  # fmt: skip
         if len(dataset) == 0:
-            raise ValueError(
+            raise STARDSSError(
                 f"Rejection sampling dropped all {total} examples of the {dataset_name} dataset (every one has a "
                 f"response scored below rejection_threshold={args.rejection_threshold}), so there is nothing to "
                 "train on. That is the method's answer for this data: do not finetune on it, or lower the threshold."
@@ -490,7 +492,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             ids, weights = example_star_weights(example, processing_class, self.chat_template, args.star_lookahead)
             n = len(example["input_ids"])
             if self._keep(ids, n, args) != example["input_ids"]:
-                raise ValueError(
+                raise STARDSSError(
                     f"Re-tokenizing an example of the {dataset_name} dataset with offsets gives other tokens than "
                     "TRL's tokenization, so its STAR weights cannot be aligned. This happens with chat templates "
                     "that tokenize specially (e.g. with `tools`); please report it with the template."

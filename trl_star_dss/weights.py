@@ -12,6 +12,8 @@ import bisect
 import math
 from collections.abc import Sequence
 
+from .errors import STARDSSError
+
 
 def token_scores(token_ends: Sequence[int], chunk_ends: Sequence[int], scores: Sequence[float]) -> list[float]:
     """The STAR score of each token of a response, from where each token's text ends (character offsets in the
@@ -44,7 +46,7 @@ def message_spans(text: str, messages: Sequence[dict]) -> list[tuple[int, int]]:
             start = text.find(stripped, cursor)
             content = stripped
         if start < 0:
-            raise ValueError(
+            raise STARDSSError(
                 f"messages[{i}] ({content[:40]!r}...) does not appear in the chat template's rendering, so its STAR "
                 "scores cannot be placed on tokens. Use a chat template that writes message contents verbatim."
             )
@@ -72,7 +74,7 @@ def response_regions(text: str, messages: Sequence[dict], turns: Sequence[int],
         content = content_text(messages[i]).strip()
         start = text.rfind(content, 0, end)
         if start < 0:
-            raise ValueError(
+            raise STARDSSError(
                 f"A response ({content[:40]!r}...) does not appear in its tokenized example, so its STAR scores "
                 "cannot be placed on tokens. Use a prompt format that writes responses verbatim."
             )
@@ -157,17 +159,17 @@ def check_star_records(records, responses: Sequence[str | None], index: int, col
 
     def fail(problem: str, turn=None):
         head = "the `star` record" if turn is None else f"the `star` record of turn {turn!r}"
-        raise ValueError(f"Example {index}: {head}: {problem}. {STAR_RECORD_FIX}")
+        raise STARDSSError(f"Example {index}: {head}: {problem}. {STAR_RECORD_FIX}")
 
     if not isinstance(records, list):
-        raise ValueError(f"Example {index}: the `star` value is {records!r}, not a list of records. {STAR_RECORD_FIX}")
+        raise STARDSSError(f"Example {index}: the `star` value is {records!r}, not a list of records. {STAR_RECORD_FIX}")
     seen = set()
     for r, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ValueError(f"Example {index}: the `star` record {r} is {record!r}, not a dict. {STAR_RECORD_FIX}")
+            raise STARDSSError(f"Example {index}: the `star` record {r} is {record!r}, not a dict. {STAR_RECORD_FIX}")
         for key in ("turn", "chunk_ends", "scores"):
             if key not in record:
-                raise ValueError(f"Example {index}: the `star` record {r} has no {key!r}. {STAR_RECORD_FIX}")
+                raise STARDSSError(f"Example {index}: the `star` record {r} has no {key!r}. {STAR_RECORD_FIX}")
         turn, ends, scores = record["turn"], record["chunk_ends"], record["scores"]
         if type(turn) is not int:
             fail(f"turn {turn!r} is not a whole number", turn)

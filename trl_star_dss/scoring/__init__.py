@@ -3,7 +3,7 @@
 
 from .audit import Auditor
 from .causal_lm import CausalLMGuardrail
-from .dataset import STARScorer, ScoringSummary, chunk_ends, score_dataset, scored_dataset_path
+from .dataset import ScoringSummary, STARScorer, chunk_ends, score_dataset, scored_dataset_path
 from .families import (
     FAMILIES,
     GraniteGuardian,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ..special_tokens import special_token_pattern, special_token_strings
 
+
 AUDIT_KINDS = ("special_token", "invisible", "template_imitation")
 # Bumped whenever a rule below changes what is found, so an output directory never mixes two audits.
 AUDIT_VERSION = 1

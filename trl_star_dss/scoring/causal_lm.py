@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+from ..errors import STARDSSError
 from ..formats import Conversation
 from .guardrail import PrefixQuery, PrefixScores, _check_method, prefix_conversations
 from .template import TemplatedGuardrail
@@ -72,7 +73,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
         self.label_ids = [self.safe_id, self.unsafe_id] + [self._label_id(x, "other_labels") for x in others]
         self.safe_labels = [True, False, *(bool(safe) for safe in others.values())]
         if len(set(self.label_ids)) != len(self.label_ids):
-            raise ValueError(
+            raise STARDSSError(
                 f"The labels {[safe_label, unsafe_label, *others]} are the same token (some of them); give each class its own "
                 "first answer token."
             )
@@ -84,7 +85,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
             before = len(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
             after = self.tokenizer(probe + label, add_special_tokens=False)["input_ids"]
             pieces = self.tokenizer.convert_ids_to_tokens(after[before - 1 :])
-            raise ValueError(
+            raise STARDSSError(
                 f"{argument}={label!r} is not a single token of the guard's tokenizer after the verdict prefix "
                 f"{self.verdict_prefix!r} (the end of the prompt tokenizes to {pieces}). Use the exact first answer "
                 "token of the guard, and put any text the guard writes before it into `verdict_prefix`."

@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..config import UNITS
+from ..errors import STARDSSError
+from ..formats import STAR_COLUMN, dataset_format, example_columns, example_hash, response_turns
 from ..storage import save_dataset_atomic, write_text_atomic
 from .audit import AUDIT_VERSION, Auditor, count_findings
-from ..formats import STAR_COLUMN, dataset_format, example_columns, example_hash, response_turns
 from .guardrail import Guardrail, PrefixQuery
 
 
@@ -56,14 +57,14 @@ def unit_ends(response: str, unit: str, tokenizer=None) -> list[int]:
 
 def check_chunking(chunk_size, unit: str, tokenizer) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(
+        raise STARDSSError(
             f"chunk_size={chunk_size!r} must be a positive whole number of {unit}s per chunk. "
             "The paper uses 5; 1 scores after every unit."
         )
     if unit not in UNITS:
-        raise ValueError(f"unit={unit!r} is not known. Use 'token' (policy tokenizer tokens) or 'word'.")
+        raise STARDSSError(f"unit={unit!r} is not known. Use 'token' (policy tokenizer tokens) or 'word'.")
     if unit == "token" and tokenizer is None:
-        raise ValueError(
+        raise STARDSSError(
             "unit='token' cuts chunks with the policy tokenizer, but none was given. Pass the tokenizer of the "
             "model you will finetune (`--policy-tokenizer`), or use unit='word'."
         )
@@ -207,7 +208,7 @@ def score_dataset(
             aliases = (f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}" + (
                 f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else ""),)
     elif guardrail_id is None:
-        raise ValueError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
+        raise STARDSSError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
     tokenizer_id = _tokenizer_id(tokenizer) if tokenizer is not None else None
     settings = {
         "guardrail": guardrail_id,
@@ -221,7 +222,7 @@ def score_dataset(
     }
     rank, world, barrier = _distributed() if distributed else (0, 1, lambda: None)
     if world > 1 and output_dir is None:
-        raise ValueError(
+        raise STARDSSError(
             f"Scoring under {world} processes needs output_dir: the processes share their work through it. "
             "Pass output_dir (`--output`), or run one process."
         )
@@ -331,7 +332,7 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: b
             earlier = (" Its guard id is the form `score_dataset` wrote for a guard object before guards carried "
                        "an id: run that `score_dataset` call again with the same guard (it reads the scores without "
                        "a guard forward and records the guard's id), then this.")  # fmt: skip
-        raise ValueError(
+        raise STARDSSError(
             f"{_named(output_name, output_dir)} holds STAR scores made with other settings ({changed}, as (stored, "
             f"now)).{earlier} Scores made with different settings are never mixed: choose another {output_name}, or "
             "delete those scores and score again (score_dataset(overwrite=True), `star-dss score --overwrite`, or "
@@ -358,7 +359,7 @@ def _read_shard(shard_dir: str, s: int) -> list[dict] | None:
 def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str, output_name: str = "output_dir") -> None:
     for record in records:
         if record["hash"] != example_hash(dataset[record["index"]], fmt):
-            raise ValueError(
+            raise STARDSSError(
                 f"{_named(output_name, output_dir)} holds scores of another dataset: example {record['index']} "
                 f"differs from the one scored there. Choose another {output_name}, or delete those scores "
                 "(score_dataset(overwrite=True), `star-dss score --overwrite`, or delete the directory)."

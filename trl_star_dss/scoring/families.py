@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Sequence
 
+from ..errors import STARDSSError
 from ..formats import Conversation
 from .causal_lm import CausalLMGuardrail, one_token_after
 from .guardrail import (
@@ -27,6 +28,7 @@ from .guardrail import (
     check_controversial,
 )
 from .token_level import TokenLevelGuardrail
+
 
 FAMILIES = ("llama_guard", "llama_guard_4", "granite_guardian", "granite_guardian_3_3", "qwen3guard_gen",
             "shieldgemma", "wildguard", "qwen3guard_stream")
@@ -52,7 +54,7 @@ class LlamaGuard4(LlamaGuard):
         super().__init__(model, tokenizer, **kwargs)
         probe = self.render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
         if not probe[: len(probe) - len(self.verdict_prefix)].endswith("<|header_start|>assistant<|header_end|>"):
-            raise ValueError(
+            raise STARDSSError(
                 f"The chat template of {self.name!r} does not end at Llama Guard 4's assistant header "
                 "(`<|header_start|>assistant<|header_end|>`), where the model starts writing `\n\nsafe`/`\n\nunsafe`, "
                 "so the verdict would be read at the wrong position. Use the model's own template, or family='generic' "
@@ -222,7 +224,7 @@ def _first_tokens(tokenizer, answers, safe) -> dict:
     labels = {answer: first(answer) for answer in answers}
     ids = [token for _, token in labels.values()]
     if None in ids or len(set(ids)) < len(ids):
-        raise ValueError(
+        raise STARDSSError(
             f"The answers {list(answers)} do not each begin with a token of their own in this tokenizer, so their "
             "probabilities cannot be told apart at the answer's first token. This family needs the guard's own "
             "tokenizer (WildGuard: Mistral v0.3's, where ` yes`, ` no` and ` n` are single tokens)."
@@ -240,7 +242,7 @@ def _refuse_prefilled(guard: CausalLMGuardrail, marker: str | None, what: str) -
     prompt = probe[: len(probe) - len(guard.verdict_prefix)]
     bad = prompt.rstrip().endswith(marker) if marker else not prompt.endswith("</think>\n\n")
     if bad:
-        raise ValueError(
+        raise STARDSSError(
             f"The chat template of {guard.name!r} does not end as the {type(guard).__name__} family reads it "
             f"({what}), so the verdict would be read at the wrong position. Use family='generic' with the "
             "verdict_prefix the template needs, or report the template."
@@ -298,7 +300,7 @@ def detect_family(name_or_path: str, tokenizer) -> str | None:
 
 
 def _refuse_family(name_or_path: str, recognised: str) -> None:
-    raise ValueError(
+    raise STARDSSError(
         f"{name_or_path!r} looks like {recognised}, whose verdict format this project does not read (families: "
         f"{FAMILIES}); other versions give their verdict in another place. Configure it explicitly: family='generic' "
         "with safe_label=, unsafe_label=, verdict_prefix= (and template_kwargs=) exactly as the guard's model card "
@@ -329,7 +331,7 @@ def load_guardrail(
         guards = [load_guardrail(s, family, temperature, dtype, device_map, trust_remote_code, **kwargs) for s in spec]
         return _with_id(guards[0] if len(guards) == 1 else EnsembleGuardrail(guards), cache_id)
     if family is not None and family not in (*FAMILIES, "generic"):
-        raise ValueError(f"family={family!r} is not known. Use one of {(*FAMILIES, 'generic')} or leave it unset.")
+        raise STARDSSError(f"family={family!r} is not known. Use one of {(*FAMILIES, 'generic')} or leave it unset.")
     if not os.path.exists(spec) and ":" in spec:
         return _with_id(_python_guardrail(spec), cache_id)
 
@@ -338,13 +340,13 @@ def load_guardrail(
     tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     family = family or detect_family(spec, tokenizer)
     if family is None and "safe_label" not in kwargs:
-        raise ValueError(
+        raise STARDSSError(
             f"Could not tell which guard family {spec!r} is from its chat template or name. Pass family= one of "
             f"{FAMILIES}, or family='generic' with safe_label=, unsafe_label= (and verdict_prefix=, template_kwargs= "
             "as the guard needs)."
         )
     if "controversial" in kwargs and family not in ("qwen3guard_gen", "qwen3guard_stream"):
-        raise ValueError(
+        raise STARDSSError(
             f"controversial={kwargs['controversial']!r} (--controversial) applies to guards with a third, ambiguous "
             f"class (Qwen3Guard), not to {spec!r} (family {family!r}). Leave it unset."
         )
@@ -401,7 +403,7 @@ def _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_re
     from transformers import AutoModel
 
     if not trust_remote_code:
-        raise ValueError(
+        raise STARDSSError(
             f"{spec!r} is a token-level guard (Qwen3Guard-Stream) whose classifier heads are its own modelling code "
             "on the hub; running that code needs your consent. Pass trust_remote_code=True (star-dss score "
             "--trust-remote-code) after reading it, or use Qwen3Guard-Gen, which needs none."
@@ -449,7 +451,7 @@ def _python_guardrail(spec: str) -> Guardrail:
     try:
         target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(
+        raise STARDSSError(
             f"Guardrail {spec!r} is neither an existing path nor an importable `module:function` ({error}). "
             "Give a hub id or local model path, or `package.module:function` for a Python rule."
         ) from error

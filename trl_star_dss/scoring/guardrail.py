@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import CONTROVERSIAL
+from ..errors import STARDSSError
 from ..formats import Conversation
 from .audit import TemplateMarkers
 
@@ -86,7 +87,7 @@ class Guardrail:
 
 def _check_method(method: str) -> None:
     if method not in ("fast", "naive"):
-        raise ValueError(f"Unknown scoring method {method!r}. Use 'fast' (shared prefix) or 'naive'.")
+        raise STARDSSError(f"Unknown scoring method {method!r}. Use 'fast' (shared prefix) or 'naive'.")
 
 
 class PythonGuardrail(Guardrail):
@@ -114,7 +115,7 @@ class PythonGuardrail(Guardrail):
         for conversation in conversations:
             value = float(self.fn(conversation))
             if not 0.0 <= value <= 1.0:
-                raise ValueError(
+                raise STARDSSError(
                     f"Guardrail function {self.name} returned {value}, which is not a probability. "
                     "It must return P(safe) in [0, 1]."
                 )
@@ -127,7 +128,7 @@ class EnsembleGuardrail(Guardrail):
 
     def __init__(self, guardrails: Sequence[Guardrail]):
         if len(guardrails) == 0:
-            raise ValueError("EnsembleGuardrail needs at least one guardrail.")
+            raise STARDSSError("EnsembleGuardrail needs at least one guardrail.")
         self.guardrails = list(guardrails)
         self.name = "+".join(guard.name for guard in self.guardrails)
 
@@ -163,7 +164,7 @@ class EnsembleGuardrail(Guardrail):
 
 def check_controversial(controversial: str) -> str:
     if controversial not in CONTROVERSIAL:
-        raise ValueError(
+        raise STARDSSError(
             f"controversial={controversial!r} is not known. Use 'unsafe' (Qwen3Guard's strict mode: controversial "
             "content weighs as unsafe, the default) or 'safe' (its loose mode)."
         )

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
+
 ATTENTION_NAME = "star_dss_shared_prefix"
 
 

@@ -9,10 +9,12 @@ import bisect
 import re
 from collections.abc import Sequence
 
+from ..errors import STARDSSError
 from ..formats import Conversation
 from ..special_tokens import first_special_token, special_token_pattern, special_token_strings
 from .audit import TemplateMarkers
 from .guardrail import Guardrail, PrefixQuery
+
 
 # A numbered stand-in for a message's content (private-use code points, which no template writes): rendering a
 # conversation with stand-ins shows where the template puts each content (`CausalLMGuardrail.content_spans`).
@@ -32,9 +34,9 @@ class TemplatedGuardrail(Guardrail):
                  verdict_prefix: str = "", temperature: float = 1.0, max_length: int | None = None,
                  batch_size: int = 8, name: str | None = None):  # fmt: skip
         if not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be > 0 (it divides the logits). Use e.g. 1.0.")
+            raise STARDSSError(f"temperature={temperature} must be > 0 (it divides the logits). Use e.g. 1.0.")
         if chat_template is None and tokenizer.chat_template is None:
-            raise ValueError(
+            raise STARDSSError(
                 f"The guard tokenizer of {getattr(model, 'name_or_path', 'this model')!r} has no chat template and "
                 "none was given. Pass `chat_template=` (a Jinja template that renders the conversation as the "
                 "guard expects), or use a family that ships one (family='llama_guard' or 'granite_guardian')."
@@ -80,7 +82,7 @@ class TemplatedGuardrail(Guardrail):
                 continue
             found[shape] = sum(_SLOT.format(i) in text for i in range(2))
         if max(found.values()) == 0:
-            raise ValueError(
+            raise STARDSSError(
                 f"The chat template of guard {self.name!r} ({self._template_name()}) writes no message content into "
                 "the guard input, neither given as a string nor as a list of text parts, so the guard would judge "
                 "nothing. Pass a `chat_template=` that writes the conversation (`message['content']`)."
@@ -161,7 +163,7 @@ class TemplatedGuardrail(Guardrail):
     def _refuse_special_content(self, conversation: Conversation, reason: str) -> None:
         hit = first_special_token(conversation, self._special_pattern)
         if hit is not None:
-            raise ValueError(
+            raise STARDSSError(
                 f"Message {hit[0]} holds the guard tokenizer's special-token string {hit[1]!r}, and it cannot be kept as "
                 f"text for guard {self.name!r} ({reason}), so scoring it could let the content forge the guard's "
                 "input. Remove such examples first (the audit lists them), or use a guard with a fast tokenizer "
@@ -224,7 +226,7 @@ class TemplatedGuardrail(Guardrail):
             what = "; ".join(f"message {i} ({conversation[i]['role']}"
                              f"{', the response being scored' if i == len(conversation) - 1 else ''}): "
                              f"{_preview(conversation[i]['content'])}" for i in missing)  # fmt: skip
-            raise ValueError(
+            raise STARDSSError(
                 f"The input of guard {self.name!r}, rendered with {self._template_name()} (content passed as "
                 f"{'a list of text parts' if self.content_shape == 'parts' else 'a string'}), does not contain what it "
                 f"is asked to judge: {what}. Scoring it would give the same score whatever the response says. Use "
@@ -262,7 +264,7 @@ class TemplatedGuardrail(Guardrail):
                     lo = mid + 1
             context = [{**context[0], "content": text[lo:]}] + context[1:]
         if length(context) > self.max_length:
-            raise ValueError(
+            raise STARDSSError(
                 f"{query.label or 'A response'} alone takes {length([])} guard tokens with the template, more than "
                 f"the guard's max_length={self.max_length}. Raise `max_length` if the guard supports it, use a "
                 "guard with a longer context, or drop the example."

@@ -6,9 +6,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+from ..errors import STARDSSError
 from ..formats import Conversation
 from .guardrail import PrefixQuery, PrefixScores, _check_method, check_controversial, prefix_conversations
 from .template import TemplatedGuardrail
+
 
 # Qwen3Guard's risk classes, in the order of its risk-level logits: `label_map` in QwenLM/Qwen3Guard
 # `eval/eval_stream.py` (commit 6a52eca), the same map the remote code exposes as `response_risk_level_map`.
@@ -42,13 +44,13 @@ class TokenLevelGuardrail(TemplatedGuardrail):
         self.controversial = check_controversial(controversial)
         classes = getattr(model, "response_risk_level_map", None) or dict(enumerate(QWEN3GUARD_CLASSES))
         if [classes[i] for i in sorted(classes)] != list(QWEN3GUARD_CLASSES):
-            raise ValueError(
+            raise STARDSSError(
                 f"The token-level guard {self.name!r} names its risk classes {classes}, not Qwen3Guard-Stream's "
                 f"{dict(enumerate(QWEN3GUARD_CLASSES))}, so which logit is safe is not known here. Map its classes "
                 "to these indices, or report the guard."
             )
         if not tokenizer.is_fast:
-            raise ValueError(
+            raise STARDSSError(
                 f"The token-level guard {self.name!r} needs a fast tokenizer: it maps the policy's chunk ends to guard "
                 "tokens by their character offsets."
             )
@@ -58,7 +60,7 @@ class TokenLevelGuardrail(TemplatedGuardrail):
         """The guard token at which each prefix `response[:end]` is read (the response is the last message)."""
         spans = self.content_spans(conversation, text)
         if spans is None:
-            raise ValueError(
+            raise STARDSSError(
                 f"The chat template of token-level guard {self.name!r} does not write the response verbatim, so its "
                 "tokens cannot be matched to the prefixes' characters. Pass a `chat_template=` that does."
             )
