@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 
-from .config import CONTROVERSIAL
+from .choices import CONTROVERSIAL
 from .loading import load_dataset_arg, response_columns
 from .scoring.families import FAMILIES
 

@@ -6,18 +6,15 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .choices import (
+    CONTENT_SPECIAL_TOKENS,
+    CONTROVERSIAL,
+    KL_ESTIMATORS,
+    REFERENCE_SHAPINGS,
+    SHAPINGS,
+    UNITS,
+)
 from .errors import STARDSSError
-
-
-SHAPINGS = ("star_dss", "deep_token", "rejection_sampling", "sft")
-SCORED_SHAPINGS = ("star_dss", "rejection_sampling")  # read the STAR scores
-REFERENCE_SHAPINGS = ("star_dss", "deep_token")  # pull toward pi_ref (`star_loss`); the others train plain CE
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")  # docs/method.md 1.2
-UNITS = ("token", "word")  # what `star_chunk_size` counts (docs/method.md 1.1)
-# How Qwen3Guard's third class counts: its "strict" and "loose" modes (docs/method.md 1.1).
-CONTROVERSIAL = ("unsafe", "safe")
-# What the trainers do with content that holds the policy's special-token strings (docs/method.md 2.1).
-CONTENT_SPECIAL_TOKENS = ("refuse", "drop", "keep")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import KL_ESTIMATORS
+from .choices import KL_ESTIMATORS
 from .errors import STARDSSError
 from .heads import OutputHead
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..config import UNITS
+from ..choices import UNITS
 from ..errors import STARDSSError
 from ..formats import STAR_COLUMN, dataset_format, example_columns, example_hash, response_turns
 from ..storage import save_dataset_atomic, write_text_atomic

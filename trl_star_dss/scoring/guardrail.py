@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..config import CONTROVERSIAL
+from ..choices import CONTROVERSIAL
 from ..errors import STARDSSError
 from ..formats import Conversation
 from .audit import TemplateMarkers

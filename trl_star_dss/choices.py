@@ -1,0 +1,13 @@
+"""The values each STAR-DSS setting takes: the configuration's constants (`STARDSSConfig`, the Axolotl plugin's keys,
+the command line's flags). A module that imports nothing, so scoring and `star-dss --help` read them without loading
+TRL (whose import pulls in PEFT and bitsandbytes)."""
+
+SHAPINGS = ("star_dss", "deep_token", "rejection_sampling", "sft")
+SCORED_SHAPINGS = ("star_dss", "rejection_sampling")  # read the STAR scores
+REFERENCE_SHAPINGS = ("star_dss", "deep_token")  # pull toward pi_ref (`star_loss`); the others train plain CE
+KL_ESTIMATORS = ("k1", "k2", "k3", "full")  # docs/method.md 1.2
+UNITS = ("token", "word")  # what `star_chunk_size` counts (docs/method.md 1.1)
+# How Qwen3Guard's third class counts: its "strict" and "loose" modes (docs/method.md 1.1).
+CONTROVERSIAL = ("unsafe", "safe")
+# What the trainers do with content that holds the policy's special-token strings (docs/method.md 2.1).
+CONTENT_SPECIAL_TOKENS = ("refuse", "drop", "keep")
