@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import sys
-import traceback
 
 from .choices import CONTROVERSIAL
+from .errors import STARDSSError
 from .loading import load_dataset_arg, response_columns
 from .scoring.families import FAMILIES
 
@@ -218,7 +218,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _check_positive(flag: str, value, fix: str) -> None:
     """`flag` (as typed, e.g. `--chunk-size`), when given, must be a whole number > 0; `fix` says what to pass."""
     if value is not None and value <= 0:
-        raise ValueError(f"{flag} {value} must be a positive whole number. {fix}")
+        raise STARDSSError(f"{flag} {value} must be a positive whole number. {fix}")
 
 
 def _load_tokenizer(name: str):
@@ -228,7 +228,7 @@ def _load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:  # transformers' failures for missing files, offline hub, unknown ids
-        raise ValueError(
+        raise STARDSSError(
             f"--policy-tokenizer {name!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0]}). "
             "Give the hub id or local directory of the model you will finetune (a directory needs its tokenizer files)."
         ) from error
@@ -243,7 +243,7 @@ def eval_capability_command(args) -> None:
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--limit", args.limit, "Use e.g. 20 for a quick look, or leave --limit out for every example.")
     if os.path.exists(args.output):
-        raise ValueError(f"--output {args.output!r} exists; it is never overwritten. Choose another file.")
+        raise STARDSSError(f"--output {args.output!r} exists; it is never overwritten. Choose another file.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = evaluate_capability(args.model, args.tasks, args.adapter, args.include_path, args.batch_size, device,
                                   args.dtype, args.limit, args.num_fewshot)  # fmt: skip
@@ -263,10 +263,10 @@ def eval_safety_command(args) -> None:
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--max-new-tokens", args.max_new_tokens, "Use e.g. 500 (the paper's).")
     if not args.greedy and not args.temperature > 0:
-        raise ValueError(f"--temperature {args.temperature} must be > 0 for sampling. Use e.g. 0.2 (the paper's), "
+        raise STARDSSError(f"--temperature {args.temperature} must be > 0 for sampling. Use e.g. 0.2 (the paper's), "
                          "or --greedy for greedy decoding.")  # fmt: skip
     if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p {args.top_p} must lie in (0, 1]. Use e.g. 0.9 (the paper's); 1.0 turns it off.")
+        raise STARDSSError(f"--top-p {args.top_p} must lie in (0, 1]. Use e.g. 0.9 (the paper's); 1.0 turns it off.")
     prompts, categories = load_prompts(args.prompts, args.prompt_column, args.split)
     device = args.device or str(PartialState().device)
     guardrail = load_guardrail(args.guardrail, family=args.family, device_map=device)
@@ -287,9 +287,9 @@ def eval_guard_command(args) -> None:
     _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")
     _check_positive("--batch-size", args.batch_size, "Use e.g. 16 (the default).")
     if not args.temperature > 0:
-        raise ValueError(f"--temperature {args.temperature} must be > 0. Use 1.0 (the paper's formula).")
+        raise STARDSSError(f"--temperature {args.temperature} must be > 0. Use 1.0 (the paper's formula).")
     if args.unit == "token" and not args.policy_tokenizer:
-        raise ValueError("--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
+        raise STARDSSError("--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
                          "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, "
                          "or count words with --unit word.")  # fmt: skip
     truth = load_prefix_truth(args.prefix_truth) if args.prefix_truth else None  # checked before anything loads
@@ -324,13 +324,13 @@ def demo_command(args) -> None:
     transformers.logging.disable_progress_bar()  # saving and loading the learned guard, loading SmolLM2
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.max_steps is not None and args.policy != "smollm2":
-        raise ValueError(f"--max-steps {args.max_steps} is for --policy smollm2; the toy world trains for fixed "
+        raise STARDSSError(f"--max-steps {args.max_steps} is for --policy smollm2; the toy world trains for fixed "
                          "epochs. Drop --max-steps, or use --fast for a short toy run.")  # fmt: skip
     if args.policy == "smollm2" and (args.guard or args.chunk_sizes or args.guard_label_noise or args.seeds
                                      or args.lookahead):
         flag = ("--guard" if args.guard else "--chunk-sizes" if args.chunk_sizes else "--guard-label-noise"
                 if args.guard_label_noise else "--seeds" if args.seeds else "--lookahead")  # fmt: skip
-        raise ValueError(f"{flag} is for the toy policy; --policy smollm2 is a smoke test scored by the keyword rule. "
+        raise STARDSSError(f"{flag} is for the toy policy; --policy smollm2 is a smoke test scored by the keyword rule. "
                          f"Drop {flag}, or drop --policy smollm2.")  # fmt: skip
     args.guard = args.guard or "learned"
     if args.policy == "smollm2":
@@ -338,7 +338,7 @@ def demo_command(args) -> None:
 
         print(SMOLLM2_DISCLAIMER, flush=True)  # first, before the model loads
         if args.max_steps is not None and args.max_steps <= 0:
-            raise ValueError(f"--max-steps {args.max_steps} must be a positive number of training steps, e.g. 10.")
+            raise STARDSSError(f"--max-steps {args.max_steps} must be a positive number of training steps, e.g. 10.")
         output = args.output or "runs/demo-smollm2"
         steps = args.max_steps or (2 if args.fast else SMOLLM2_ATTACK[0])
         result = run_smollm2_demo(output, args.seed, steps=steps, num_prompts=8 if args.fast else None,
@@ -350,10 +350,10 @@ def demo_command(args) -> None:
         from .demo import format_ablation, run_ablation
 
         if args.fast:
-            raise ValueError("--fast is a short run of the table; an ablation runs its full settings. Drop --fast.")
+            raise STARDSSError("--fast is a short run of the table; an ablation runs its full settings. Drop --fast.")
         if args.seeds or args.lookahead:
             flag = "--seeds" if args.seeds else "--lookahead"
-            raise ValueError(f"{flag} is for the table, not the --chunk-sizes / --guard-label-noise ablations (one "
+            raise STARDSSError(f"{flag} is for the table, not the --chunk-sizes / --guard-label-noise ablations (one "
                              f"seed each). Drop {flag}, or drop the ablation.")  # fmt: skip
         output = args.output or "runs/demo-ablation"
         print(f"SIMULATION: a toy world, {args.guard} guard, an ablation (see README).", flush=True)
@@ -365,7 +365,7 @@ def demo_command(args) -> None:
     from .demo import GUARD_NAMES, ONE_SEED_NOTE, format_report, format_seeds_report, run_demo_seeds
 
     if args.seeds is not None and args.seeds <= 0:
-        raise ValueError(f"--seeds {args.seeds} must be a positive number of seeds, e.g. 5.")
+        raise STARDSSError(f"--seeds {args.seeds} must be a positive number of seeds, e.g. 5.")
     lookaheads = tuple(args.lookahead or (0,))
     output = args.output or ("runs/demo-seeds" if args.seeds else "runs/demo")
     print(f"SIMULATION: a toy world with a {GUARD_NAMES[args.guard]}, not a real safety judge (see README).", flush=True)
@@ -398,14 +398,14 @@ def show_command(args) -> None:
         path = scored_dataset_path(path)
     dataset = load_dataset_arg(path, args.split)
     if STAR_COLUMN not in dataset.column_names:
-        raise ValueError(
+        raise STARDSSError(
             f"--dataset {args.dataset!r} has no `{STAR_COLUMN}` column. Score it first with `star-dss score`."
         )
     check_star_dataset(dataset)  # the column is input (issue 25): a bad record is named, not drawn
     tokenizer = _load_tokenizer(args.policy_tokenizer) if args.policy_tokenizer else None
     for index in args.examples or []:
         if not 0 <= index < len(dataset):
-            raise ValueError(f"--examples {index} is out of range: the dataset has {len(dataset)} examples (0 to "
+            raise STARDSSError(f"--examples {index} is out of range: the dataset has {len(dataset)} examples (0 to "
                              f"{len(dataset) - 1}).")  # fmt: skip
     chosen = args.examples or first_flagged(dataset)
     units = heatmap_html(dataset, os.path.join(args.output, "heatmap.html"), tokenizer,
@@ -429,10 +429,10 @@ def score_command(args) -> None:
     _check_positive("--shard-size", args.shard_size, "Use e.g. 64 (the default).")
     _check_positive("--max-length", args.max_length, "Leave --max-length out to use the guard's own context.")
     if not args.temperature > 0:
-        raise ValueError(f"--temperature {args.temperature} must be > 0. Use 1.0 (the paper's formula) or 0.2 (the "
+        raise STARDSSError(f"--temperature {args.temperature} must be > 0. Use 1.0 (the paper's formula) or 0.2 (the "
                          "authors' code).")  # fmt: skip
     if args.unit == "token" and not args.policy_tokenizer:
-        raise ValueError(
+        raise STARDSSError(
             "--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
             "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, or count "
             "words with --unit word."
@@ -498,22 +498,13 @@ def main(argv: list[str] | None = None) -> None:
             eval_guard_command(args)
         elif args.command == "eval" and args.kind == "capability":
             eval_capability_command(args)
-    except ValueError as error:
-        # Our own input errors say what is wrong and how to fix it: show that sentence, not a traceback. Anything
-        # raised elsewhere (a library, a bug) keeps its traceback.
-        if not _raised_here(error):
-            raise
+    except STARDSSError as error:
+        # This package's input errors say what is wrong and how to fix it: show that sentence, not a traceback.
+        # Anything else (a library's error, a bug) keeps its traceback.
         raise SystemExit(f"star-dss {args.command}: error: {error}") from error
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-
-
-def _raised_here(error: BaseException) -> bool:
-    """Whether `error` was raised by this package's code (its innermost frame is in `trl_star_dss`)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    package = os.path.dirname(os.path.abspath(__file__))
-    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package + os.sep)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,8 @@ def _refuse_prefilled(guard: CausalLMGuardrail, marker: str | None, what: str) -
 
 FAMILY_CLASSES = {"llama_guard": LlamaGuard, "llama_guard_4": LlamaGuard4, "granite_guardian": GraniteGuardian,
                   "granite_guardian_3_3": GraniteGuardian33, "qwen3guard_gen": Qwen3GuardGen,
-                  "shieldgemma": ShieldGemma, "wildguard": WildGuard, "qwen3guard_stream": TokenLevelGuardrail}  # fmt: skip
+                  "shieldgemma": ShieldGemma, "wildguard": WildGuard}  # fmt: skip
+# (qwen3guard_stream is loaded by `_load_stream_guard`: its heads are remote code, read by `TokenLevelGuardrail`.)
 
 # Names of guards, with the family each version is read by (docs/method.md 1.1). A version not listed reads its
 # verdict elsewhere or in a format not verified here (Llama Guard 1/2, Granite Guardian 4.x): never guessed.
