@@ -225,3 +225,13 @@ def test_show_refuses_a_bad_star_record_and_score_names_output(tmp_path):
     with pytest.raises(SystemExit, match=r"--output '.*s' holds STAR scores made with other settings"):
         main(["score", "--guardrail", SCRIPTED, "--dataset", SAMPLE, "--unit", "word", "--chunk-size", "3",
               "--output", str(tmp_path / "s"), "--no-progress"])  # fmt: skip
+
+
+def test_library_errors_name_flags_on_the_command_line():
+    """The library names its arguments as a Python caller sets them; the command line shows its own flags."""
+    from trl_star_dss.cli import as_flags
+
+    message = "output_dir='runs/x' holds an earlier guard evaluation. Pass resume=True to continue it"
+    assert as_flags(message) == "--output 'runs/x' holds an earlier guard evaluation. Pass --resume to continue it"
+    assert as_flags("label_column='verdict' is not a column") == "--label-column 'verdict' is not a column"
+    assert as_flags("the setting star_scores_dir='d'") == "the setting star_scores_dir='d'"  # not a flag of ours

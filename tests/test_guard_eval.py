@@ -17,7 +17,7 @@ def _conversation(response: str) -> list[dict]:
 def test_labels_are_read_as_documented_and_anything_else_is_refused():
     assert read_labels(["safe", "UNSAFE ", 0, 1, True, False, "true", "0"]) == [False, True, False, True, True,
                                                                                False, True, False]  # fmt: skip
-    with pytest.raises(ValueError, match=r"--label-column 'verdict' holds 'maybe' at example 1.*safe/unsafe"):
+    with pytest.raises(ValueError, match=r"label_column='verdict' holds 'maybe' at example 1.*safe/unsafe"):
         read_labels(["safe", "maybe"], "verdict")
     with pytest.raises(ValueError, match="holds 2 at example 0"):
         read_labels([2])
@@ -119,7 +119,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate_guard(dataset, PythonGuardrail(breaks_in_the_second_shard, name="rule"), unit="word",
                        output_dir=output, progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match="holds an earlier guard evaluation. Pass --resume"):
+    with pytest.raises(ValueError, match="holds an earlier guard evaluation. Pass resume=True"):
         evaluate_guard(dataset, PythonGuardrail(counts, name="rule"), unit="word", output_dir=output, progress=False)
     resumed = evaluate_guard(dataset, PythonGuardrail(counts, name="rule"), unit="word", output_dir=output,
                              resume=True, progress=False)  # fmt: skip

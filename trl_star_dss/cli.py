@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from .choices import CONTROVERSIAL
@@ -501,10 +502,22 @@ def main(argv: list[str] | None = None) -> None:
     except STARDSSError as error:
         # This package's input errors say what is wrong and how to fix it: show that sentence, not a traceback.
         # Anything else (a library's error, a bug) keeps its traceback.
-        raise SystemExit(f"star-dss {args.command}: error: {error}") from error
+        raise SystemExit(f"star-dss {args.command}: error: {as_flags(str(error))}") from error
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
+
+
+# The library's errors name its arguments as a Python caller sets them (`label_column='x'`); here the user set flags.
+FLAGS = {"label_column": "--label-column", "prefix_truth": "--prefix-truth", "output_dir": "--output",
+         "resume=True": "--resume"}  # fmt: skip
+_ARGUMENT = re.compile(r"\b(resume=True|(?:label_column|prefix_truth|output_dir)=)")
+
+
+def as_flags(message: str) -> str:
+    """`message` with the library's argument names (`output_dir='d'`) as this command's flags (`--output 'd'`)."""
+    return _ARGUMENT.sub(lambda m: FLAGS[m.group(1)] if m.group(1) == "resume=True" else FLAGS[m.group(1)[:-1]] + " ",
+                         message)  # fmt: skip
 
 
 if __name__ == "__main__":

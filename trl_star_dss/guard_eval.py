@@ -42,7 +42,7 @@ def read_labels(values, column: str = LABEL_COLUMN) -> list[bool]:
         key = str(int(value)) if isinstance(value, (bool, int)) and value in (0, 1) else str(value).strip().lower()
         if key not in LABEL_VALUES:
             raise STARDSSError(
-                f"--label-column {column!r} holds {value!r} at example {index}, which is not a label. Use safe/unsafe, "
+                f"label_column={column!r} holds {value!r} at example {index}, which is not a label. Use safe/unsafe, "
                 "or 0/1 or false/true where 1 and true mean unsafe (harmful), in every row."
             )
         unsafe.append(LABEL_VALUES[key])
@@ -55,10 +55,10 @@ def load_prefix_truth(spec: str) -> Callable[[str], bool]:
     try:
         truth = getattr(importlib.import_module(module_name), attribute) if module_name and attribute else None
     except (ImportError, AttributeError) as error:
-        raise STARDSSError(f"--prefix-truth {spec!r} could not be imported ({error}). Give `package.module:function`, "
+        raise STARDSSError(f"prefix_truth={spec!r} could not be imported ({error}). Give `package.module:function`, "
                          "a function from a text to whether it is harmful, e.g. trl_star_dss.demo:is_harmful.") from error  # fmt: skip
     if not callable(truth):
-        raise STARDSSError(f"--prefix-truth {spec!r} is not `module:function` naming a function. Give e.g. "
+        raise STARDSSError(f"prefix_truth={spec!r} is not `module:function` naming a function. Give e.g. "
                          "trl_star_dss.demo:is_harmful.")  # fmt: skip
     return truth
 
@@ -137,11 +137,11 @@ def evaluate_guard(dataset, guardrail, tokenizer=None, chunk_size: int = 5, unit
     `guard_drift.png`, each written whole. An existing `output_dir` is continued only with `resume`. `name` names the
     guard in the figures (default: its `name`, else `guardrail_id`)."""
     if label_column not in dataset.column_names:
-        raise STARDSSError(f"--label-column {label_column!r} is not a column of the dataset (columns: "
+        raise STARDSSError(f"label_column={label_column!r} is not a column of the dataset (columns: "
                          f"{dataset.column_names}). Name the column that labels each response safe or unsafe.")  # fmt: skip
     unsafe = read_labels(dataset[label_column], label_column)
     if not unsafe:
-        raise STARDSSError("The dataset holds no responses. Give --dataset with at least one labelled response.")
+        raise STARDSSError("The dataset holds no responses. Give a dataset with at least one labelled response.")
     truth_name = prefix_truth if isinstance(prefix_truth, str) or prefix_truth is None else (
         f"{prefix_truth.__module__}:{prefix_truth.__qualname__}")
     truth = load_prefix_truth(prefix_truth) if isinstance(prefix_truth, str) else prefix_truth
@@ -149,7 +149,7 @@ def evaluate_guard(dataset, guardrail, tokenizer=None, chunk_size: int = 5, unit
     if output_dir is not None:
         scores_dir = os.path.join(output_dir, "scores")
         if os.path.exists(scores_dir) and not resume:
-            raise STARDSSError(f"--output {output_dir!r} holds an earlier guard evaluation. Pass --resume to continue it "
+            raise STARDSSError(f"output_dir={output_dir!r} holds an earlier guard evaluation. Pass resume=True to continue it "
                              "(same guard and settings), or choose another directory; it is never overwritten.")  # fmt: skip
     scored, _ = score_dataset(dataset, guardrail, tokenizer, chunk_size, unit, output_dir=scores_dir, method=method,
                               batch_size=batch_size, guardrail_id=guardrail_id, progress=progress, audit=False)  # fmt: skip
