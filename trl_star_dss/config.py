@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .choices import (
+# The configuration's constants (`choices.py`, importable from here too).
+from .choices import (  # noqa: F401
     CONTENT_SPECIAL_TOKENS,
     CONTROVERSIAL,
     KL_ESTIMATORS,
     REFERENCE_SHAPINGS,
+    SCORED_SHAPINGS,
     SHAPINGS,
     UNITS,
 )

@@ -19,8 +19,9 @@ from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 from trl.trainer.utils import add_fused_lm_head
 
+from .choices import REFERENCE_SHAPINGS, SCORED_SHAPINGS
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
-from .config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARDSSConfig, check_sharding
+from .config import STARDSSConfig, check_sharding
 from .errors import STARDSSError
 from .formats import STAR_COLUMN, check_star_dataset, dataset_format, example_columns
 from .heads import add_hidden_state_output, check_output_head, output_head
