@@ -1,7 +1,8 @@
 """The Axolotl plugin: config checks, STAR weights through Axolotl's tokenization and collators, and `axolotl train`
 runs on a tiny local model (subprocesses, about 20-40 s each).
 
-Axolotl 0.21 declares Python >= 3.12; here it is installed without dependencies (README, "Axolotl").
+Axolotl 0.21 declares Python >= 3.12; here it is installed without dependencies (docs/training.md, "Installing
+Axolotl").
 """
 
 import json

@@ -110,7 +110,7 @@ def test_good_records_pass_and_structural_errors_are_named():
 
 
 def test_readme_score_from_python_then_start_up_scoring_runs_no_guard_forward(tmp_path, tokenizer, monkeypatch):
-    """The README's "Score from Python" block (a guard loaded from its path), then `STARDSSTrainer` with
+    """The README's "Score a dataset" Python block (a guard loaded from its path), then `STARDSSTrainer` with
     `guardrail=[path]` and `star_scores_dir=` the same directory: the scores are reused, no guard is loaded or run."""
     import trl_star_dss.scoring.families as families
     from trl_star_dss import load_guardrail
@@ -123,7 +123,7 @@ def test_readme_score_from_python_then_start_up_scoring_runs_no_guard_forward(tm
     dataset = Dataset.from_list([{"messages": [{"role": "user", "content": f"Question {i}?"},
                                                {"role": "assistant", "content": RESPONSE}]} for i in range(4)])  # fmt: skip
 
-    # README, "Score from Python"
+    # README, "Score a dataset" (the Python block)
     guard = load_guardrail(path)
     scored, summary = score_dataset(dataset, guard, tokenizer, chunk_size=5, output_dir=str(tmp_path / "scored"))
     assert summary.scored_now == 4
