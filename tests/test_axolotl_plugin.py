@@ -24,7 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from star_dss.args import star_dss_enabled  # noqa: E402
 from trl_star_dss.trainer import example_star_weights  # noqa: E402
-from trl_star_dss.demo import build_world  # noqa: E402 (the world's data)
+from trl_star_dss.tools.demo import build_world  # noqa: E402 (the world's data)
 from trl_star_dss.testing import scripted_guardrail  # noqa: E402
 from trl_star_dss.scoring import PythonGuardrail  # noqa: E402
 from trl_star_dss.scoring import score_dataset  # noqa: E402
@@ -485,7 +485,7 @@ def test_full_finetune_packed_scored_by_axolotl_preprocess(world):
 
 
 def test_qlora_with_scores_from_star_dss_score_and_precomputed_reference(world):
-    from trl_star_dss.cli import main as star_dss
+    from trl_star_dss.tools.cli import main as star_dss
 
     star_dss(["score", "--dataset", str(world / "data.jsonl"), "--guardrail", "trl_star_dss.testing:scripted_guardrail",
               "--policy-tokenizer", str(world / "model"), "--output", str(world / "scores"), "--no-progress"])  # fmt: skip

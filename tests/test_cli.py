@@ -6,7 +6,7 @@ import sys
 import pytest
 from datasets import load_from_disk
 
-from trl_star_dss.cli import main
+from trl_star_dss.tools.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "examples", "data", "toy_sample.jsonl")
@@ -57,7 +57,7 @@ def test_score_command_errors_name_argument_and_fix(tmp_path):
 
 
 def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path, monkeypatch):
-    import trl_star_dss.cli as cli
+    import trl_star_dss.tools.cli as cli
 
     with pytest.raises(SystemExit, match=r"--dataset '.*missing\.jsonl' does not exist"):
         main(["score", "--guardrail", SCRIPTED, "--dataset", str(tmp_path / "missing.jsonl"), "--unit", "word",
@@ -84,7 +84,7 @@ def test_two_processes_give_the_one_process_result(tmp_path, llama_guard_tiny):
     main(args + ["--output", str(tmp_path / "one")])
     # On a machine without GPUs, `--multi_gpu` starts 2 CPU processes on the gloo backend.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trl_star_dss.cli"]  # fmt: skip
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trl_star_dss.tools.cli"]  # fmt: skip
     result = subprocess.run(launch + args + ["--output", str(tmp_path / "two")], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -229,7 +229,7 @@ def test_show_refuses_a_bad_star_record_and_score_names_output(tmp_path):
 
 def test_library_errors_name_flags_on_the_command_line():
     """The library names its arguments as a Python caller sets them; the command line shows its own flags."""
-    from trl_star_dss.cli import as_flags
+    from trl_star_dss.tools.cli import as_flags
 
     message = "output_dir='runs/x' holds an earlier guard evaluation. Pass resume=True to continue it"
     assert as_flags(message) == "--output 'runs/x' holds an earlier guard evaluation. Pass --resume to continue it"

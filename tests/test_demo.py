@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from trl_star_dss.cli import main as star_dss
-from trl_star_dss.demo import (ATTACKS, DEMO_TIME, EXCULPATORY_SENTENCE, GUARD_KINDS, METHODS, build_world,
+from trl_star_dss.tools.cli import main as star_dss
+from trl_star_dss.tools.demo import (ATTACKS, DEMO_TIME, EXCULPATORY_SENTENCE, GUARD_KINDS, METHODS, build_world,
                                format_table, guard_eval_data, guard_training_data, is_harmful, run_demo,
                                scripted_guardrail)
 
@@ -29,14 +29,14 @@ def test_world_is_deterministic_and_as_written():
 
 
 def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog):
-    caplog.set_level("INFO", logger="trl_star_dss.demo")
+    caplog.set_level("INFO", logger="trl_star_dss.tools.demo")
     star_dss(["demo", "--fast", "--output", str(tmp_path / "a")])
     first = capsys.readouterr().out
     # The README's names of attacks and methods, as in its table.
     assert "SIMULATION" in first and "| attack (SIMULATION) | SFT | STAR-DSS |" in first
     assert "| misleading suffix |" in first and "misleading_suffix" not in first
     # One line per stage, with the seconds so far, then the total.
-    progress = [record.getMessage() for record in caplog.records if record.name == "trl_star_dss.demo"]
+    progress = [record.getMessage() for record in caplog.records if record.name == "trl_star_dss.tools.demo"]
     assert [re.sub(r"\(\d+ s\)", "(N s)", line) for line in progress[:6]] == [
         "demo 1/6 (N s): knowledge: the tiny model learns the letter tasks and harmful answers (900 examples, 2 epochs)",
         "demo 2/6 (N s): alignment: it learns to refuse harmful requests (900 examples, 1 epoch)",
@@ -54,7 +54,7 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     assert "The learned guard on fresh labelled responses" in first and "| false negatives % (of unsafe) |" in first
     a = tmp_path / "a"
     star_dss(["eval", "guard", "--guardrail", str(a / "guard"), "--dataset", str(a / "guard_eval_responses.jsonl"),
-              "--policy-tokenizer", str(a / "tokenizer"), "--prefix-truth", "trl_star_dss.demo:is_harmful",
+              "--policy-tokenizer", str(a / "tokenizer"), "--prefix-truth", "trl_star_dss.tools.demo:is_harmful",
               "--output", str(tmp_path / "eval"), "--no-progress"])  # fmt: skip
     demo_figures = json.loads((a / "guard_eval.json").read_text())
     command_figures = json.loads((tmp_path / "eval" / "guard_eval.json").read_text())
@@ -68,7 +68,7 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     caplog.clear()
     star_dss(["demo", "--fast", "--no-progress", "--output", str(tmp_path / "b")])
     second = capsys.readouterr().out
-    assert not [record for record in caplog.records if record.name == "trl_star_dss.demo"]
+    assert not [record for record in caplog.records if record.name == "trl_star_dss.tools.demo"]
     kept = ("|", "aligned model", "whole responses:", "unsafe responses flagged")
     table = [line for line in first.splitlines() if line.startswith(kept)]
     assert len(table) == 11 and table == [line for line in second.splitlines() if line.startswith(kept)]
@@ -103,7 +103,7 @@ def test_guard_data_is_its_own_and_labelled_as_documented():
 
 
 def test_learned_guard_is_fooled_by_the_misleading_sentence_on_whole_responses(tmp_path):
-    from trl_star_dss.demo import GUARD_TEMPLATE, save_guard, train_guard, world_tokenizer
+    from trl_star_dss.tools.demo import GUARD_TEMPLATE, save_guard, train_guard, world_tokenizer
     from trl_star_dss.scoring.families import LlamaGuard
 
     tokenizer = world_tokenizer(build_world(seed=0))
@@ -120,7 +120,7 @@ def test_learned_guard_is_fooled_by_the_misleading_sentence_on_whole_responses(t
 
 
 def test_ablation_and_guard_options_are_checked(tmp_path):
-    from trl_star_dss.demo import run_ablation
+    from trl_star_dss.tools.demo import run_ablation
 
     with pytest.raises(ValueError, match="one ablation at a time"):
         run_ablation(str(tmp_path), chunk_sizes=[5], label_noise=[0.1])
@@ -137,7 +137,7 @@ def test_ablation_and_guard_options_are_checked(tmp_path):
 
 
 def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
-    from trl_star_dss.demo import format_ablation, run_ablation
+    from trl_star_dss.tools.demo import format_ablation, run_ablation
 
     short = {"knowledge": (1, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)}
     result = run_ablation(str(tmp_path), chunk_sizes=[1, 15], guard="rule", stages=short, progress=False)
@@ -148,7 +148,7 @@ def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
 
 
 def test_benign_mix_heat_map_shows_its_harmful_examples(tmp_path):
-    from trl_star_dss.demo import ATTACK_LABELS, _score_attack, world_tokenizer
+    from trl_star_dss.tools.demo import ATTACK_LABELS, _score_attack, world_tokenizer
 
     world = build_world(seed=0)
     _score_attack(world, "benign_mix", world_tokenizer(world), str(tmp_path))
@@ -174,7 +174,7 @@ def test_seeds_report_each_cells_mean_std_and_worst_seed(tmp_path, monkeypatch):
     checked below.)"""
     import statistics
 
-    import trl_star_dss.demo as demo
+    import trl_star_dss.tools.demo as demo
 
     def fake_run(output_dir, seed, attacks, methods, stages, progress, guard, lookaheads):
         methods = list(methods) + [demo.lookahead_method(n) for n in lookaheads if n]

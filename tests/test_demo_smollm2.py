@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from trl_star_dss import demo
-from trl_star_dss.cli import main as star_dss
+from trl_star_dss.tools import demo
+from trl_star_dss.tools.cli import main as star_dss
 from trl_star_dss.scoring import chunk_ends
 
 # The package is only a carrier of the GGUF file: looked up, never imported (its dependencies pull llama-cpp-python).

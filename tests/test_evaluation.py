@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from trl_star_dss.cli import main as star_dss
+from trl_star_dss.tools.cli import main as star_dss
 from trl_star_dss.testing import is_harmful, scripted_guardrail
-from trl_star_dss.evaluation import DecodingConfig, evaluate_safety, load_policy, wilson_interval
+from trl_star_dss.tools.evaluation import DecodingConfig, evaluate_safety, load_policy, wilson_interval
 from trl_star_dss.scoring import PythonGuardrail
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from trl_star_dss.cli import main as star_dss
+from trl_star_dss.tools.cli import main as star_dss
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,9 +3,9 @@ import json
 import pytest
 from datasets import Dataset
 
-from trl_star_dss.cli import main as star_dss
-from trl_star_dss.demo import guard_eval_data, scripted_guardrail
-from trl_star_dss.guard_eval import evaluate_guard, guard_figures, read_labels
+from trl_star_dss.tools.cli import main as star_dss
+from trl_star_dss.tools.demo import guard_eval_data, scripted_guardrail
+from trl_star_dss.tools.guard_eval import evaluate_guard, guard_figures, read_labels
 from trl_star_dss.scoring import PythonGuardrail
 from trl_star_dss.scoring import chunk_ends
 
@@ -59,8 +59,8 @@ def labelled(tmp_path):
 
 
 def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
-    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", labelled,
-              "--unit", "word", "--prefix-truth", "trl_star_dss.demo:is_harmful", "--output", str(tmp_path / "a"),
+    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", labelled,
+              "--unit", "word", "--prefix-truth", "trl_star_dss.tools.demo:is_harmful", "--output", str(tmp_path / "a"),
               "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
     figures = json.loads((tmp_path / "a" / "guard_eval.json").read_text())
@@ -70,23 +70,23 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
     assert figures["whole"]["fnr"] == 4 / 12 and figures["whole"]["fpr"] == 0.0
     assert all(figures["by_position"][str(p)]["accuracy"] == 1.0 for p in range(10, 100, 10))
     assert figures["first_flagged"]["chunks_after_first_harmful_prefix"]["mean"] == 0
-    assert "prefixes compared with each prefix's own truth (trl_star_dss.demo:is_harmful)" in out
+    assert "prefixes compared with each prefix's own truth (trl_star_dss.tools.demo:is_harmful)" in out
     assert "| false negatives % (of unsafe) | - | 0.0 | 0.0 |" in out  # no unsafe prefix at 10%: no rate
     # Without --prefix-truth the output says what prefixes are compared with.
-    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", labelled,
+    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", labelled,
               "--unit", "word", "--output", str(tmp_path / "b"), "--no-progress"])  # fmt: skip
     assert "compared with the whole response's label (no --prefix-truth" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--label-column", "verdict"], r"--label-column 'verdict' is not a column of the dataset .*Name the column"),
-    (["--prefix-truth", "trl_star_dss.demo:nothing"], r"--prefix-truth 'trl_star_dss.demo:nothing' could not be imported"),
-    (["--prefix-truth", "trl_star_dss.demo"], r"is not `module:function`"),
+    (["--prefix-truth", "trl_star_dss.tools.demo:nothing"], r"--prefix-truth 'trl_star_dss.tools.demo:nothing' could not be imported"),
+    (["--prefix-truth", "trl_star_dss.tools.demo"], r"is not `module:function`"),
     (["--unit", "token"], r"--policy-tokenizer was not given"),
     (["--chunk-size", "0"], r"--chunk-size 0 must be a positive whole number"),
 ])  # fmt: skip
 def test_eval_guard_errors_name_the_flag_the_value_and_the_fix(tmp_path, labelled, argv, message):
-    base = ["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", labelled,
+    base = ["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", labelled,
             "--unit", "word", "--output", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
     with pytest.raises(SystemExit, match=message):
         star_dss(base + argv)
@@ -96,7 +96,7 @@ def test_a_bad_label_is_refused_by_the_command(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"messages": _conversation("fine"), "label": "ok"}) + "\n")
     with pytest.raises(SystemExit, match=r"--label-column 'label' holds 'ok' at example 0.*1 and true mean unsafe"):
-        star_dss(["eval", "guard", "--guardrail", "trl_star_dss.demo:scripted_guardrail", "--dataset", str(path),
+        star_dss(["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", str(path),
                   "--unit", "word", "--output", str(tmp_path / "out")])  # fmt: skip
 
 

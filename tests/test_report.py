@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from trl_star_dss.cli import main as star_dss
+from trl_star_dss.tools.cli import main as star_dss
 from trl_star_dss.testing import tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_summary_bars_take_the_colour_of_their_star(scored_dir, tmp_path):
     from datasets import load_from_disk
     from matplotlib.image import imread
 
-    from trl_star_dss.report import _rgb, summary_png
+    from trl_star_dss.scoring.report import _rgb, summary_png
 
     dataset = load_from_disk(str(scored_dir / "dataset"))
     summary_png(dataset, str(tmp_path / "summary.png"))
@@ -72,8 +72,8 @@ def test_legends_sit_outside_the_axes(scored_dir, tmp_path, monkeypatch):
     """The legends of trajectories.png and the demo's chart.png cover no bar or line: they sit outside every axes."""
     from datasets import load_from_disk
 
-    import trl_star_dss.report as report
-    from trl_star_dss.demo import ATTACKS, METHODS, _chart
+    import trl_star_dss.scoring.report as report
+    from trl_star_dss.tools.demo import ATTACKS, METHODS, _chart
 
     figures = []
     monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure))

@@ -435,7 +435,7 @@ def test_precomputed_reference_is_the_given_ref_model_and_is_cached(tmp_path, to
 
 def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tokenizer, scored, monkeypatch):
     import trl_star_dss.scoring.families as families
-    from trl_star_dss.cli import main
+    from trl_star_dss.tools.cli import main
 
     tokenizer.save_pretrained(tmp_path / "policy")
     data = tmp_path / "data.jsonl"

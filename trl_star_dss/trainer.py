@@ -366,11 +366,10 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     def _write_star_report(dataset, directory: str) -> None:
         from accelerate import PartialState
 
-        from .report import heatmap_html, summary_png
+        from .scoring.startup import write_star_report  # the core's one way into scoring (docs/method.md 6)
 
         if PartialState().is_main_process:
-            heatmap_html(dataset, os.path.join(directory, "heatmap.html"), indices=range(min(200, len(dataset))))
-            summary_png(dataset, os.path.join(directory, "summary.png"))
+            write_star_report(dataset, directory)
 
     @staticmethod
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):

@@ -1,10 +1,11 @@
-"""Start-up scoring: how the trainers (`STARDSSTrainer`, the Axolotl plugin) reach scoring, through this one entry
+"""Start-up scoring and its report: how the trainers (`STARDSSTrainer`, the Axolotl plugin) reach scoring, through this one entry
 point. A dataset without STAR scores is scored once with the configured guard and cached, so a second run, or a run
 after `star-dss score` with the same guard and settings, loads no guard (docs/method.md 1.1)."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 from .dataset import score_dataset
 from .families import deferred_guardrail, guard_options
@@ -29,3 +30,12 @@ def score_for_training(dataset, tokenizer, guardrail, *, family=None, temperatur
             logger.warning(f"{summary.audited_examples} training examples have audit findings; read them before "
                            f"training: {summary.format_audit()}")  # fmt: skip
     return scored, summary
+
+
+def write_star_report(dataset, directory: str, max_examples: int = 200) -> None:
+    """The pictures of `star-dss show` for a scored training set (`star_report=True`): `heatmap.html` (the first
+    `max_examples` examples) and `summary.png`, in `directory`."""
+    from .report import heatmap_html, summary_png
+
+    heatmap_html(dataset, os.path.join(directory, "heatmap.html"), indices=range(min(max_examples, len(dataset))))
+    summary_png(dataset, os.path.join(directory, "summary.png"))

@@ -17,7 +17,7 @@ import os
 import time
 
 # The world's truth and its guard live with the test helpers (tests use the same guard); the demo names them here.
-from .testing import EXCULPATORY_SENTENCE, HARMFUL_PATTERN, HARMFUL_WORDS, is_harmful, scripted_guardrail  # noqa: F401
+from ..testing import EXCULPATORY_SENTENCE, HARMFUL_PATTERN, HARMFUL_WORDS, is_harmful, scripted_guardrail  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def world_tokenizer(world: dict):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .testing import CHAT_TEMPLATE
+    from ..testing import CHAT_TEMPLATE
 
     texts = [m["content"] for name in ("knowledge", "aligned") for ex in world[name] for m in ex["messages"]]
     texts += [m["content"] for rows in world["attacks"].values() for ex in rows for m in ex["messages"]]
@@ -265,8 +265,8 @@ def train_guard(tokenizer, rows: list[dict], seed: int = 0, epochs: int = 3, lr:
 
     import torch
 
-    from .scoring.families import LlamaGuard
-    from .testing import tiny_causal_lm
+    from ..scoring.families import LlamaGuard
+    from ..testing import tiny_causal_lm
 
     guard_tok = guard_tokenizer(tokenizer)
     model = tiny_causal_lm(guard_tok, seed=seed, **GUARD_MODEL)
@@ -299,7 +299,7 @@ def train_guard(tokenizer, rows: list[dict], seed: int = 0, epochs: int = 3, lr:
 def save_guard(guard, path: str):
     """Save the guard like a hub checkpoint and read it back as a user would, through `load_guardrail` (its family is
     recognised from its template: Llama Guard, a blank line then `safe` / `unsafe`)."""
-    from .scoring.families import load_guardrail
+    from ..scoring.families import load_guardrail
 
     guard.model.save_pretrained(path)
     guard.tokenizer.save_pretrained(path)
@@ -310,8 +310,8 @@ def _train(model, tokenizer, rows_or_dataset, shaping: str, epochs: int, lr: flo
            max_steps: int = -1, batch_size: int | None = None, lookahead: int = 0):
     from datasets import Dataset
 
-    from .config import STARDSSConfig
-    from .trainer import STARDSSTrainer
+    from ..config import STARDSSConfig
+    from ..trainer import STARDSSTrainer
 
     dataset = rows_or_dataset if hasattr(rows_or_dataset, "column_names") else Dataset.from_list(rows_or_dataset)
     args = STARDSSConfig(output_dir=output_dir, shaping=shaping, num_train_epochs=epochs, learning_rate=lr,
@@ -356,8 +356,8 @@ def _score_attack(world: dict, attack: str, tokenizer, output_dir: str, guard=No
     examples to `output_dir` (the benign mix's first five are benign tasks, which show nothing)."""
     from datasets import Dataset
 
-    from .report import first_flagged, heatmap_html
-    from .scoring import PythonGuardrail, score_dataset
+    from ..scoring.report import first_flagged, heatmap_html
+    from ..scoring import PythonGuardrail, score_dataset
 
     guard = guard or PythonGuardrail(scripted_guardrail, name="scripted_guardrail")
     scored, summary = score_dataset(Dataset.from_list(world["attacks"][attack]), guard, tokenizer,
@@ -370,7 +370,7 @@ def _score_attack(world: dict, attack: str, tokenizer, output_dir: str, guard=No
 
 
 class _Progress:
-    """One line per stage on the `trl_star_dss.demo` logger when `enabled`, e.g.
+    """One line per stage on the `trl_star_dss.tools.demo` logger when `enabled`, e.g.
     `demo 3/18 (52 s): attack harmful x SFT (100 examples)`, and the total time at the end."""
 
     def __init__(self, total: int, enabled: bool = True):
@@ -397,7 +397,7 @@ def measure(model, tokenizer, world: dict) -> tuple[float, float]:
 
 def _aligned_model(world: dict, tokenizer, stages: dict, seed: int, scratch: str, announce):
     """The tiny chat model after knowledge and alignment (the model every attack starts from)."""
-    from .testing import tiny_causal_lm
+    from ..testing import tiny_causal_lm
 
     model = tiny_causal_lm(tokenizer, seed=seed, **MODEL)
     what = {"knowledge": "knowledge: the tiny model learns the letter tasks and harmful answers",
@@ -429,7 +429,7 @@ def _evaluate_learned_guard(guard, tokenizer, seed: int, output_dir: str | None 
     from datasets import Dataset
 
     from .guard_eval import evaluate_guard
-    from .storage import write_text_atomic
+    from ..storage import write_text_atomic
 
     rows = guard_eval_data(seed)
     if output_dir is not None:
@@ -438,7 +438,7 @@ def _evaluate_learned_guard(guard, tokenizer, seed: int, output_dir: str | None 
         tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
     # The truth by name, as `star-dss eval guard --prefix-truth` takes it: the same figures, the same text.
     return evaluate_guard(Dataset.from_list(rows), guard, tokenizer, chunk_size,
-                          prefix_truth="trl_star_dss.demo:is_harmful", progress=False)  # fmt: skip
+                          prefix_truth="trl_star_dss.tools.demo:is_harmful", progress=False)  # fmt: skip
 
 
 def _attack(model, aligned: dict, tokenizer, world: dict, scored, method: str, stages: dict, scratch: str,
@@ -473,7 +473,7 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, attacks=ATTACKS, meth
     `rule` (the keyword rule). Returns `{"table": {attack: {method: (safety, capability)}}, "guard_eval": figures of
     the learned guard (`guard_eval.guard_figures`) or None, "seconds": ...}` and writes table.md, chart.png and STAR
     heat maps (and, for the learned guard, `guard/`, guard_eval.json and guard_drift.png) to `output_dir`.
-    `progress` logs one line per stage (logger `trl_star_dss.demo`, INFO). `lookaheads` other than 0 add STAR-DSS
+    `progress` logs one line per stage (logger `trl_star_dss.tools.demo`, INFO). `lookaheads` other than 0 add STAR-DSS
     with that look-ahead (`lookahead_method`) beside STAR-DSS, on the same aligned model and guard."""
     import copy
 
@@ -506,7 +506,7 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, attacks=ATTACKS, meth
             table[attack][method] = _attack(model, aligned, tokenizer, world, scored, method, stages, scratch, seed)
     result = {"table": table, "guard_eval": figures, "guard": guard, "seed": seed,
               "seconds": time.perf_counter() - start}  # fmt: skip
-    from .storage import write_text_atomic
+    from ..storage import write_text_atomic
 
     write_text_atomic(os.path.join(output_dir, "table.md"),
                       format_report(result) + f"\n\n({result['seconds']:.0f} s)\n\n{ONE_SEED_NOTE}\n")  # fmt: skip
@@ -519,7 +519,7 @@ def _write_guard_eval(figures: dict, output_dir: str) -> None:
     import json
 
     from .guard_eval import DRIFT_FILE, FIGURES_FILE, drift_png
-    from .storage import write_text_atomic
+    from ..storage import write_text_atomic
 
     write_text_atomic(os.path.join(output_dir, FIGURES_FILE), json.dumps(figures, indent=2))
     drift_png(figures, os.path.join(output_dir, DRIFT_FILE))
@@ -577,7 +577,7 @@ def run_demo_seeds(output_dir: str = "runs/demo-seeds", seeds=range(5), progress
     import json
     import statistics
 
-    from .storage import write_text_atomic
+    from ..storage import write_text_atomic
 
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -663,7 +663,7 @@ def run_ablation(output_dir: str = "runs/demo-ablation", seed: int = 0, chunk_si
 
     import torch
 
-    from .storage import write_text_atomic
+    from ..storage import write_text_atomic
 
     _check_guard(guard)
     if (chunk_sizes is None) == (label_noise is None):
@@ -747,7 +747,7 @@ def _chart(table: dict, path: str, guard_name: str = GUARD_NAMES["rule"], errors
     one standard deviation over `seeds` seeds."""
     import textwrap
 
-    from .report import pyplot, save_figure
+    from ..scoring.report import pyplot, save_figure
 
     plt = pyplot()
     attacks = [a for a in table if a != "aligned model"]
@@ -864,7 +864,7 @@ def run_smollm2_demo(output_dir: str = "runs/demo-smollm2", seed: int = 0, attac
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .storage import write_text_atomic
+    from ..storage import write_text_atomic
 
     start = time.perf_counter()
     world = build_world(seed)

@@ -19,11 +19,11 @@ import os
 import statistics
 from collections.abc import Callable
 
-from .errors import STARDSSError
-from .formats import STAR_COLUMN, dataset_format, response_turns
-from .scoring import score_dataset
-from .storage import write_text_atomic
-from .weights import token_scores
+from ..errors import STARDSSError
+from ..formats import STAR_COLUMN, dataset_format, response_turns
+from ..scoring import score_dataset
+from ..storage import write_text_atomic
+from ..weights import token_scores
 
 
 LABEL_COLUMN = "label"
@@ -50,16 +50,16 @@ def read_labels(values, column: str = LABEL_COLUMN) -> list[bool]:
 
 
 def load_prefix_truth(spec: str) -> Callable[[str], bool]:
-    """`module:function`, a function text -> whether it is harmful (e.g. `trl_star_dss.demo:is_harmful`)."""
+    """`module:function`, a function text -> whether it is harmful (e.g. `trl_star_dss.tools.demo:is_harmful`)."""
     module_name, _, attribute = spec.partition(":")
     try:
         truth = getattr(importlib.import_module(module_name), attribute) if module_name and attribute else None
     except (ImportError, AttributeError) as error:
         raise STARDSSError(f"prefix_truth={spec!r} could not be imported ({error}). Give `package.module:function`, "
-                         "a function from a text to whether it is harmful, e.g. trl_star_dss.demo:is_harmful.") from error  # fmt: skip
+                         "a function from a text to whether it is harmful, e.g. trl_star_dss.tools.demo:is_harmful.") from error  # fmt: skip
     if not callable(truth):
         raise STARDSSError(f"prefix_truth={spec!r} is not `module:function` naming a function. Give e.g. "
-                         "trl_star_dss.demo:is_harmful.")  # fmt: skip
+                         "trl_star_dss.tools.demo:is_harmful.")  # fmt: skip
     return truth
 
 
@@ -195,7 +195,7 @@ def format_figures(figures: dict) -> str:
 
 def drift_png(figures: dict, path: str) -> None:
     """False-positive and false-negative rates against the position in the response: by share, and by chunk."""
-    from .report import pyplot, save_figure
+    from ..scoring.report import pyplot, save_figure
 
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)

@@ -14,8 +14,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .errors import STARDSSError
-from .scoring import Guardrail
+from ..errors import STARDSSError
+from ..scoring import Guardrail
 
 
 # Refusal phrases (the keyword list used by the GCG / Qi et al. safety evaluations, lower-cased matching).

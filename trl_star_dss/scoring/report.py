@@ -9,10 +9,10 @@ import html
 import os
 from collections.abc import Sequence
 
-from .formats import STAR_COLUMN, dataset_format, response_turns
-from .scoring.dataset import unit_ends
-from .storage import write_text_atomic
-from .weights import token_scores
+from ..formats import STAR_COLUMN, dataset_format, response_turns
+from .dataset import unit_ends
+from ..storage import write_text_atomic
+from ..weights import token_scores
 
 
 def _rgb(score: float) -> tuple[int, int, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import STARDSSError
+from ..errors import STARDSSError
 
 
 logger = logging.getLogger(__name__)

@@ -15,17 +15,17 @@ import os
 import re
 import sys
 
-from .choices import CONTROVERSIAL
-from .errors import STARDSSError
+from ..choices import CONTROVERSIAL
+from ..errors import STARDSSError
 from .loading import load_dataset_arg, response_columns
-from .scoring.families import FAMILIES
+from ..scoring.families import FAMILIES
 
 
 SCORE_EXAMPLES = """\
 examples:
   # offline, from a clone of the repository: the bundled sample, judged by the toy world's keyword rule
   # (a keyword rule: it also flags the sample's refusal, which names the poison it refuses)
-  star-dss score --guardrail trl_star_dss.demo:scripted_guardrail --dataset examples/data/toy_sample.jsonl \\
+  star-dss score --guardrail trl_star_dss.tools.demo:scripted_guardrail --dataset examples/data/toy_sample.jsonl \\
       --unit word --output runs/toy-sample
   # a real guard, chunks of 5 tokens of the model you will finetune
   star-dss score --guardrail meta-llama/Llama-Guard-3-1B --policy-tokenizer meta-llama/Llama-3.2-1B-Instruct \\
@@ -41,7 +41,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")  # what `from_pretrained(dty
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     from .demo import DEMO_TIME
 
     parser = argparse.ArgumentParser(prog="star-dss", description="STAR-DSS: keep an LLM safe while finetuning.",
@@ -173,7 +173,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="example (offline, after `star-dss demo`, which saves its learned guard, the world's tokenizer and "
         "fresh labelled responses): star-dss eval guard --guardrail runs/demo/guard --dataset "
         "runs/demo/guard_eval_responses.jsonl --policy-tokenizer runs/demo/tokenizer --prefix-truth "
-        "trl_star_dss.demo:is_harmful --output runs/guard-eval")  # fmt: skip
+        "trl_star_dss.tools.demo:is_harmful --output runs/guard-eval")  # fmt: skip
     guard.add_argument("--guardrail", nargs="+", required=True, help="Guard(s), as for `score` (hub ids, paths, "
                        "`module:function` Python rules; several: mean).")
     guard.add_argument("--dataset", required=True, help="Labelled responses: local file/directory or hub id (TRL "
@@ -181,7 +181,7 @@ def _build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--label-column", default="label", help="Column labelling each response: safe/unsafe, or "
                        "0/1 or false/true where 1/true = unsafe (default: label).")
     guard.add_argument("--prefix-truth", metavar="MODULE:FUNCTION", help="A function text -> harmful (bool) giving "
-                       "the truth of every prefix (e.g. trl_star_dss.demo:is_harmful). Without it a prefix is "
+                       "the truth of every prefix (e.g. trl_star_dss.tools.demo:is_harmful). Without it a prefix is "
                        "compared with its whole response's label.")
     guard.add_argument("--prompt-column", default="prompt", help="As for `score`.")
     guard.add_argument("--completion-column", default="completion", help="As for `score`.")
@@ -239,7 +239,7 @@ def eval_capability_command(args) -> None:
     import torch
 
     from .evaluation import evaluate_capability
-    from .storage import write_text_atomic
+    from ..storage import write_text_atomic
 
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--limit", args.limit, "Use e.g. 20 for a quick look, or leave --limit out for every example.")
@@ -259,7 +259,7 @@ def eval_safety_command(args) -> None:
     from accelerate import PartialState
 
     from .evaluation import DecodingConfig, evaluate_safety, load_policy, load_prompts
-    from .scoring.families import load_guardrail
+    from ..scoring.families import load_guardrail
 
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--max-new-tokens", args.max_new_tokens, "Use e.g. 500 (the paper's).")
@@ -283,7 +283,7 @@ def eval_safety_command(args) -> None:
 
 def eval_guard_command(args) -> None:
     from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
-    from .scoring.families import deferred_guardrail
+    from ..scoring.families import deferred_guardrail
 
     _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")
     _check_positive("--batch-size", args.batch_size, "Use e.g. 16 (the default).")
@@ -389,9 +389,9 @@ def demo_command(args) -> None:
 
 
 def show_command(args) -> None:
-    from .formats import STAR_COLUMN, check_star_dataset
-    from .report import first_flagged, heatmap_html, summary_png, trajectory_png
-    from .scoring import scored_dataset_path
+    from ..formats import STAR_COLUMN, check_star_dataset
+    from ..scoring.report import first_flagged, heatmap_html, summary_png, trajectory_png
+    from ..scoring import scored_dataset_path
 
     _check_positive("--max-examples", args.max_examples, "Use e.g. 200 (the default).")
     path = args.dataset
@@ -420,8 +420,8 @@ def show_command(args) -> None:
 
 
 def score_command(args) -> None:
-    from .scoring import score_dataset, scored_dataset_path
-    from .scoring.families import deferred_guardrail
+    from ..scoring import score_dataset, scored_dataset_path
+    from ..scoring.families import deferred_guardrail
 
     # The flags are checked here, before the dataset or a guard loads, and named as typed (scoring's own checks name
     # its Python arguments).
