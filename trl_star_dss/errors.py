@@ -1,4 +1,4 @@
-"""The one error type for bad input to this package (docs/method.md 6): a `ValueError`, so code that catches those
+"""The one error type for bad input to this package (docs/method.md 4): a `ValueError`, so code that catches those
 keeps working; `star-dss` prints it as one line (what is wrong, how to fix it) and keeps the traceback of anything else."""
 
 

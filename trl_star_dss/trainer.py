@@ -366,7 +366,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     def _write_star_report(dataset, directory: str) -> None:
         from accelerate import PartialState
 
-        from .scoring.startup import write_star_report  # the core's one way into scoring (docs/method.md 6)
+        from .scoring.startup import write_star_report  # the core's one way into scoring (docs/method.md 4)
 
         if PartialState().is_main_process:
             write_star_report(dataset, directory)
@@ -375,7 +375,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
         from accelerate import PartialState
 
-        # The core's one way into scoring (docs/method.md 6): loaded only when a dataset needs scores.
+        # The core's one way into scoring (docs/method.md 4): loaded only when a dataset needs scores.
         from .scoring.startup import score_for_training
 
         scored, _ = score_for_training(
