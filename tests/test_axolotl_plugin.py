@@ -32,7 +32,21 @@ from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 GUARDS = '''
 def all_safe(conversation):
+    no_axolotl_function_swapped()
     return 1.0
+
+
+def no_axolotl_function_swapped():
+    """Called while Axolotl prepares the data (the guard scores inside its dataset loading): no attribute of an
+    Axolotl module may be a function or class of this project (a swapped Axolotl function)."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "axolotl":
+            continue
+        for attribute, value in vars(module).items():
+            if getattr(value, "__module__", "").split(".")[0] in ("star_dss", "trl_star_dss"):
+                raise AssertionError(f"{name}.{attribute} is {value!r}, not Axolotl's own")
 
 
 def all_unsafe(conversation):
@@ -152,8 +166,9 @@ def test_star_dss_is_on_by_key_or_by_listing_the_plugin():
          r"star_dss_kl_estimator='k5' is not known"),
         ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_chunk_size": 0},
          r"star_dss_chunk_size=0 must be a positive whole number"),
-        ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_kl_estimator": "full", "star_dss_precompute_ref": True},
-         r"star_dss_precompute_ref=True stores log pi_ref of the dataset tokens only"),
+        ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_kl_estimator": "full",
+          "star_dss_precompute_ref_log_probs": True},
+         r"star_dss_precompute_ref_log_probs=True stores log pi_ref of the dataset tokens only"),
         ({"star_dss": True, "star_dss_guardrail": "g", "star_dss_scores_path": "/nowhere"},
          r"star_dss_guardrail and star_dss_scores_path are both set"),
         ({"plugins": ["star_dss.StarDSSPlugin"], "star_dss_scores_path": "/nowhere"},
@@ -175,7 +190,7 @@ def test_star_dss_is_on_by_key_or_by_listing_the_plugin():
         ({"plugins": ["star_dss.StarDSSPlugin"], "star_dss_guardrail": "g", "star_dss_shapping": "sft",
           "star_dss_xyz": 1},
          r"Unknown STAR-DSS keys 'star_dss_shapping' \(did you mean 'star_dss_shaping'\?\), 'star_dss_xyz'.*"
-         r"The star_dss_\* keys are: star_dss_guardrail, "),
+         r"The star_dss_\* keys are: star_dss_shaping, star_dss_kl_coef, "),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused_while_the_config_is_validated(world, extra, message):
@@ -186,6 +201,39 @@ def test_bad_config_is_refused_while_the_config_is_validated(world, extra, messa
     # load_cfg validates the config; models and datasets are loaded only later, by `train`.
     with pytest.raises(Exception, match=message):
         load_cfg(str(path))
+
+
+def test_old_key_names_still_work_with_a_warning(world):
+    """Keys of 0.2 that the one rule (`star_dss_` + the STARDSSConfig field) renamed are accepted for one release."""
+    from axolotl.cli.config import load_cfg
+
+    path = world / "old_keys.yml"
+    path.write_text(yaml.safe_dump(_config(world, "old_keys", star_dss=True, star_dss_shaping="deep_token",
+                                           star_dss_precompute_ref=True)))  # fmt: skip
+    with pytest.warns(FutureWarning, match=r"star_dss_precompute_ref is deprecated \(renamed "
+                      r"star_dss_precompute_ref_log_probs"):  # fmt: skip
+        cfg = load_cfg(str(path))
+    assert cfg.star_dss_precompute_ref_log_probs is True and "star_dss_precompute_ref" not in cfg
+    # The plugin's own dataset type, with the template Axolotl gives `type: chat_template`.
+    assert cfg.datasets[0].type == "star_dss.chat_template" and cfg.datasets[0].chat_template == "tokenizer_default"
+
+
+def test_keys_follow_one_rule_and_the_dataclass_defaults():
+    """`star_dss_<STARArguments field>` (its `star_` prefix dropped), nothing else but the plugin's own keys; unset
+    keys mean the dataclass's defaults; the plugin hooks Axolotl instead of swapping its functions."""
+    from dataclasses import fields
+
+    from star_dss.args import FIELDS, StarDSSArgs, settings
+    from star_dss.trainer import STARDSSAxolotlTrainer
+    from trl_star_dss.config import STARArguments, STARDSSConfig
+
+    assert {"star_dss_" + f.name.removeprefix("star_"): f.name for f in fields(STARArguments)
+                      if f.name != "star_report"} == FIELDS  # fmt: skip
+    assert set(StarDSSArgs.model_fields) == {"star_dss", *FIELDS, "star_dss_scores_path", "star_dss_scores_fingerprint"}
+    assert {f.name for f in fields(STARArguments)} <= {f.name for f in fields(STARDSSConfig)}
+    assert settings({"star_dss_chunk_size": 3, "star_dss_guardrail": "g"}) == STARArguments(star_chunk_size=3,
+                                                                                            guardrail=["g"])
+    assert "_get_train_sampler" not in vars(STARDSSAxolotlTrainer)
 
 
 def test_unknown_keys_of_a_run_without_star_dss_are_left_alone(world):
@@ -384,11 +432,15 @@ def test_scores_path_is_matched_by_content_not_position(tmp_path):
 
 @pytest.mark.parametrize("layout", ["right", "left", "multipack", "flattening"])
 def test_collator_puts_each_weight_on_its_token(layout):
-    """Every Axolotl batch layout: a weight made from its token id (id / 1000) must come out beside that id."""
-    from axolotl.utils.collators import DataCollatorForSeq2Seq, V2BatchSamplerDataCollatorForSeq2Seq
-    from transformers import DataCollatorWithFlattening
+    """Every Axolotl batch layout: a weight made from its token id (id / 1000) must come out beside that id. The
+    collators are the ones the plugin hands Axolotl's builder, built the way the builder builds them."""
+    from star_dss import collator as star
 
-    from star_dss.trainer import STARCollator
+    cfg = {"sample_packing": layout == "multipack", "batch_flattening": layout == "flattening",
+           "model_config_type": "llama"}  # fmt: skip
+    chosen = star.collator_for(cfg)
+    assert chosen is {"multipack": star.STARV2BatchSamplerDataCollatorForSeq2Seq,
+                      "flattening": star.STARDataCollatorWithFlattening}.get(layout, star.STARDataCollatorForSeq2Seq)
 
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "left" if layout == "left" else "right"
@@ -398,14 +450,14 @@ def test_collator_puts_each_weight_on_its_token(layout):
         # One extra weight: Axolotl's truncation cuts input_ids/labels but not our column.
         rows.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * n, "position_ids": list(range(n)),
                      "star_weights": [i / 1000 for i in ids] + [0.5]})  # fmt: skip
+    collator = chosen(tokenizer, padding=True, pad_to_multiple_of=4, return_tensors="pt")
     if layout == "multipack":
-        inner, features = V2BatchSamplerDataCollatorForSeq2Seq(tokenizer), [rows[:3], rows[3:]]
+        features = [rows[:3], rows[3:]]
     elif layout == "flattening":
-        inner, features = DataCollatorWithFlattening(return_tensors="pt"), rows
+        features = rows
     else:
-        inner = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=4)
         features = [{k: v for k, v in row.items() if k != "position_ids"} for row in rows]
-    batch = STARCollator(inner, tokenizer.padding_side)(features, return_tensors="pt")
+    batch = collator(features, return_tensors="pt")
     weights, ids = batch["star_weights"], batch["input_ids"]
     real = batch["attention_mask"] != 0 if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
     assert (~real).any() == (layout != "flattening")  # padding is really there to be skipped
@@ -437,7 +489,8 @@ def test_installed_but_off_changes_nothing(world):
 def test_rejection_sampling_says_what_it_kept_with_label_balancing(world):
     """Rejection sampling reports once what it kept, in `axolotl preprocess` (which drops the examples) and again in
     the `axolotl train` that reuses the prepared data, with the counts in the run's metrics. The run also has
-    `balance_labels`, which checks the collator's exact type: the STAR collator that wraps it must pass that check."""
+    `balance_labels`, which checks the collator's exact type: rejection sampling trains with Axolotl's own collator,
+    which passes that check."""
     settings = dict(star_dss=True, star_dss_shaping="rejection_sampling", balance_labels=True,
                     star_dss_guardrail="toy_guards:harm_unsafe")  # fmt: skip
     said = "rejection sampling kept 16 of 32 examples (threshold 0.5)"  # the 16 harmful answers go
@@ -466,6 +519,7 @@ def test_star_weights_reach_the_loss(world):
     reference, which is zero with zero gradient at the start, so the model stays where it began."""
     initial = load_file(world / "model" / "model.safetensors")
     _, off, _ = train(world, "off")
+    # (`all_safe` also checks, while Axolotl loads the data, that no Axolotl function was swapped.)
     _, safe, safe_steps = train(world, "all_safe", star_dss=True, star_dss_guardrail="toy_guards:all_safe")
     _, unsafe, unsafe_steps = train(world, "all_unsafe", star_dss=True, star_dss_guardrail="toy_guards:all_unsafe")
     assert all(torch.allclose(safe[k], off[k], atol=1e-5) for k in off)
@@ -489,9 +543,10 @@ def test_qlora_with_scores_from_star_dss_score_and_precomputed_reference(world):
 
     star_dss(["score", "--dataset", str(world / "data.jsonl"), "--guardrail", "trl_star_dss.testing:scripted_guardrail",
               "--policy-tokenizer", str(world / "model"), "--output", str(world / "scores"), "--no-progress"])  # fmt: skip
+    # The 0.2 name of star_dss_precompute_ref_log_probs: still read, with a warning (one release).
     log, adapter, steps = train(world, "qlora", plugins=["star_dss.StarDSSPlugin"], star_dss_precompute_ref=True,
                                 star_dss_scores_path=str(world / "scores"), **QLORA)  # fmt: skip
-    assert "Precomputing reference log-probs" in log
+    assert "star_dss_precompute_ref is deprecated" in log and "Precomputing reference log-probs" in log
     assert len(steps) == 4 and all(0 < float(s["star/kl_share"]) < 1 for s in steps)
     assert float(steps[-1]["kl"]) > 0 and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 

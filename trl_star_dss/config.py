@@ -20,13 +20,9 @@ from .errors import STARDSSError
 
 
 @dataclass
-class STARDSSConfig(SFTConfig):
-    r"""
-    Configuration of [`STARDSSTrainer`]: every [`~trl.SFTConfig`] field, plus the ones below.
-
-    The loss on each trained response token t with STAR weight w_t is
-    `w_t * CE_t + (1 - w_t) * kl_coef * KL_t` (`shaping="star_dss"`); the paper's baselines are in the same trainer.
-    """
+class STARArguments:
+    """The STAR-DSS settings, with their defaults, stated once: `STARDSSConfig` is `SFTConfig` plus these, and the
+    Axolotl plugin reads the same dataclass (its `star_dss_*` keys and its training-arguments mixin)."""
 
     shaping: str = field(
         default="star_dss",
@@ -120,6 +116,16 @@ class STARDSSConfig(SFTConfig):
     full_kl_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the full-vocabulary KL (`kl_estimator='full'`)."}
     )
+
+
+@dataclass
+class STARDSSConfig(STARArguments, SFTConfig):
+    r"""
+    Configuration of [`STARDSSTrainer`]: every [`~trl.SFTConfig`] field, plus the ones of `STARArguments`.
+
+    The loss on each trained response token t with STAR weight w_t is
+    `w_t * CE_t + (1 - w_t) * kl_coef * KL_t` (`shaping="star_dss"`); the paper's baselines are in the same trainer.
+    """
 
     def __post_init__(self):
         # Our checks first: they are cheap and name the STAR-DSS field at fault.

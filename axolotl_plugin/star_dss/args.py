@@ -1,7 +1,9 @@
 """The `star_dss_*` configuration keys, checked when Axolotl validates the config (before any model is loaded).
 
-Every key defaults to None, so a config without them validates exactly as before; `settings()` turns them into
-the trainer's values with `STARDSSConfig`'s defaults (the paper's).
+One rule maps them to the settings: `star_dss_<field>` for each field of `trl_star_dss.config.STARArguments` (the
+dataclass `STARDSSConfig` is made of), the field's own `star_` prefix dropped (`star_chunk_size` ->
+`star_dss_chunk_size`). The defaults are the dataclass's; every key here defaults to None ("unset"), so a config
+without them validates exactly as before.
 """
 
 from __future__ import annotations
@@ -9,25 +11,36 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import typing
+import warnings
+from dataclasses import asdict, fields
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
+
+from trl_star_dss.config import SCORED_SHAPINGS, STARArguments, check_sharding, check_star_settings
+from trl_star_dss.errors import STARDSSError
+
 
 PLUGIN_NAME = "star_dss.StarDSSPlugin"
+PREFIX = "star_dss_"
 
-# Axolotl key -> `STARDSSConfig` field: one concept, one name; the prefix keeps Axolotl's flat namespace clear.
-FIELDS = {
-    "star_dss_shaping": "shaping",
-    "star_dss_kl_coef": "kl_coef",
-    "star_dss_kl_estimator": "kl_estimator",
-    "star_dss_chunk_size": "star_chunk_size",
-    "star_dss_lookahead": "star_lookahead",
-    "star_dss_guardrail_temperature": "guardrail_temperature",
-    "star_dss_guardrail_controversial": "guardrail_controversial",
-    "star_dss_precompute_ref": "precompute_ref_log_probs",
-    "star_dss_rejection_threshold": "rejection_threshold",
-    "star_dss_content_special_tokens": "content_special_tokens",
-    "star_dss_full_kl_chunk_size": "full_kl_chunk_size",
-}
+
+def key(field: str) -> str:
+    """The Axolotl key of a `STARArguments` field: the one rule."""
+    return PREFIX + field.removeprefix("star_")
+
+
+# `star_report` draws pictures with the project's tools, which the plugin does not load (use `star-dss show`).
+NOT_IN_AXOLOTL = ("star_report",)
+FIELDS = {key(f.name): f.name for f in fields(STARArguments) if f.name not in NOT_IN_AXOLOTL}  # key -> field
+NAMES = {name: k for k, name in FIELDS.items()}  # field -> key, for errors that name what the user wrote
+# Keys of the plugin alone (no `STARDSSConfig` field: TRL users pass a dataset that has its `star` column).
+SCORES_PATH = "star_dss_scores_path"
+# Set by the plugin's validator from `star_dss_scores_path` (so the prepared data's hash follows the scores),
+# never by users: declared, not suggested.
+SCORES_FINGERPRINT = "star_dss_scores_fingerprint"
+# Keys of release 0.2 whose names the rule changed: accepted, with a warning, until the next release.
+RENAMED = {"star_dss_precompute_ref": key("precompute_ref_log_probs")}
 
 
 def star_dss_enabled(cfg) -> bool:
@@ -39,45 +52,42 @@ def star_dss_enabled(cfg) -> bool:
     return PLUGIN_NAME in listed
 
 
-def settings(cfg) -> dict:
-    """The trainer-side values (`STARDSSConfig` names) of a config's `star_dss_*` keys, `STARDSSConfig`'s defaults
-    filled in."""
-    from dataclasses import fields
-
-    from trl_star_dss.config import STARDSSConfig
-
-    wanted = set(FIELDS.values())
-    values = {field.name: field.default for field in fields(STARDSSConfig) if field.name in wanted}
-    for key, name in FIELDS.items():
-        if cfg.get(key) is not None:
-            values[name] = cfg.get(key)
-    guardrail = cfg.get("star_dss_guardrail")
-    values["guardrail"] = [guardrail] if isinstance(guardrail, str) else guardrail
-    values["guardrail_family"] = cfg.get("star_dss_guardrail_family")
-    values["scores_path"] = cfg.get("star_dss_scores_path")
-    return values
+def settings(cfg) -> STARArguments:
+    """The `STARArguments` of a config: its `star_dss_*` keys, the dataclass's defaults for the unset ones."""
+    values = {name: cfg.get(k) for k, name in FIELDS.items() if cfg.get(k) is not None}
+    if isinstance(values.get("guardrail"), str):
+        values["guardrail"] = [values["guardrail"]]
+    return STARArguments(**values)
 
 
-# Set by the plugin itself while it prepares data (`data.load_star_datasets`), never by users: accepted, not suggested.
-INTERNAL_KEYS = ("star_dss_scores_fingerprint",)
+def migrate_renamed(cfg) -> None:
+    """Old key -> its new name, in place, with a warning (one release)."""
+    for old, new in RENAMED.items():
+        if cfg.get(old) is None:
+            continue
+        if cfg.get(new) is not None:
+            raise STARDSSError(f"{old} (the old name of {new}) and {new} are both set. Keep {new} only.")
+        warnings.warn(f"{old} is deprecated (renamed {new}, `star_dss_` + the STARDSSConfig field); it is accepted "
+                      "until the next release. Rename it in your config.", FutureWarning, stacklevel=2)  # fmt: skip
+        cfg[new] = cfg.pop(old)
 
 
 def check_keys(cfg) -> None:
     """The plugin owns the `star_dss_` prefix: a key with it that no field declares is a typo, which pydantic would
     silently drop (`star_dss_chunk_sise: 5` would train with the default M). Axolotl's own keys are not checked."""
-    known = [name for name in StarDSSArgs.model_fields if name.startswith("star_dss_")]
-    unknown = [key for key in cfg if isinstance(key, str) and key.startswith("star_dss_")
-               and key not in known and key not in INTERNAL_KEYS]  # fmt: skip
+    known = [*FIELDS, SCORES_PATH]
+    unknown = [k for k in cfg if isinstance(k, str) and k.startswith(PREFIX)
+               and k not in known and k not in RENAMED and k != SCORES_FINGERPRINT]  # fmt: skip
     if not unknown:
         return
-    prefix, guesses, lost = "star_dss_", [], False
-    for key in unknown:
+    guesses, lost = [], False
+    for k in unknown:
         # Compared without the shared prefix, which would make every key look close to every other.
-        close = difflib.get_close_matches(key[len(prefix):], [k[len(prefix):] for k in known], n=1)
-        guesses.append(f"{key!r} (did you mean {prefix + close[0]!r}?)" if close else repr(key))
+        close = difflib.get_close_matches(k[len(PREFIX):], [name[len(PREFIX):] for name in known], n=1)
+        guesses.append(f"{k!r} (did you mean {PREFIX + close[0]!r}?)" if close else repr(k))
         lost = lost or not close
     listing = f" The star_dss_* keys are: {', '.join(known)}." if lost else ""
-    raise ValueError(
+    raise STARDSSError(
         f"Unknown STAR-DSS key{'s' if len(unknown) > 1 else ''} {', '.join(guesses)}: the plugin would ignore "
         f"{'them' if len(unknown) > 1 else 'it'} (and use the default). Fix the spelling or remove the key.{listing}"
     )
@@ -94,94 +104,87 @@ def _zero3(deepspeed) -> bool:
     return (config.get("zero_optimization") or {}).get("stage") == 3
 
 
-class StarDSSArgs(BaseModel):
-    """STAR-DSS (arXiv 2505.17196) for supervised finetuning: `star_dss: true` plus a guardrail or scores."""
+def scores_fingerprint(path: str) -> str:
+    from datasets import load_from_disk
 
-    star_dss: bool | None = Field(default=None, description="Turn STAR-DSS on (the plugin does nothing otherwise).")
-    star_dss_guardrail: str | list[str] | None = Field(
-        default=None,
-        description="Guard model(s) (hub ids, paths or `module:function` rules) that score the training data during "
-        "`axolotl preprocess` / the start of `axolotl train`; several are averaged.",
-    )
-    star_dss_guardrail_family: str | None = Field(
-        default=None,
-        description="Force the guard family (one of `trl_star_dss.scoring.families.FAMILIES`, or `generic`); default: "
-        "recognised from the guard's chat template, else its name.",
-    )
-    star_dss_guardrail_controversial: str | None = Field(
-        default=None,
-        description="Qwen3Guard only: its `Controversial` class counts as `unsafe` (strict, the default) or `safe`.",
-    )
-    star_dss_scores_path: str | None = Field(
-        default=None,
-        description="Scores made by `star-dss score --output DIR` (DIR, or DIR/dataset) for the same conversations, "
-        "instead of scoring here.",
-    )
-    star_dss_chunk_size: int | None = Field(default=None, description="M: score after every M response tokens (5).")
-    star_dss_lookahead: int | None = Field(
-        default=None, description="L: a token weighs by the minimum of its chunk's and the next L chunks' scores (0)."
-    )
-    star_dss_kl_coef: float | None = Field(default=None, description="lambda: weight of the KL on unsafe spans (0.5).")
-    star_dss_kl_estimator: str | None = Field(default=None, description="`k2` (default), `k1`, `k3` or `full`.")
-    star_dss_shaping: str | None = Field(
-        default=None, description="`star_dss` (default), `deep_token`, `rejection_sampling` or `sft`."
-    )
-    star_dss_guardrail_temperature: float | None = Field(default=None, description="T in the STAR sigmoid (1.0).")
-    star_dss_rejection_threshold: float | None = Field(
-        default=None, description="With `star_dss_shaping: rejection_sampling`: drop examples scored below it (0.5)."
-    )
-    star_dss_content_special_tokens: str | None = Field(
-        default=None,
-        description="Training examples whose message content holds the policy tokenizer's special-token strings: "
-        "`refuse` (default: stop with an error), `drop` (not trained) or `keep` (trained as they are).",
-    )
-    star_dss_full_kl_chunk_size: int | None = Field(
-        default=None, description="Tokens per chunk of the full-vocabulary KL (`star_dss_kl_estimator: full`; 1024)."
-    )
-    star_dss_precompute_ref: bool | None = Field(
-        default=None,
-        description="Compute the reference log-probs of the dataset in one pass before training; training then holds "
-        "no reference model (token KL estimators only).",
-    )
+    from trl_star_dss.scoring import scored_dataset_path
 
+    return load_from_disk(scored_dataset_path(path) if os.path.isdir(scored_dataset_path(path)) else path)._fingerprint
+
+
+def _check(data):
+    if not isinstance(data, dict) or not star_dss_enabled(data):
+        return data
+    data = dict(data)
+    migrate_renamed(data)
+    check_keys(data)
+    values = asdict(settings(data))
+    check_star_settings(values, names=NAMES)
+    shaping, scores_path = values["shaping"], data.get(SCORES_PATH)
+    if shaping in SCORED_SHAPINGS and not values["guardrail"] and not scores_path:
+        raise STARDSSError(
+            f"star_dss_shaping={shaping!r} needs STAR scores, but neither star_dss_guardrail nor "
+            "star_dss_scores_path is set. Name a guard (e.g. `star_dss_guardrail: meta-llama/Llama-Guard-3-1B`) "
+            "or point star_dss_scores_path at the output of `star-dss score`."
+        )
+    if values["guardrail"] and scores_path:
+        raise STARDSSError("star_dss_guardrail and star_dss_scores_path are both set, so it is unclear which scores "
+                           "to use. Keep one of them.")  # fmt: skip
+    if scores_path and not os.path.exists(scores_path):
+        raise STARDSSError(f"star_dss_scores_path={scores_path!r} does not exist. Point it at the directory written "
+                           "by `star-dss score --output DIR`.")  # fmt: skip
+    if data.get("rl"):
+        raise STARDSSError(f"star_dss is for supervised finetuning, but rl={data['rl']!r} is set. Remove `rl:` "
+                           "(STAR-DSS shapes the SFT loss), or turn star_dss off.")  # fmt: skip
+    parallel = {k: data.get(k) for k in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size")}
+    if any((v or 1) > 1 for v in parallel.values()):
+        raise STARDSSError(
+            f"star_dss does not support context/sequence/tensor parallelism ({parallel}): the per-token STAR "
+            "weights are not split with the sequence. Set these to 1 (data parallel, DeepSpeed or FSDP work)."
+        )
+    if data.get("balance_labels") and not data.get("sample_packing") and shaping in ("star_dss", "deep_token"):
+        # Axolotl's padded label balancing accepts its own collator classes only (`type(collator) in (...)`), and
+        # this shaping needs the plugin's collator (a subclass) to carry the per-token weights.
+        raise STARDSSError(f"balance_labels=True without sample_packing does not work with star_dss_shaping="
+                           f"{shaping!r}. Turn on sample_packing (label-balanced packing works), or remove "
+                           "balance_labels.")  # fmt: skip
+    if data.get("pretraining_dataset") or data.get("reward_model") or data.get("process_reward_model"):
+        raise STARDSSError("star_dss trains supervised chat or instruction datasets (`datasets:`), not "
+                           "pretraining_dataset or reward models. Remove those keys, or turn star_dss off.")  # fmt: skip
+    sharded = bool(data.get("fsdp") or data.get("fsdp_config") or _zero3(data.get("deepspeed")))
+    check_sharding(values, sharded, has_reference=bool(data.get("adapter")), names=NAMES)
+    if scores_path:
+        data[SCORES_FINGERPRINT] = scores_fingerprint(scores_path)
+    return data
+
+
+def _pydantic_type(annotation):
+    # A list field takes one value too (`star_dss_guardrail: meta-llama/Llama-Guard-3-1B`).
+    if list[str] in typing.get_args(annotation):
+        return str | list[str] | None
+    return annotation | None
+
+
+_HINTS = typing.get_type_hints(STARArguments)
+_FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(STARArguments)}
+
+class _Checked(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def check_star_dss(cls, data):
-        if not isinstance(data, dict) or not star_dss_enabled(data):
-            return data
-        from trl_star_dss.config import SCORED_SHAPINGS, check_sharding, check_star_settings
+        return _check(data)
 
-        values = settings(data)
-        check_star_settings(values, names={name: key for key, name in FIELDS.items()})
-        shaping = values["shaping"]
-        if shaping in SCORED_SHAPINGS and not values["guardrail"] and not values["scores_path"]:
-            raise ValueError(
-                f"star_dss_shaping={shaping!r} needs STAR scores, but neither star_dss_guardrail nor "
-                "star_dss_scores_path is set. Name a guard (e.g. `star_dss_guardrail: meta-llama/Llama-Guard-3-1B`) "
-                "or point star_dss_scores_path at the output of `star-dss score`."
-            )
-        if values["guardrail"] and values["scores_path"]:
-            raise ValueError(
-                "star_dss_guardrail and star_dss_scores_path are both set, so it is unclear which scores to use. "
-                "Keep one of them."
-            )
-        if values["scores_path"] and not os.path.exists(values["scores_path"]):
-            raise ValueError(
-                f"star_dss_scores_path={values['scores_path']!r} does not exist. Point it at the directory written by "
-                "`star-dss score --output DIR`."
-            )
-        if data.get("rl"):
-            raise ValueError(
-                f"star_dss is for supervised finetuning, but rl={data['rl']!r} is set. Remove `rl:` (STAR-DSS shapes "
-                "the SFT loss), or turn star_dss off."
-            )
-        parallel = {k: data.get(k) for k in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size")}
-        if any((v or 1) > 1 for v in parallel.values()):
-            raise ValueError(
-                f"star_dss does not support context/sequence/tensor parallelism ({parallel}): the per-token STAR "
-                "weights are not split with the sequence. Set these to 1 (data parallel, DeepSpeed or FSDP work)."
-            )
-        sharded = bool(data.get("fsdp") or data.get("fsdp_config") or _zero3(data.get("deepspeed")))
-        check_sharding(values, sharded, has_reference=bool(data.get("adapter")),
-                       names={name: key for key, name in FIELDS.items()})  # fmt: skip
-        return data
+
+# The pydantic model Axolotl merges into its config schema, made from the dataclass by the rule above.
+StarDSSArgs = create_model(
+    "StarDSSArgs",
+    __base__=_Checked,
+    __doc__="STAR-DSS (arXiv 2505.17196) for supervised finetuning: `star_dss: true` plus a guardrail or scores.",
+    star_dss=(bool | None, Field(default=None, description="Turn STAR-DSS on (the plugin does nothing otherwise).")),
+    **{k: (_pydantic_type(_HINTS[name]), Field(default=None, description=f"`{name}`: {_FIELD_HELP[name]}"))
+       for k, name in FIELDS.items()},  # fmt: skip
+    **{SCORES_PATH: (str | None, Field(default=None, description="Scores made by `star-dss score --output DIR` (DIR, or "
+                                      "DIR/dataset) for the same conversations, instead of scoring here.")),
+       SCORES_FINGERPRINT: (str | None, Field(default=None))},  # fmt: skip
+)
+StarDSSArgs.__module__ = __name__

@@ -1,121 +1,90 @@
 """STAR weights in Axolotl's data pipeline: scored before tokenization, attached during it, carried through its
 truncation, packing and collation.
 
-Axolotl has no hook between loading a raw dataset and tokenizing it, so while STAR-DSS prepares the datasets it
-swaps in, for that call only, the one function every prompt strategy goes through
-(`axolotl.utils.data.wrappers.wrap_dataset_for_tokenized_prompt`) and adds the STAR settings to the prepared
-dataset's cache key. Each raw example is read as its conversation through the strategy itself (so Axolotl's field
-mappings, role names and system prompts apply), scored (or looked up in `star_dss_scores_path`), and its tokens get
+The seam is Axolotl's own: a dataset `type:` may name a `DatasetWrappingStrategy`, which Axolotl hands the raw
+dataset to tokenize (`axolotl.utils.data.wrappers._handle_loaded_strategy`). `type: star_dss.chat_template` and
+`type: star_dss.alpaca` (`chat_template.py`, `alpaca.py`) load Axolotl's own strategy and wrap it in
+`STARWrapping`: each raw example is read as its conversation through that strategy (so Axolotl's field mappings,
+role names and system prompts apply), scored (or looked up in `star_dss_scores_path`), and its tokens get
 `star_weights` next to `input_ids` and `labels`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
+from dataclasses import asdict
+from pathlib import Path
 
-from trl_star_dss.special_tokens import content_special_token_rule
+from axolotl.datasets import wrap_dataset_for_tokenized_prompt
+from axolotl.prompt_tokenizers import DatasetWrappingStrategy
+
 from trl_star_dss.collator import TOKEN_COLUMNS
 from trl_star_dss.config import SCORED_SHAPINGS
+from trl_star_dss.errors import STARDSSError
 from trl_star_dss.formats import STAR_COLUMN, check_star_example
+from trl_star_dss.scoring.startup import score_for_training
+from trl_star_dss.special_tokens import content_special_token_rule
 from trl_star_dss.weights import rejected, rejection_report, token_weights
 
+from .args import NAMES, SCORES_PATH
 from .args import settings as star_settings
+
 
 # Under `axolotl.`: Axolotl's logging shows INFO from its own namespace only.
 LOG = logging.getLogger("axolotl.integrations.star_dss")
 
-# Config keys that change the prepared dataset: Axolotl's cache key gets them while STAR-DSS prepares data.
-HASH_FIELDS = ("star_dss", "star_dss_guardrail", "star_dss_guardrail_family", "star_dss_guardrail_temperature",
-               "star_dss_guardrail_controversial",
-               "star_dss_chunk_size", "star_dss_scores_path", "star_dss_scores_fingerprint", "star_dss_shaping",
-               "star_dss_rejection_threshold", "star_dss_content_special_tokens")  # fmt: skip
-# Beside a prepared dataset (inside its directory): what rejection sampling kept while preparing it, so a run that
-# reuses the prepared data (`axolotl preprocess`, then `axolotl train`) still reports it.
-REJECTION_FILE = "star_dss_rejection.json"
-# Where `load_star_datasets` leaves the counts for the trainer's metrics: {split: [kept, total]}. Not a `star_dss_*`
-# key: the plugin sets it, users never do.
-REJECTION_CFG_KEY = "_star_dss_rejection"
+# Rejection sampling's counts, one file per dataset and settings, beside the prepared data: a run that reuses the
+# prepared data (`axolotl preprocess`, then `axolotl train`) still reports what was kept.
+REJECTION_DIR = "star_dss_rejection"
+# The counts files this process wrote (and logged) while it prepared data: the trainer does not say them again.
+_PREPARED_HERE: set[str] = set()
 
 
-@contextlib.contextmanager
-def _swapped(module, name: str, value):
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
+def prepared_root(cfg) -> str:
+    from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
+
+    return cfg.get("dataset_prepared_path") or DEFAULT_DATASET_PREPARED_PATH
 
 
-def load_star_datasets(cfg, preprocess: bool = False):
-    """Axolotl's own `load_datasets`, with STAR weights attached to every tokenized training example."""
-    from axolotl.common.datasets import load_datasets
-    from axolotl.utils.data import sft, shared, wrappers
+def rejection_file(cfg, ds_cfg, tokenizer_name: str) -> Path:
+    """Where the rejection counts of one dataset entry (as configured, with these STAR settings and tokenizer) go."""
+    entry = {k: v for k, v in dict(ds_cfg).items() if v is not None}
+    digest = json.dumps([entry, asdict(star_settings(cfg)), cfg.get(SCORES_PATH), tokenizer_name], sort_keys=True,
+                        default=str)  # fmt: skip
+    return Path(prepared_root(cfg)) / REJECTION_DIR / f"{hashlib.md5(digest.encode()).hexdigest()[:16]}.json"
 
-    values = star_settings(cfg)
-    scored = values["shaping"] in SCORED_SHAPINGS
-    if not scored and (values["guardrail"] or values["scores_path"]):
-        LOG.info(f"star_dss_shaping={values['shaping']!r} reads no STAR scores: the data is not scored "
-                 "(star_dss_guardrail / star_dss_scores_path are not used).")  # fmt: skip
-    if cfg.get("star_dss_scores_path"):
-        cfg["star_dss_scores_fingerprint"] = _scores_fingerprint(cfg["star_dss_scores_path"])
-    original = wrappers.wrap_dataset_for_tokenized_prompt
-    counts: list[tuple[int, int]] = []  # rejection sampling's (kept, total) per dataset of the split being prepared
 
-    def wrap(prompt_tokenizer, dataset, **kwargs):
-        strategy, dataset = with_star(prompt_tokenizer, dataset, cfg)
+def rejection_counts(cfg, tokenizer_name: str) -> tuple[tuple[int, int] | None, bool]:
+    """((kept, total) over the training datasets, from the files written while they were prepared, or None when a
+    dataset's count is missing; whether this process prepared (and said) them)."""
+    files = [rejection_file(cfg, ds_cfg, tokenizer_name) for ds_cfg in cfg.get("datasets") or []]
+    if not files or not all(f.is_file() for f in files):
+        return None, False
+    counts = [json.loads(f.read_text()) for f in files]
+    return (sum(k for k, _ in counts), sum(t for _, t in counts)), any(str(f) in _PREPARED_HERE for f in files)
+
+
+class STARWrapping(DatasetWrappingStrategy):
+    """Axolotl's strategy for a dataset entry, with STAR scores read or computed from the raw dataset before it is
+    tokenized (`with_star`), and `star_weights` added while it is (`STARStrategy`)."""
+
+    def __init__(self, inner, cfg, ds_cfg):
+        self.inner, self.cfg, self.ds_cfg = inner, cfg, ds_cfg
+
+    def wrap_dataset(self, dataset, process_count=None, keep_in_memory=False, **kwargs):
+        strategy, dataset = with_star(self.inner, dataset, self.cfg)
         if getattr(strategy, "rejection", None) is not None:
-            counts.append(strategy.rejection)
-        return original(strategy, dataset, **kwargs)
-
-    load_split, reports = sft._load_tokenized_prepared_datasets, {}
-
-    def load_and_count(tokenizer, split_cfg, split="train", *args, **kwargs):
-        counts.clear()
-        result = load_split(tokenizer, split_cfg, split, *args, **kwargs)
-        reports[split] = _rejection_counts(split_cfg, tokenizer, split, counts)
-        return result
-
-    extra_fields = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + HASH_FIELDS
-    rejecting = values["shaping"] == "rejection_sampling"
-    with _swapped(wrappers, "wrap_dataset_for_tokenized_prompt", wrap), \
-            _swapped(shared, "DATASET_HASH_CONFIG_EXTRA_FIELDS", extra_fields), \
-            _swapped(sft, "_load_tokenized_prepared_datasets", load_and_count if rejecting else load_split):  # fmt: skip
-        meta = load_datasets(cfg=cfg)
-    if scored and meta.train_dataset is not None and "star_weights" not in meta.train_dataset.column_names:
-        raise ValueError(
-            "The prepared training dataset has no `star_weights` column: it was loaded already tokenized, or its "
-            "dataset type does not tokenize through a prompt strategy. Use `type: chat_template` (or an instruction "
-            "type such as alpaca) on the raw data, and delete stale prepared data under dataset_prepared_path."
-        )
-    if rejecting:
-        reports = {split: found for split, found in reports.items() if found is not None}
-        for split, (kept, total) in reports.items():
-            message, _ = rejection_report(kept, total, values["rejection_threshold"])
-            LOG.info(message + (" in the test datasets" if split == "test" else ""))
-        cfg[REJECTION_CFG_KEY] = reports
-    return meta
-
-
-def _rejection_counts(cfg, tokenizer, split: str, counts: list[tuple[int, int]]) -> tuple[int, int] | None:
-    """[kept, total] of rejection sampling over one split's datasets: counted now when they were prepared now (and
-    written beside the prepared dataset), else read from beside the prepared dataset Axolotl reused."""
-    from axolotl.utils.data import shared
-
-    configs = cfg.datasets if split == "train" else cfg.test_datasets
-    # The path Axolotl itself saves and loads the split at (the STAR settings are in its hash while this runs).
-    path = shared.get_prepared_dataset_path(cfg, shared.generate_dataset_hash_from_config(
-        cfg, configs, tokenizer.name_or_path)) / REJECTION_FILE  # fmt: skip
-    if counts:
-        found = [sum(kept for kept, _ in counts), sum(total for _, total in counts)]
-        if path.parent.is_dir():  # not when Axolotl saved nothing (`skip_prepare_dataset`)
-            path.write_text(json.dumps(found))
-        return found
-    return json.loads(path.read_text()) if path.is_file() else None
+            kept, total = strategy.rejection
+            path = rejection_file(self.cfg, self.ds_cfg, self.inner.tokenizer.name_or_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps([kept, total]))
+            _PREPARED_HERE.add(str(path))
+            LOG.info(rejection_report(kept, total, star_settings(self.cfg).rejection_threshold)[0])
+        return wrap_dataset_for_tokenized_prompt(strategy, dataset, process_count=process_count,
+                                                 keep_in_memory=keep_in_memory, **kwargs)  # fmt: skip
 
 
 # -- the conversation of a raw example, read through Axolotl's own strategy ---------------------------------------
@@ -145,10 +114,9 @@ def conversation_reader(strategy):
             return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
         return read
-    raise ValueError(
+    raise STARDSSError(
         f"STAR-DSS cannot read the conversations of a {type(strategy).__name__} dataset. Use `type: chat_template` "
-        "(messages) or an instruction type (alpaca, ...), or score a converted copy with `star-dss score` and train "
-        "on that."
+        "(messages) or `type: alpaca`, or score a converted copy with `star-dss score` and train on that."
     )
 
 
@@ -156,8 +124,8 @@ def with_star(strategy, dataset, cfg):
     """(wrapped strategy, dataset with a `star` column): scores for every example, then the strategy that turns
     them into per-token weights while it tokenizes. Shapings that read no scores (`deep_token`, `sft`; docs/method.md
     1.3) get the content rule only: nothing is scored, the strategy and the dataset stay Axolotl's."""
-    values = star_settings(cfg)
-    scored = values["shaping"] in SCORED_SHAPINGS
+    values, scores_path = star_settings(cfg), cfg.get(SCORES_PATH)
+    scored = values.shaping in SCORED_SHAPINGS
     try:
         read = conversation_reader(strategy)
     except ValueError:
@@ -165,46 +133,51 @@ def with_star(strategy, dataset, cfg):
             raise
         return strategy, dataset  # no conversations, so no message content to check either (as in the TRL trainer)
     conversations = [read(row) for row in dataset]
-    kept = content_special_token_rule(conversations, strategy.tokenizer, values["content_special_tokens"],
-                                      "star_dss_content_special_tokens")  # fmt: skip
+    kept = content_special_token_rule(conversations, strategy.tokenizer, values.content_special_tokens,
+                                      NAMES["content_special_tokens"])  # fmt: skip
     if len(kept) < len(conversations):
         LOG.warning(f"star_dss_content_special_tokens: drop: {len(conversations) - len(kept)} of {len(conversations)} "
                     "examples hold the policy's special-token strings and are not trained.")  # fmt: skip
         dataset, conversations = dataset.select(kept), [conversations[i] for i in kept]
     if not scored:
+        if values.guardrail or scores_path:
+            LOG.info(f"star_dss_shaping={values.shaping!r} reads no STAR scores: the data is not scored "
+                     "(star_dss_guardrail / star_dss_scores_path are not used).")  # fmt: skip
         return strategy, dataset
-    if values["scores_path"]:
-        records = _look_up(conversations, values["scores_path"])
-    else:
-        records = _score(conversations, strategy.tokenizer, values, cfg)
+    records = _look_up(conversations, scores_path) if scores_path else _score(conversations, strategy.tokenizer, cfg)
     for index, (messages, star) in enumerate(zip(conversations, records)):  # the column is input (issue 25)
         check_star_example({"messages": messages, STAR_COLUMN: star}, "messages", index)
-    threshold = values["rejection_threshold"] if values["shaping"] == "rejection_sampling" else None
-    wrapped = STARStrategy(strategy, read, threshold, values["star_lookahead"])
+    threshold = values.rejection_threshold if values.shaping == "rejection_sampling" else None
+    wrapped = STARStrategy(strategy, read, threshold, values.star_lookahead)
     if threshold is not None:
         wrapped.rejection = (sum(not rejected(r, threshold) for r in records), len(records))
     return wrapped, dataset.add_column(STAR_COLUMN, records)
 
 
-def _score(conversations: list, tokenizer, values: dict, cfg) -> list:
+def _score(conversations: list, tokenizer, cfg) -> list:
     import torch
     from datasets import Dataset
 
-    from trl_star_dss.scoring.families import deferred_guardrail, guard_options
-    from trl_star_dss.scoring import score_dataset
-
-    build, guard_id = deferred_guardrail(values["guardrail"], values["guardrail_family"], values["guardrail_temperature"],
-                                         **guard_options(values["guardrail_controversial"]))  # fmt: skip
-    # One cache per dataset and scoring settings, beside the prepared data: an interrupted preprocess resumes where
-    # it stopped, and a config naming another guard scores into its own directory.
-    key = json.dumps([conversations, guard_id, values["star_chunk_size"], tokenizer.name_or_path], sort_keys=True)
-    directory = os.path.join(cfg.get("dataset_prepared_path") or "last_run_prepared", "star_scores",
-                             hashlib.md5(key.encode()).hexdigest()[:16])  # fmt: skip
+    values = star_settings(cfg)
+    # One cache per dataset and scoring settings (beside the prepared data unless `star_dss_scores_dir` says where):
+    # an interrupted preprocess resumes where it stopped, and a config naming another guard scores into its own
+    # directory.
+    key = json.dumps([conversations, values.guardrail, values.guardrail_family, values.guardrail_temperature,
+                      values.guardrail_controversial, values.star_chunk_size, values.star_unit,
+                      tokenizer.name_or_path], sort_keys=True)  # fmt: skip
+    root = values.star_scores_dir or os.path.join(prepared_root(cfg), "star_scores")
     # Axolotl prepares data on one process while the others wait, so this process scores everything.
-    scored, summary = score_dataset(Dataset.from_dict({"messages": conversations}), build, tokenizer=tokenizer,
-                                    chunk_size=values["star_chunk_size"], output_dir=directory, guardrail_id=guard_id,
-                                    distributed=False)  # fmt: skip
-    LOG.info(f"STAR scoring: {summary.format()}")
+    scored, summary = score_for_training(
+        Dataset.from_dict({"messages": conversations}), tokenizer, values.guardrail, family=values.guardrail_family,
+        temperature=values.guardrail_temperature, controversial=values.guardrail_controversial,
+        chunk_size=values.star_chunk_size, unit=values.star_unit,
+        output_dir=os.path.join(root, hashlib.md5(key.encode()).hexdigest()[:16]),
+        output_name=NAMES["star_scores_dir"], distributed=False, log=False,
+    )
+    LOG.info(f"STAR scoring: {summary.format()}")  # in Axolotl's log namespace
+    if summary.audited_examples:
+        LOG.warning(f"{summary.audited_examples} training examples have audit findings; read them before training: "
+                    f"{summary.format_audit()}")  # fmt: skip
     if torch.cuda.is_available():  # the guard is gone; give its memory back before the policy loads
         torch.cuda.empty_cache()
     return list(scored[STAR_COLUMN])
@@ -223,16 +196,12 @@ def _load_scored(path: str):
     return load_from_disk(scored_dataset_path(path) if os.path.isdir(scored_dataset_path(path)) else path)
 
 
-def _scores_fingerprint(path: str) -> str:
-    return _load_scored(path)._fingerprint
-
-
 def _look_up(conversations: list, path: str) -> list:
     """Each conversation's scores from a `star-dss score` output, matched by content (not by position, which
     Axolotl's shuffling, sharding and subsampling change), turn numbers moved to this conversation's turns."""
     scored = _load_scored(path)
     if STAR_COLUMN not in scored.column_names:
-        raise ValueError(f"star_dss_scores_path={path!r} has no `{STAR_COLUMN}` column. Make it with `star-dss score`.")
+        raise STARDSSError(f"star_dss_scores_path={path!r} has no `{STAR_COLUMN}` column. Make it with `star-dss score`.")
     table = {}
     for row in scored:
         messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
@@ -248,7 +217,7 @@ def _look_up(conversations: list, path: str) -> list:
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         records.append([{**r, "turn": assistant[k]} for k, r in found])
     if missing:
-        raise ValueError(
+        raise STARDSSError(
             f"{missing} of {len(conversations)} training conversations have no scores in "
             f"star_dss_scores_path={path!r}. Score the same data with `star-dss score` (the turns must match after Axolotl's field mappings), or set "
             "star_dss_guardrail to score here."
@@ -299,7 +268,7 @@ class STARStrategy:
         text = tokenizer.decode(input_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if encoded["input_ids"] != list(input_ids):
-            raise ValueError(
+            raise STARDSSError(
                 "Decoding a tokenized example and tokenizing the text again gives other tokens, so STAR weights cannot "
                 f"be placed on Axolotl's tokens (tokenizer {tokenizer.name_or_path!r}). Use a fast tokenizer whose "
                 "decode/encode round-trips (byte-level BPE such as Llama 3, Qwen, SmolLM)."
@@ -309,4 +278,4 @@ class STARStrategy:
                              lookahead=self.lookahead)  # fmt: skip
 
 
-__all__ = ["TOKEN_COLUMNS", "STARStrategy", "conversation_reader", "load_star_datasets", "with_star"]
+__all__ = ["TOKEN_COLUMNS", "STARStrategy", "STARWrapping", "conversation_reader", "with_star"]
