@@ -18,6 +18,9 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+# Axolotl 0.21's `axolotl.datasets` and `axolotl.utils.data.wrappers` import each other: a fresh
+# `import axolotl.datasets` fails, so the data package is loaded first, the order Axolotl itself loads them in.
+import axolotl.utils.data  # noqa: F401
 from axolotl.datasets import wrap_dataset_for_tokenized_prompt
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
