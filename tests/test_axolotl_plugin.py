@@ -367,6 +367,7 @@ def test_evaluation_metrics_carry_the_eval_prefix():
                            ("train", metrics)]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_rejection_sampling_trains_the_same_examples_in_both_trainers(tmp_path, llama3_tok, caplog):
     """One rule (docs/method.md 1.3): an example with any response scored below the threshold is dropped whole, by
     the TRL trainer (prompt tokens included, without `assistant_only_loss`) and by the Axolotl plugin alike."""
@@ -469,6 +470,7 @@ def test_collator_puts_each_weight_on_its_token(layout):
 # -- `axolotl train` ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_installed_but_off_changes_nothing(world):
     """The plugin is always loaded (entry point); without `star_dss` the run equals one where it cannot load."""
     hidden = world / "hidden"
@@ -514,6 +516,7 @@ def test_deep_token_without_a_guardrail_trains_and_evaluates_under_eval_names(wo
     assert all("eval_kl" in e and "eval_mean_token_accuracy" in e and "kl" not in e for e in evaluations)
 
 
+@pytest.mark.slow
 def test_star_weights_reach_the_loss(world):
     """All-safe scores: exactly the plugin-off run (cross-entropy everywhere). All-unsafe: only the KL to the
     reference, which is zero with zero gradient at the start, so the model stays where it began."""
@@ -528,6 +531,7 @@ def test_star_weights_reach_the_loss(world):
     assert _distance(unsafe, initial) < 1e-3 * _distance(off, initial)
 
 
+@pytest.mark.slow
 def test_full_finetune_packed_scored_by_axolotl_preprocess(world):
     settings = dict(sample_packing=True, star_dss=True, star_dss_guardrail="trl_star_dss.testing:scripted_guardrail")
     log = axolotl(world, "preprocess", "full_packed", **settings)
@@ -538,6 +542,7 @@ def test_full_finetune_packed_scored_by_axolotl_preprocess(world):
     assert float(steps[0]["kl"]) == 0 and float(steps[-1]["kl"]) > 0  # the frozen copy is pi_ref
 
 
+@pytest.mark.slow
 def test_qlora_with_scores_from_star_dss_score_and_precomputed_reference(world):
     from trl_star_dss.tools.cli import main as star_dss
 

@@ -74,6 +74,7 @@ def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path
         main(["score", "--guardrail", SCRIPTED, "--dataset", SAMPLE, "--output", str(tmp_path / "out2")])
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_result(tmp_path, llama_guard_tiny):
     model, tokenizer = llama_guard_tiny
     model.save_pretrained(tmp_path / "tiny-llama-guard")

@@ -28,6 +28,7 @@ def test_world_is_deterministic_and_as_written():
     assert not held_out & trained  # safety is measured on phrasings never trained on
 
 
+@pytest.mark.slow
 def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog):
     caplog.set_level("INFO", logger="trl_star_dss.tools.demo")
     star_dss(["demo", "--fast", "--output", str(tmp_path / "a")])
@@ -102,6 +103,7 @@ def test_guard_data_is_its_own_and_labelled_as_documented():
         guard_training_data(label_noise=1.5)
 
 
+@pytest.mark.slow
 def test_learned_guard_is_fooled_by_the_misleading_sentence_on_whole_responses(tmp_path):
     from trl_star_dss.tools.demo import GUARD_TEMPLATE, save_guard, train_guard, world_tokenizer
     from trl_star_dss.scoring.families import LlamaGuard
@@ -136,6 +138,7 @@ def test_ablation_and_guard_options_are_checked(tmp_path):
         star_dss(["demo", "--policy", "smollm2", "--guard", "rule"])
 
 
+@pytest.mark.slow
 def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
     from trl_star_dss.tools.demo import format_ablation, run_ablation
 

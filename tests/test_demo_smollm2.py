@@ -30,6 +30,7 @@ def test_max_steps_is_only_for_smollm2(tmp_path):
         star_dss(["demo", "--max-steps", "3", "--output", str(tmp_path)])
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_demo_loads_scores_trains_and_generates(tmp_path, monkeypatch, capsys):
     loaded, results = {}, []

@@ -120,6 +120,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_eval_capability_on_a_tiny_local_task(policy_dir, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,6 +11,7 @@ from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["llama3.2-1b-qlora.yaml", "llama3.2-1b-full.yaml"])
 def test_train_example_runs_its_config_on_a_tiny_local_model(tmp_path, config):
     """The real-model configs, with only the model, data and CPU settings overridden on the command line."""

@@ -136,6 +136,7 @@ def tiny_llama4(tokenizer, **text_config):
     return Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)).eval()
 
 
+@pytest.mark.slow
 def test_llama_guard_4_on_the_real_llama4_tokenizer(tmp_path):
     from trl_star_dss.scoring.families import LlamaGuard4, load_guardrail
     from trl_star_dss.testing import llama4_tokenizer

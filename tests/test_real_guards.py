@@ -63,6 +63,7 @@ def llama3():
     return llama3_tokenizer(None)
 
 
+@pytest.mark.slow
 def test_llama_guard_3_1b_reads_the_conversation_its_template_takes_as_text_parts(tmp_path, llama3):
     """Issue 24, defect 1: Llama Guard 3 1B's template reads content as text parts; given strings it rendered an empty
     conversation for every prefix. Meta's model card and llama-cookbook pass `[{"type": "text", "text": ...}]` and

@@ -103,6 +103,7 @@ def test_lora_reference_kl_zero_at_start_then_positive(tmp_path, tokenizer, scor
     assert trainer.ref_model is None  # the reference is the same weights with adapters disabled
 
 
+@pytest.mark.slow
 def test_unsafe_weights_pull_toward_reference_not_data(tmp_path, tokenizer, scored):
     reference = tiny_causal_lm(tokenizer, seed=1)
 
@@ -122,6 +123,7 @@ def test_unsafe_weights_pull_toward_reference_not_data(tmp_path, tokenizer, scor
     assert losses(safe)[-1] < losses(safe)[0]
 
 
+@pytest.mark.slow
 def test_layouts_give_the_same_loss(tmp_path, tokenizer, scored):
     base = dict(max_steps=1, learning_rate=0.0)
     padded = losses(train(tmp_path / "a", scored, tokenizer, **base))
@@ -240,6 +242,7 @@ if trainer.accelerator.is_main_process:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, scored):
     import json
     import subprocess
