@@ -26,3 +26,15 @@ def granite_guardian_tiny():
 @pytest.fixture(scope="session")
 def llama3_tok():
     return llama3_tokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests exercise CUDA-only paths: skipped, with the reason, where no GPU is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (a path that runs only on CUDA)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

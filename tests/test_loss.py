@@ -105,3 +105,17 @@ def test_full_kl_matches_dense_computation_and_gradients():
     weights = torch.full((B, T), 0.25)
     loss = star_dss_loss(logps, None, weights, mask, kl_coef=0.5, kl=chunked, reduction="sum")
     torch.testing.assert_close(loss, ((0.25 * -logps + 0.75 * 0.5 * dense) * mask).sum())
+
+
+@pytest.mark.gpu
+def test_bf16_output_head_keeps_float32_logits_on_cuda():
+    """On CUDA a bf16 output layer multiplies into float32 (`torch.mm(..., out_dtype=float32)`), never rounding the
+    logits to bf16 first (docs/method.md 1.2); the CPU path upcasts instead."""
+    from trl_star_dss.heads import OutputHead
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(64, 16, generator=generator, device="cuda").bfloat16()
+    hidden = torch.randn(5, 16, generator=generator, device="cuda").bfloat16()
+    logits = OutputHead(weight).logits(hidden)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden.float() @ weight.float().T, rtol=1e-3, atol=1e-3)
