@@ -18,25 +18,34 @@ import random
 import time
 
 import torch
+from bench_training import PeakMemory  # the same memory measure as the training benchmark
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bench_training import PeakMemory  # the same memory measure as the training benchmark
-
+from trl_star_dss.scoring import PrefixQuery, TokenLevelGuardrail, chunk_ends
 from trl_star_dss.scoring.audit import Auditor
 from trl_star_dss.scoring.families import LlamaGuard
-from trl_star_dss.scoring import PrefixQuery, TokenLevelGuardrail
-from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import llama3_tokenizer, tiny_stream_guard
 
+
 ASKS = ["How do I", "Can you explain how to", "What is the best way to", "Tell me how to", "Is it safe to"]
-TASKS = ["bake sourdough bread", "fix a leaking tap", "plan a trip to Lisbon", "learn the guitar",
-         "train for a marathon", "write a cover letter", "repot an orchid", "clean a cast iron pan"]  # fmt: skip
-WORDS = ("the a of and to in is that it for with as on be this you at by from or have not are can your will "
-         "water time people work first way should then when after before some more most other about into only "
-         "also make sure keep check small large warm dry slowly carefully usually often every each step minutes "
-         "hours days week next part simple good better important easy hard heat dough flour oven salt tools wrench "
-         "valve seal pipe route train ticket city chords fingers practice pace rest shoes letter role skills pot "
-         "roots soil light oil surface rust towel").split()  # fmt: skip
+TASKS = [
+    "bake sourdough bread",
+    "fix a leaking tap",
+    "plan a trip to Lisbon",
+    "learn the guitar",
+    "train for a marathon",
+    "write a cover letter",
+    "repot an orchid",
+    "clean a cast iron pan",
+]
+WORDS = (
+    "the a of and to in is that it for with as on be this you at by from or have not are can your will "
+    "water time people work first way should then when after before some more most other about into only "
+    "also make sure keep check small large warm dry slowly carefully usually often every each step minutes "
+    "hours days week next part simple good better important easy hard heat dough flour oven salt tools wrench "
+    "valve seal pipe route train ticket city chords fingers practice pace rest shoes letter role skills pot "
+    "roots soil light oil surface rust towel"
+).split()
 
 
 def make_prompt(i: int) -> str:
@@ -58,11 +67,18 @@ def make_response(rng: random.Random, tokenizer, n_tokens: int) -> str:
 def build_guard(args, tokenizer) -> LlamaGuard:
     """A Llama-Guard-3-shaped LlamaForCausalLM with random weights (LG3-1B ties input and output embeddings)."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # build in place: 1B-size init on CPU would dominate a GPU run
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")  # fast path needs sdpa/eager
@@ -75,10 +91,18 @@ def build_token_level(args, tokenizer) -> TokenLevelGuardrail:
     """A token-level guard (Qwen3Guard-Stream's interface) of the same backbone size, random weights, reading the
     same guard input (the Llama Guard 3 prompt on the Llama-3 tokenizer): its cost is one forward per response."""
     with torch.device(args.device):
-        model = tiny_stream_guard(tokenizer, seed=args.seed, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                  intermediate_size=args.intermediate, num_attention_heads=args.heads,
-                                  num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                                  guard_inner_size=512, max_position_embeddings=8192)  # fmt: skip
+        model = tiny_stream_guard(
+            tokenizer,
+            seed=args.seed,
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            intermediate_size=args.intermediate,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            head_dim=args.hidden // args.heads,
+            guard_inner_size=512,
+            max_position_embeddings=8192,
+        )
     return TokenLevelGuardrail(model.to(dtype=getattr(torch, args.dtype)), tokenizer)
 
 
@@ -175,23 +199,30 @@ def main(argv=None) -> None:
     formula = (K * (P + S) + L * (K + 1) / 2) / (P + L + K * S)
 
     params = sum(p.numel() for p in guard.model.parameters()) / 1e6
-    print(f"guard    LlamaForCausalLM {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"heads {args.heads}/{args.kv_heads}, vocab {len(tokenizer)}, {params:.1f}M params, "
-          f"{args.device} {args.dtype}")  # fmt: skip
-    print(f"workload {n} responses x {args.response_tokens} tokens, M={args.chunk_size}, {args.group} per call, "
-          f"naive batch {guard.batch_size}, fast budget {guard.max_tokens_per_forward} tokens/forward")  # fmt: skip
+    print(
+        f"guard    LlamaForCausalLM {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"heads {args.heads}/{args.kv_heads}, vocab {len(tokenizer)}, {params:.1f}M params, "
+        f"{args.device} {args.dtype}"
+    )
+    print(
+        f"workload {n} responses x {args.response_tokens} tokens, M={args.chunk_size}, {args.group} per call, "
+        f"naive batch {guard.batch_size}, fast budget {guard.max_tokens_per_forward} tokens/forward"
+    )
     print(f"averages P={P:.1f} L={L:.1f} S={S:.1f} K={K:.1f}  (guard tokens; K chunks per response)")
     print()
     memory_kind = "CUDA max allocated" if args.device.startswith("cuda") else "RSS increase, approx."
     print(f"{'path':<6} {'time s':>9} {'guard tokens':>13} {'tokens/s':>10} {'peak MiB':>9}  ({memory_kind})")
     for name in paths:
-        print(f"{name:<6} {seconds[name]:>9.2f} {tokens[name]:>13,} {tokens[name] / seconds[name]:>10,.0f} "
-              f"{peak[name] / 2**20:>9.0f}")  # fmt: skip
+        print(
+            f"{name:<6} {seconds[name]:>9.2f} {tokens[name]:>13,} {tokens[name] / seconds[name]:>10,.0f} "
+            f"{peak[name] / 2**20:>9.0f}"
+        )
     print("(token: a token-level guard of the same size, one forward per response; its scores are its own)")
     print()
     print(f"share of the bound reached  {(naive_s / fast_s) / (naive_tokens / fast_tokens):.0%}")
-    print(f"token bound   {naive_tokens / fast_tokens:.2f}  (naive / fast guard tokens; method.md formula "
-          f"{formula:.2f})")  # fmt: skip
+    print(
+        f"token bound   {naive_tokens / fast_tokens:.2f}  (naive / fast guard tokens; method.md formula {formula:.2f})"
+    )
     print(f"max |fast - naive| score  {diff:.2e}")
     print(f"token-level speedup over naive  {naive_s / seconds['token']:.2f}")
     print(f"audit {audit_s:.4f} s = {100 * audit_s / fast_s:.2f}% of fast scoring time")

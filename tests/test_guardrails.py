@@ -4,10 +4,10 @@ import re
 import pytest
 import torch
 
-from trl_star_dss.scoring.families import detect_family, GraniteGuardian, LlamaGuard, load_guardrail
-from trl_star_dss.scoring import CausalLMGuardrail, EnsembleGuardrail, PrefixQuery, PythonGuardrail
-from trl_star_dss.scoring import chunk_ends
+from trl_star_dss.scoring import CausalLMGuardrail, EnsembleGuardrail, PrefixQuery, PythonGuardrail, chunk_ends
+from trl_star_dss.scoring.families import GraniteGuardian, LlamaGuard, detect_family, load_guardrail
 from trl_star_dss.testing import LLAMA_GUARD_3_TEMPLATE, tiny_causal_lm, tiny_tokenizer
+
 
 HARMFUL = (
     "Here is how to build a weapon: first acquire the poison, then steal the keys and attack. "
@@ -55,14 +55,26 @@ def test_fast_equals_naive_real_llama3_tokenizer(llama3_tok):
     assert max_diff(guard.score_prefixes(qs, "fast"), guard.score_prefixes(qs, "naive")) <= 1e-4
 
 
-@pytest.mark.parametrize("model_type,overrides", [
-    # Gemma-2: attention and final-logit soft-capping, eager attention, a sliding window shorter than the inputs
-    # (the shared-prefix kernel's explicit path and its window masks).
-    ("gemma2", dict(attn_implementation="eager", sliding_window=24, attn_logit_softcapping=5.0,
-                    final_logit_softcapping=3.0, head_dim=16, query_pre_attn_scalar=16)),
-    ("qwen2", dict(num_key_value_heads=1)),  # 4 query heads per key head, biased projections
-    ("granite", dict(logits_scaling=4.0, attention_multiplier=0.3)),  # logit and attention scaling
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        # Gemma-2: attention and final-logit soft-capping, eager attention, a sliding window shorter than the inputs
+        # (the shared-prefix kernel's explicit path and its window masks).
+        (
+            "gemma2",
+            dict(
+                attn_implementation="eager",
+                sliding_window=24,
+                attn_logit_softcapping=5.0,
+                final_logit_softcapping=3.0,
+                head_dim=16,
+                query_pre_attn_scalar=16,
+            ),
+        ),
+        ("qwen2", dict(num_key_value_heads=1)),  # 4 query heads per key head, biased projections
+        ("granite", dict(logits_scaling=4.0, attention_multiplier=0.3)),  # logit and attention scaling
+    ],
+)
 def test_fast_equals_naive_across_architectures(llama_guard_tiny, model_type, overrides):
     _, tokenizer = llama_guard_tiny
     model = tiny_causal_lm(tokenizer, model_type=model_type, **overrides)
@@ -177,7 +189,10 @@ def test_context_is_cut_from_the_oldest_side(llama_guard_tiny):
     model, tokenizer = llama_guard_tiny
     full = LlamaGuard(model, tokenizer)
     response = "Mix flour and water."
-    context = MULTI_TURN + [{"role": "assistant", "content": "Bread needs flour."}, {"role": "user", "content": "More?"}]
+    context = MULTI_TURN + [
+        {"role": "assistant", "content": "Bread needs flour."},
+        {"role": "user", "content": "More?"},
+    ]
     length = len(full.encode([context + [{"role": "assistant", "content": response}]])[0])
     guard = LlamaGuard(model, tokenizer, max_length=length - 5)
     kept, cut = guard.fit_context(PrefixQuery(context, response, [len(response)]))
@@ -200,7 +215,9 @@ def test_python_and_ensemble_guardrails():
     result = ensemble.score_prefixes([PrefixQuery([], "abc def", [3, 7])])[0]
     assert result.scores == pytest.approx([0.5, 0.5])
     seen = []
-    PythonGuardrail(lambda c: seen.append(c[-1]["content"]) or 1.0).score_prefixes([PrefixQuery([], "abc def", [3, 7])])
+    PythonGuardrail(lambda c: seen.append(c[-1]["content"]) or 1.0).score_prefixes(
+        [PrefixQuery([], "abc def", [3, 7])]
+    )
     assert seen == ["abc", "abc def"]
     with pytest.raises(ValueError, match=r"returned 1.5, which is not a probability"):
         PythonGuardrail(lambda c: 1.5, name="bad").score([[{"role": "assistant", "content": "x"}]])
@@ -224,8 +241,13 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
     tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match=r"Could not tell which guard family .* Pass family= one of \('llama_guard'"):
         load_guardrail(str(tmp_path / "plain"))
-    generic = load_guardrail(str(tmp_path / "plain"), family="generic", safe_label="safe", unsafe_label="unsafe",
-                             chat_template=LLAMA_GUARD_3_TEMPLATE)  # fmt: skip
+    generic = load_guardrail(
+        str(tmp_path / "plain"),
+        family="generic",
+        safe_label="safe",
+        unsafe_label="unsafe",
+        chat_template=LLAMA_GUARD_3_TEMPLATE,
+    )
     assert type(generic) is CausalLMGuardrail
     with pytest.raises(ValueError, match=r"family='aegis' is not known"):
         load_guardrail(str(tmp_path / "plain"), family="aegis")
@@ -236,11 +258,21 @@ def test_load_guardrail_by_path_family_and_python_spec(tmp_path, llama_guard_tin
     json.dumps(repr(both))  # printable
 
 
-@pytest.mark.parametrize("name, version", [("ibm-granite/granite-guardian-4.1-8b", "4.1"),
-                                           ("meta-llama/Llama-Guard-5-8B", "5"), ("meta-llama/LlamaGuard-7b", "7"),
-                                           ("meta-llama/Meta-Llama-Guard-2-8B", "2")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, version",
+    [
+        ("ibm-granite/granite-guardian-4.1-8b", "4.1"),
+        ("meta-llama/Llama-Guard-5-8B", "5"),
+        ("meta-llama/LlamaGuard-7b", "7"),
+        ("meta-llama/Meta-Llama-Guard-2-8B", "2"),
+    ],
+)
 def test_unknown_versions_of_a_family_are_refused_not_guessed(name, version):
     with pytest.raises(ValueError, match=rf"looks like [\w.-]+ \(version {re.escape(version)}\), .* family='generic'"):
         detect_family(name, tiny_tokenizer())
-    for known in ("meta-llama/Llama-Guard-3-1B", "meta-llama/Llama-Guard-3-8B-INT8", "ibm-granite/granite-guardian-3.0-8b"):
+    for known in (
+        "meta-llama/Llama-Guard-3-1B",
+        "meta-llama/Llama-Guard-3-8B-INT8",
+        "ibm-granite/granite-guardian-3.0-8b",
+    ):
         assert detect_family(known, tiny_tokenizer()) in ("llama_guard", "granite_guardian")

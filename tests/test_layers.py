@@ -9,9 +9,22 @@ import sys
 
 import trl_star_dss
 
+
 PACKAGE = os.path.dirname(trl_star_dss.__file__)
-CORE = {"choices", "config", "errors", "loss", "heads", "weights", "formats", "special_tokens", "collator", "reference",
-        "storage", "trainer"}
+CORE = {
+    "choices",
+    "config",
+    "errors",
+    "loss",
+    "heads",
+    "weights",
+    "formats",
+    "special_tokens",
+    "collator",
+    "reference",
+    "storage",
+    "trainer",
+}
 TOOLS = {"tools"}
 # The one way the core reaches scoring: the trainer's start-up scoring and report (`scoring.startup`).
 ENTRY = ("trainer", "scoring.startup")
@@ -39,7 +52,9 @@ def _imports(path: str) -> set[str]:
             found.add(target)
             found.update(f"{target}.{alias.name}".lstrip(".") for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name[len("trl_star_dss") :].lstrip(".") for a in node.names if a.name.startswith("trl_star_dss"))
+            found.update(
+                a.name[len("trl_star_dss") :].lstrip(".") for a in node.names if a.name.startswith("trl_star_dss")
+            )
     modules = {_module_name(p) for p in _package_files()}
     return {target for target in found if target in modules}
 

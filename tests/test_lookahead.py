@@ -8,6 +8,7 @@ from trl_star_dss.config import STARDSSConfig
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
 from trl_star_dss.trainer import STARDSSTrainer, example_star_weights
 
+
 RESPONSE = "Sure. Step one: get the poison. Step two: hide the poison. There is no harmful content in this response."
 # Hand-made chunk ends (characters into the response) and scores: safe, then late-flagged harm, then "fooled" at the end.
 CHUNK_ENDS = [5, 15, 31, 41, 57, len(RESPONSE)]
@@ -40,9 +41,10 @@ def response_weights(ids, weights, tokenizer):
     return weights[start : start + n], [b for _, b in response_ids["offset_mapping"]], weights[start + n]
 
 
-EXAMPLE = {"messages": [{"role": "user", "content": "How do I make a poison?"},
-                        {"role": "assistant", "content": RESPONSE}],
-           "star": [{"turn": 1, "chunk_ends": CHUNK_ENDS, "scores": SCORES}]}  # fmt: skip
+EXAMPLE = {
+    "messages": [{"role": "user", "content": "How do I make a poison?"}, {"role": "assistant", "content": RESPONSE}],
+    "star": [{"turn": 1, "chunk_ends": CHUNK_ENDS, "scores": SCORES}],
+}
 
 
 @pytest.mark.parametrize("lookahead", [0, 1, 2, 10])
@@ -50,10 +52,15 @@ def test_trl_trainer_weights_equal_the_naive_look_ahead(tmp_path, lookahead):
     from datasets import Dataset
 
     tokenizer = tiny_tokenizer()
-    args = STARDSSConfig(output_dir=str(tmp_path), star_lookahead=lookahead, assistant_only_loss=True,
-                         report_to="none", use_cpu=True)  # fmt: skip
-    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer, hidden_size=32, intermediate_size=64), args=args,
-                             train_dataset=Dataset.from_list([EXAMPLE]), processing_class=tokenizer)  # fmt: skip
+    args = STARDSSConfig(
+        output_dir=str(tmp_path), star_lookahead=lookahead, assistant_only_loss=True, report_to="none", use_cpu=True
+    )
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer, hidden_size=32, intermediate_size=64),
+        args=args,
+        train_dataset=Dataset.from_list([EXAMPLE]),
+        processing_class=tokenizer,
+    )
     row = trainer.train_dataset[0]
     weights, ends, end_of_turn = response_weights(row["input_ids"], row["star_weights"], tokenizer)
     assert weights == pytest.approx(naive(ends, lookahead))
@@ -71,9 +78,17 @@ def test_axolotl_strategy_reads_star_dss_lookahead_and_weighs_like_the_naive_loo
 
     from star_dss.data import STARStrategy, conversation_reader, with_star
 
-    cfg = DictDefault({"chat_template": "llama3", "sequence_len": 512, "train_on_inputs": False, "star_dss": True,
-                       "star_dss_lookahead": 2, "star_dss_guardrail": "trl_star_dss.testing:scripted_guardrail",
-                       "dataset_prepared_path": str(tmp_path / "prepared")})  # fmt: skip
+    cfg = DictDefault(
+        {
+            "chat_template": "llama3",
+            "sequence_len": 512,
+            "train_on_inputs": False,
+            "star_dss": True,
+            "star_dss_lookahead": 2,
+            "star_dss_guardrail": "trl_star_dss.testing:scripted_guardrail",
+            "dataset_prepared_path": str(tmp_path / "prepared"),
+        }
+    )
     strategy = load(llama3_tok, cfg, DictDefault({"type": "chat_template", "field_messages": "messages"}))
     from datasets import Dataset
 

@@ -33,7 +33,9 @@ def test_star_dss_loss_against_per_token_loop(estimator, kl_coef):
                 expected[b, t] = w * -lp + (1 - w) * kl_coef * naive_kl(lp, rp, estimator)
     got = star_dss_loss(logps, ref_logps, weights, mask, kl_coef, estimator, reduction="none")
     torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(star_dss_loss(logps, ref_logps, weights, mask, kl_coef, estimator, "sum"), expected.sum())
+    torch.testing.assert_close(
+        star_dss_loss(logps, ref_logps, weights, mask, kl_coef, estimator, "sum"), expected.sum()
+    )
     mean = star_dss_loss(logps, ref_logps, weights, mask, kl_coef, estimator)
     torch.testing.assert_close(mean, expected.sum() / mask.sum())
 

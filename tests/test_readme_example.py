@@ -10,6 +10,7 @@ import pytest
 from trl_star_dss import STARDSSConfig, STARDSSTrainer
 from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join("examples", "data", "toy_sample.jsonl")
 
@@ -38,8 +39,11 @@ def test_offline_readme_example_runs_as_printed(tmp_path, monkeypatch, capsys):
 
 def test_real_model_example_says_what_it_needs():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    real = [block for block in readme_python_blocks() if "meta-llama/Llama-3.2-1B-Instruct" in block
-            and "STARDSSTrainer(" in block]  # fmt: skip
+    real = [
+        block
+        for block in readme_python_blocks()
+        if "meta-llama/Llama-3.2-1B-Instruct" in block and "STARDSSTrainer(" in block
+    ]
     assert len(real) == 1
     before = readme.split(real[0])[0].rsplit("\n\n", 2)[-2]  # the paragraph that introduces it
     assert "the model hub" in before and "GPU" in before and "use_cpu=True" in before
@@ -49,11 +53,15 @@ def test_model_object_without_processing_class_names_the_fix(tmp_path):
     from datasets import Dataset
 
     tokenizer = tiny_tokenizer()
-    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
-                                               {"role": "assistant", "content": "Hello"}]}])  # fmt: skip
+    dataset = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    )
     args = STARDSSConfig(output_dir=str(tmp_path), use_cpu=True, shaping="sft", report_to="none")
-    with pytest.raises(ValueError, match=r"processing_class is None and the model \(a LlamaForCausalLM built in code\) "
-                       r"has no name or path .* processing_class=tokenizer"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"processing_class is None and the model \(a LlamaForCausalLM built in code\) "
+        r"has no name or path .* processing_class=tokenizer",
+    ):
         STARDSSTrainer(tiny_causal_lm(tokenizer), args=args, train_dataset=dataset)
     # The fix works: the same call with the tokenizer builds the trainer.
     STARDSSTrainer(tiny_causal_lm(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)

@@ -5,8 +5,9 @@ import subprocess
 
 import pytest
 
-from trl_star_dss.tools.cli import main as star_dss
 from trl_star_dss.testing import tiny_tokenizer
+from trl_star_dss.tools.cli import main as star_dss
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "examples", "data", "toy_sample.jsonl")
@@ -15,8 +16,22 @@ SAMPLE = os.path.join(ROOT, "examples", "data", "toy_sample.jsonl")
 @pytest.fixture(scope="module")
 def scored_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("scored")
-    star_dss(["score", "--guardrail", "trl_star_dss.testing:scripted_guardrail", "--dataset", SAMPLE, "--unit", "word",
-              "--chunk-size", "3", "--output", str(out), "--no-progress"])  # fmt: skip
+    star_dss(
+        [
+            "score",
+            "--guardrail",
+            "trl_star_dss.testing:scripted_guardrail",
+            "--dataset",
+            SAMPLE,
+            "--unit",
+            "word",
+            "--chunk-size",
+            "3",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     return out
 
 
@@ -26,8 +41,20 @@ def test_show_writes_heatmap_and_pngs(scored_dir, tmp_path, capsys):
 
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(tmp_path / "tok")
-    star_dss(["show", "--dataset", str(scored_dir), "--output", str(tmp_path / "pics"), "--policy-tokenizer",
-              str(tmp_path / "tok"), "--examples", "3", "4"])  # fmt: skip
+    star_dss(
+        [
+            "show",
+            "--dataset",
+            str(scored_dir),
+            "--output",
+            str(tmp_path / "pics"),
+            "--policy-tokenizer",
+            str(tmp_path / "tok"),
+            "--examples",
+            "3",
+            "4",
+        ]
+    )
     assert "responses 11 | flagged 6" in capsys.readouterr().out
     assert imread(tmp_path / "pics" / "trajectories.png").shape[:2] == (600, 1200)
     assert imread(tmp_path / "pics" / "summary.png").shape[:2] == (800, 1200)
@@ -78,8 +105,10 @@ def test_legends_sit_outside_the_axes(scored_dir, tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure))
     report.trajectory_png(load_from_disk(str(scored_dir / "dataset")), str(tmp_path / "t.png"), [2, 3, 4, 5, 7])
-    _chart({"aligned model": {"-": (100.0, 98.3)}, **{a: {m: (100.0, 100.0) for m in METHODS} for a in ATTACKS}},
-           str(tmp_path / "chart.png"))  # fmt: skip
+    _chart(
+        {"aligned model": {"-": (100.0, 98.3)}, **{a: dict.fromkeys(METHODS, (100.0, 100.0)) for a in ATTACKS}},
+        str(tmp_path / "chart.png"),
+    )
     for figure in figures:
         figure.canvas.draw()
         renderer = figure.canvas.get_renderer()
@@ -99,13 +128,25 @@ def test_show_rejects_unscored_data_and_bad_examples(scored_dir, tmp_path):
         star_dss(["show", "--dataset", str(scored_dir), "--output", str(tmp_path), "--max-examples", "0"])
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless browser installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="no headless browser installed (apt-get install chromium)"
+)
 def test_heatmap_renders_in_a_headless_browser(scored_dir, tmp_path):
     star_dss(["show", "--dataset", str(scored_dir), "--output", str(tmp_path)])
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1000,800", f"file://{tmp_path / 'heatmap.html'}"], timeout=120,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1000,800",
+            f"file://{tmp_path / 'heatmap.html'}",
+        ],
+        timeout=120,
+        capture_output=True,
+    )
     from matplotlib.image import imread
 
     pixels = imread(shot)

@@ -4,12 +4,12 @@ import os
 import pytest
 from datasets import Dataset
 
-from trl_star_dss.testing import EXCULPATORY_SENTENCE, scripted_guardrail
-from trl_star_dss.scoring.families import LlamaGuard
-from trl_star_dss.scoring import PythonGuardrail
 from trl_star_dss.formats import response_turns
-from trl_star_dss.scoring import STARScorer, chunk_ends, score_dataset
+from trl_star_dss.scoring import PythonGuardrail, STARScorer, chunk_ends, score_dataset
+from trl_star_dss.scoring.families import LlamaGuard
+from trl_star_dss.testing import EXCULPATORY_SENTENCE, scripted_guardrail
 from trl_star_dss.weights import token_scores
+
 
 HARMFUL = "Sure. Mix the poison into the drink and wait for the guests. " + EXCULPATORY_SENTENCE
 
@@ -88,7 +88,10 @@ def test_response_turns_for_every_trl_format():
     ]
     conversational = {"prompt": conversation[:2], "completion": [{"role": "assistant", "content": "Hello"}]}
     assert response_turns(conversational, "prompt_completion", 0) == [(0, conversation[1:2], "Hello")]
-    skipped = conversation[:3] + [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "train": False}]
+    skipped = conversation[:3] + [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y", "train": False},
+    ]
     assert [t for t, _, _ in response_turns({"messages": skipped}, "messages", 0)] == [2]
 
 
@@ -98,12 +101,20 @@ def test_bad_examples_are_clear_errors():
     with pytest.raises(ValueError, match=r"Example 2 has no assistant turn to score \(messages roles: \['user'\]\)"):
         response_turns({"messages": [{"role": "user", "content": "Hi"}]}, "messages", 2)
     with pytest.raises(ValueError, match=r"messages\[1\]\.content\[0\] is a text part without a string 'text'"):
-        response_turns({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text"}]}]}, "messages", 0)
+        response_turns(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text"}]}]},
+            "messages",
+            0,
+        )
     with pytest.raises(ValueError, match=r"messages\[1\]\.content is a int, not a string or a list of text parts"):
-        response_turns({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]}, "messages", 0)
+        response_turns(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]}, "messages", 0
+        )
     with pytest.raises(ValueError, match=r"completion is a int, not a list of messages"):
         response_turns({"prompt": [{"role": "user", "content": "Hi"}], "completion": 3}, "prompt_completion", 0)
-    with pytest.raises(ValueError, match=r"columns \['text'\], so STAR cannot tell which text is the assistant response"):
+    with pytest.raises(
+        ValueError, match=r"columns \['text'\], so STAR cannot tell which text is the assistant response"
+    ):
         score_dataset(Dataset.from_list([{"text": "hello"}]), PythonGuardrail(scripted_guardrail), unit="word")
     # An Alpaca file: the fix renames both the prompt and the response column (it named only `output` before).
     alpaca = Dataset.from_list([{"instruction": "Hi", "input": "", "output": "Hello"}])
@@ -124,8 +135,16 @@ def test_scorer_scores_every_chunk_prefix():
 def test_score_dataset_caches_and_reports(tmp_path):
     dataset = toy_dataset()
     guard = Counting()
-    scored, summary = score_dataset(dataset, lambda: PythonGuardrail(guard), unit="word", chunk_size=4,
-                                    output_dir=str(tmp_path), guardrail_id="toy", shard_size=3, progress=False)  # fmt: skip
+    scored, summary = score_dataset(
+        dataset,
+        lambda: PythonGuardrail(guard),
+        unit="word",
+        chunk_size=4,
+        output_dir=str(tmp_path),
+        guardrail_id="toy",
+        shard_size=3,
+        progress=False,
+    )
     assert guard.calls > 0 and summary.examples == 10 and summary.scored_now == 10
     assert summary.flagged == 4 and summary.turns == 10 and summary.context_cut == 0
     assert scored.column_names == ["messages", "star"]
@@ -134,8 +153,16 @@ def test_score_dataset_caches_and_reports(tmp_path):
     assert load_from_disk(str(tmp_path / "dataset"))["star"] == scored["star"]
     assert json.load(open(tmp_path / "summary.json"))["flagged"] == 4
     built = []
-    again, summary = score_dataset(dataset, lambda: built.append(1), unit="word", chunk_size=4,
-                                   output_dir=str(tmp_path), guardrail_id="toy", shard_size=3, progress=False)  # fmt: skip
+    again, summary = score_dataset(
+        dataset,
+        lambda: built.append(1),
+        unit="word",
+        chunk_size=4,
+        output_dir=str(tmp_path),
+        guardrail_id="toy",
+        shard_size=3,
+        progress=False,
+    )
     assert built == [] and summary.scored_now == 0  # a finished run does not even build the guardrail
     assert again["star"] == scored["star"]
 
@@ -163,7 +190,9 @@ def test_output_dir_refuses_other_settings_and_other_data(tmp_path):
     dataset = toy_dataset()
     kwargs = dict(unit="word", guardrail_id="toy", output_dir=str(tmp_path), progress=False)
     score_dataset(dataset, PythonGuardrail(scripted_guardrail), chunk_size=4, **kwargs)
-    with pytest.raises(ValueError, match=r"holds STAR scores made with other settings \(\{'chunk_size': \(4, 2\)\}.*--overwrite"):
+    with pytest.raises(
+        ValueError, match=r"holds STAR scores made with other settings \(\{'chunk_size': \(4, 2\)\}.*--overwrite"
+    ):
         score_dataset(dataset, PythonGuardrail(scripted_guardrail), chunk_size=2, **kwargs)
     _, summary = score_dataset(dataset, PythonGuardrail(scripted_guardrail), chunk_size=2, overwrite=True, **kwargs)
     assert summary.scored_now == 10
@@ -174,8 +203,9 @@ def test_output_dir_refuses_other_settings_and_other_data(tmp_path):
 
 def test_prompt_completion_dataset_with_model_guard(llama_guard_tiny):
     model, tokenizer = llama_guard_tiny
-    dataset = Dataset.from_list([{"prompt": "What is 2+2?", "completion": "It is 4."},
-                                 {"prompt": "Q", "completion": HARMFUL}])  # fmt: skip
+    dataset = Dataset.from_list(
+        [{"prompt": "What is 2+2?", "completion": "It is 4."}, {"prompt": "Q", "completion": HARMFUL}]
+    )
     guard = LlamaGuard(model, tokenizer)
     fast, summary = score_dataset(dataset, guard, tokenizer, chunk_size=5, progress=False)
     naive, _ = score_dataset(dataset, guard, tokenizer, chunk_size=5, method="naive", progress=False)

@@ -9,11 +9,11 @@ import pytest
 from datasets import Dataset
 
 from trl_star_dss.config import STARDSSConfig
-from trl_star_dss.scoring import PythonGuardrail
-from trl_star_dss.scoring import score_dataset
+from trl_star_dss.scoring import PythonGuardrail, score_dataset
 from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokenizer
 from trl_star_dss.trainer import STARDSSTrainer
 from trl_star_dss.weights import check_star_records
+
 
 RESPONSE = "Mix flour, water, salt and yeast, then bake it."
 
@@ -25,15 +25,36 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def scored(tokenizer):
-    rows = [{"messages": [{"role": "user", "content": f"How do I bake bread {i}?"},
-                          {"role": "assistant", "content": RESPONSE}]} for i in range(4)]  # fmt: skip
-    return score_dataset(Dataset.from_list(rows), PythonGuardrail(scripted_guardrail), tokenizer, chunk_size=3,
-                         progress=False, audit=False)[0]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"How do I bake bread {i}?"},
+                {"role": "assistant", "content": RESPONSE},
+            ]
+        }
+        for i in range(4)
+    ]
+    return score_dataset(
+        Dataset.from_list(rows),
+        PythonGuardrail(scripted_guardrail),
+        tokenizer,
+        chunk_size=3,
+        progress=False,
+        audit=False,
+    )[0]
 
 
 def _args(tmp_path, **overrides):
-    return STARDSSConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
-                         save_strategy="no", use_cpu=True, assistant_only_loss=True, **overrides)  # fmt: skip
+    return STARDSSConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        assistant_only_loss=True,
+        **overrides,
+    )
 
 
 def _broken(scored, change):
@@ -53,15 +74,19 @@ BAD = {
     "score -0.1": (lambda r: r["scores"].__setitem__(0, -0.1), r"scores\[0\] = -0\.1 is not a probability"),
     "NaN score": (lambda r: r["scores"].__setitem__(1, math.nan), r"scores\[1\] = nan is not a probability"),
     "infinite score": (lambda r: r["scores"].__setitem__(1, math.inf), r"scores\[1\] = inf is not a probability"),
-    "end past the response": (lambda r: r["chunk_ends"].__setitem__(-1, len(RESPONSE) + 50),
-                              rf"chunk_ends\[-1\] = {len(RESPONSE) + 50} is past the end of the response "
-                              rf"\({len(RESPONSE)} characters\)"),
+    "end past the response": (
+        lambda r: r["chunk_ends"].__setitem__(-1, len(RESPONSE) + 50),
+        rf"chunk_ends\[-1\] = {len(RESPONSE) + 50} is past the end of the response "
+        rf"\({len(RESPONSE)} characters\)",
+    ),
     "ends out of order": (lambda r: r["chunk_ends"].reverse(), r"chunk_ends are not strictly increasing"),
     "end repeated": (lambda r: r["chunk_ends"].__setitem__(1, r["chunk_ends"][0]), r"not strictly increasing"),
     "end zero": (lambda r: r["chunk_ends"].__setitem__(0, 0), r"chunk_ends\[0\] = 0 is not a positive whole number"),
     "end fractional": (lambda r: r["chunk_ends"].__setitem__(0, 2.5), r"chunk_ends\[0\] = 2\.5 is not a positive"),
-    "more ends than scores": (lambda r: r["chunk_ends"].append(len(RESPONSE) + 1),
-                              r"has \d+ chunk_ends but \d+ scores"),
+    "more ends than scores": (
+        lambda r: r["chunk_ends"].append(len(RESPONSE) + 1),
+        r"has \d+ chunk_ends but \d+ scores",
+    ),
     "more scores than ends": (lambda r: r["scores"].append(0.5), r"has \d+ chunk_ends but \d+ scores"),
     "no ends": (lambda r: (r["chunk_ends"].clear(), r["scores"].clear()), r"has no chunk_ends"),
     "turn is the user": (_set("turn", 0), r"turn 0 is messages\[0\], a 'user' message, not an assistant response"),
@@ -73,15 +98,22 @@ BAD = {
 def test_trl_trainer_refuses_a_bad_star_record_before_any_model_step(tmp_path, tokenizer, scored, name):
     change, message = BAD[name]
     with pytest.raises(ValueError, match=rf"Example 2: the `star` record of turn .*{message}"):
-        STARDSSTrainer(tiny_causal_lm(tokenizer), args=_args(tmp_path), train_dataset=_broken(scored, change),
-                       processing_class=tokenizer)  # fmt: skip
+        STARDSSTrainer(
+            tiny_causal_lm(tokenizer),
+            args=_args(tmp_path),
+            train_dataset=_broken(scored, change),
+            processing_class=tokenizer,
+        )
 
 
 def test_rejection_sampling_checks_the_records_too(tmp_path, tokenizer, scored):
     with pytest.raises(ValueError, match=r"Example 2: .*scores\[1\] = nan is not a probability"):
-        STARDSSTrainer(tiny_causal_lm(tokenizer), args=_args(tmp_path, shaping="rejection_sampling"),
-                       train_dataset=_broken(scored, lambda r: r["scores"].__setitem__(1, math.nan)),
-                       processing_class=tokenizer)  # fmt: skip
+        STARDSSTrainer(
+            tiny_causal_lm(tokenizer),
+            args=_args(tmp_path, shaping="rejection_sampling"),
+            train_dataset=_broken(scored, lambda r: r["scores"].__setitem__(1, math.nan)),
+            processing_class=tokenizer,
+        )
 
 
 def test_good_records_pass_and_structural_errors_are_named():
@@ -102,7 +134,9 @@ def test_good_records_pass_and_structural_errors_are_named():
     with pytest.raises(ValueError, match=r"of turn True: turn True is not a whole number"):
         check_star_records([{"turn": True, "chunk_ends": [5], "scores": [1.0]}], responses, 5)
     with pytest.raises(ValueError, match=r"of turn 0: turn 0 is messages\[0\], a 'user' message, not an assistant"):
-        check_star_records([{"turn": 0, "chunk_ends": [2], "scores": [1.0]}], responses, 5, roles=["user", "assistant"])
+        check_star_records(
+            [{"turn": 0, "chunk_ends": [2], "scores": [1.0]}], responses, 5, roles=["user", "assistant"]
+        )
     assert messages  # the responses above are these messages' texts
 
 
@@ -120,8 +154,12 @@ def test_readme_score_from_python_then_start_up_scoring_runs_no_guard_forward(tm
     path = str(tmp_path / "guard")
     model.save_pretrained(path)
     guard_tokenizer.save_pretrained(path)
-    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": f"Question {i}?"},
-                                               {"role": "assistant", "content": RESPONSE}]} for i in range(4)])  # fmt: skip
+    dataset = Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": RESPONSE}]}
+            for i in range(4)
+        ]
+    )
 
     # README, "Score a dataset" (the Python block)
     guard = load_guardrail(path)
@@ -132,20 +170,35 @@ def test_readme_score_from_python_then_start_up_scoring_runs_no_guard_forward(tm
         raise AssertionError("start-up scoring loaded the guard: it did not reuse the README block's scores")
 
     monkeypatch.setattr(families, "load_guardrail", no_guard)
-    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer), args=_args(tmp_path / "run", guardrail=[path],
-                             star_scores_dir=str(tmp_path / "scored")), train_dataset=dataset,
-                             processing_class=tokenizer)  # fmt: skip
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer),
+        args=_args(tmp_path / "run", guardrail=[path], star_scores_dir=str(tmp_path / "scored")),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     assert trainer.train_dataset is not None
 
 
 def test_cache_of_other_settings_names_the_setting_the_user_set(tmp_path, tokenizer, scored):
     dataset = scored.remove_columns("star")
-    score_dataset(dataset, PythonGuardrail(scripted_guardrail, name="rule"), tokenizer, output_dir=str(tmp_path / "d"),
-                  progress=False)  # fmt: skip
+    score_dataset(
+        dataset,
+        PythonGuardrail(scripted_guardrail, name="rule"),
+        tokenizer,
+        output_dir=str(tmp_path / "d"),
+        progress=False,
+    )
     with pytest.raises(ValueError, match=r"star_scores_dir='.*d' holds STAR scores made with other settings") as error:
-        STARDSSTrainer(tiny_causal_lm(tokenizer), args=_args(tmp_path / "run", guardrail=["trl_star_dss.testing:"
-                       "scripted_guardrail"], star_scores_dir=str(tmp_path / "d")), train_dataset=dataset,
-                       processing_class=tokenizer)  # fmt: skip
+        STARDSSTrainer(
+            tiny_causal_lm(tokenizer),
+            args=_args(
+                tmp_path / "run",
+                guardrail=["trl_star_dss.testing:scripted_guardrail"],
+                star_scores_dir=str(tmp_path / "d"),
+            ),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
     assert "output_dir=" not in str(error.value)
 
 

@@ -5,10 +5,10 @@ import bisect
 import pytest
 import torch
 
+from trl_star_dss.scoring import PrefixQuery, TokenLevelGuardrail, chunk_ends
 from trl_star_dss.scoring.families import detect_family, load_guardrail
-from trl_star_dss.scoring import PrefixQuery, TokenLevelGuardrail
-from trl_star_dss.scoring import chunk_ends
 from trl_star_dss.testing import QWEN3_TEMPLATE, llama3_tokenizer, tiny_stream_guard, tiny_tokenizer
+
 
 RESPONSE = "Mix flour, water, salt and yeast; knead the dough, let it rise and bake it for forty minutes."
 CONTEXT = [{"role": "user", "content": "How do I bake bread?"}]
@@ -112,7 +112,12 @@ def test_options_that_change_scores_join_the_cache_id(tmp_path):
     from trl_star_dss.scoring.families import guardrail_id
 
     # A guard with default options keeps the id of earlier releases (their caches stay valid) ...
-    assert json.loads(guardrail_id("g")) == {"guardrail": ["g"], "family": None, "temperature": 1.0, "max_length": None}
+    assert json.loads(guardrail_id("g")) == {
+        "guardrail": ["g"],
+        "family": None,
+        "temperature": 1.0,
+        "max_length": None,
+    }
     # ... and an option that changes the scores gives another id.
     assert guardrail_id("g", controversial="safe") != guardrail_id("g", controversial="unsafe") != guardrail_id("g")
     with pytest.raises(ValueError, match=r"controversial='safe' \(--controversial\) applies to guards with a third"):

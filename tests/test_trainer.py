@@ -7,11 +7,10 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_star_dss.collator import DataCollatorForSTAR
 from trl_star_dss.config import STARDSSConfig
-from trl_star_dss.testing import scripted_guardrail
-from trl_star_dss.scoring import PythonGuardrail
-from trl_star_dss.scoring import chunk_ends, score_dataset
-from trl_star_dss.testing import tiny_causal_lm, tiny_tokenizer
+from trl_star_dss.scoring import PythonGuardrail, chunk_ends, score_dataset
+from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokenizer
 from trl_star_dss.trainer import STARDSSTrainer, example_star_weights
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +24,9 @@ def tokenizer():
 def scored(tokenizer):
     from datasets import load_dataset
 
-    dataset = load_dataset("json", data_files=os.path.join(ROOT, "examples", "data", "toy_sample.jsonl"), split="train")
+    dataset = load_dataset(
+        "json", data_files=os.path.join(ROOT, "examples", "data", "toy_sample.jsonl"), split="train"
+    )
     return score_dataset(dataset, PythonGuardrail(scripted_guardrail), tokenizer, chunk_size=5, progress=False)[0]
 
 
@@ -35,17 +36,34 @@ def with_weights(dataset, value):
 
 
 def config(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-                  logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, shuffle_dataset=False,
-                  assistant_only_loss=True, dataloader_drop_last=False)  # fmt: skip
+    values = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        shuffle_dataset=False,
+        assistant_only_loss=True,
+        dataloader_drop_last=False,
+    )
     values.update(overrides)
     return values
 
 
 def train(tmp_path, dataset, tokenizer, model=None, peft_config=None, ref_model=None, **overrides):
     model = model or tiny_causal_lm(tokenizer, seed=1)
-    trainer = STARDSSTrainer(model, args=STARDSSConfig(**config(tmp_path, **overrides)), train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config, ref_model=ref_model)  # fmt: skip
+    trainer = STARDSSTrainer(
+        model,
+        args=STARDSSConfig(**config(tmp_path, **overrides)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        ref_model=ref_model,
+    )
     trainer.train()
     return trainer
 
@@ -55,11 +73,15 @@ def losses(trainer):
 
 
 def test_weights_map_exactly_onto_policy_chunks(tokenizer):
-    response = "Sure. Step one: buy the poison base. Step two: mix it in. There is no harmful content in this response."
+    response = (
+        "Sure. Step one: buy the poison base. Step two: mix it in. There is no harmful content in this response."
+    )
     ends = chunk_ends(response, 5, "token", tokenizer)
     scores = [float(k) for k in range(len(ends))]
-    example = {"messages": [{"role": "user", "content": "How?"}, {"role": "assistant", "content": response}],
-               "star": [{"turn": 1, "chunk_ends": ends, "scores": scores}]}  # fmt: skip
+    example = {
+        "messages": [{"role": "user", "content": "How?"}, {"role": "assistant", "content": response}],
+        "star": [{"turn": 1, "chunk_ends": ends, "scores": scores}],
+    }
     ids, weights = example_star_weights(example, tokenizer)
     response_ids = tokenizer(response, add_special_tokens=False).input_ids
     start = next(i for i in range(len(ids)) if ids[i : i + len(response_ids)] == response_ids)
@@ -70,8 +92,10 @@ def test_weights_map_exactly_onto_policy_chunks(tokenizer):
 
 
 def test_collator_keeps_weights_aligned_in_every_layout():
-    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "star_weights": [1.0, 0.2, 0.3]},
-                {"input_ids": [4, 5], "labels": [-100, 5], "star_weights": [1.0, 0.5]}]  # fmt: skip
+    examples = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "star_weights": [1.0, 0.2, 0.3]},
+        {"input_ids": [4, 5], "labels": [-100, 5], "star_weights": [1.0, 0.5]},
+    ]
     padded = DataCollatorForSTAR(pad_token_id=0)(examples)
     assert padded["star_weights"].tolist() == [[1.0, pytest.approx(0.2), pytest.approx(0.3)], [1.0, 0.5, 1.0]]
     flat = DataCollatorForSTAR(pad_token_id=0, padding_free=True)(examples)
@@ -83,8 +107,12 @@ def test_all_safe_star_dss_equals_trl_sft(tmp_path, tokenizer, scored):
     safe = with_weights(scored, 1.0)
     star = train(tmp_path / "star", safe, tokenizer)
     sft_args = SFTConfig(**config(tmp_path / "sft"))
-    sft = SFTTrainer(tiny_causal_lm(tokenizer, seed=1), args=sft_args, train_dataset=scored.remove_columns("star"),
-                     processing_class=tokenizer)  # fmt: skip
+    sft = SFTTrainer(
+        tiny_causal_lm(tokenizer, seed=1),
+        args=sft_args,
+        train_dataset=scored.remove_columns("star"),
+        processing_class=tokenizer,
+    )
     sft.train()
     assert losses(star) == pytest.approx(losses(sft), rel=1e-5)
     for a, b in zip(star.model.parameters(), sft.model.parameters()):
@@ -96,7 +124,9 @@ def test_all_safe_star_dss_equals_trl_sft(tmp_path, tokenizer, scored):
 def test_lora_reference_kl_zero_at_start_then_positive(tmp_path, tokenizer, scored):
     from peft import LoraConfig
 
-    lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+    )
     trainer = train(tmp_path, scored, tokenizer, peft_config=lora, max_steps=4, learning_rate=1e-2)
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     assert kls[0] == 0.0 and kls[-1] > 0  # fresh adapters: the policy is the reference; then it moves away
@@ -128,15 +158,16 @@ def test_layouts_give_the_same_loss(tmp_path, tokenizer, scored):
     base = dict(max_steps=1, learning_rate=0.0)
     padded = losses(train(tmp_path / "a", scored, tokenizer, **base))
     free = losses(train(tmp_path / "b", scored, tokenizer, padding_free=True, max_length=None, **base))
-    accumulated = losses(train(tmp_path / "d", scored, tokenizer, per_device_train_batch_size=2,
-                               gradient_accumulation_steps=2, **base))  # fmt: skip
+    accumulated = losses(
+        train(tmp_path / "d", scored, tokenizer, per_device_train_batch_size=2, gradient_accumulation_steps=2, **base)
+    )
     assert free == pytest.approx(padded, rel=1e-5)
     assert accumulated == pytest.approx(padded, rel=1e-5)
     # Packing puts other examples into a step than batching does; with every example in one step they agree.
     everything = dict(per_device_train_batch_size=16, **base)
-    assert losses(train(tmp_path / "e", scored, tokenizer, packing=True, max_length=2048, **everything)) == pytest.approx(
-        losses(train(tmp_path / "f", scored, tokenizer, **everything)), rel=1e-5
-    )
+    assert losses(
+        train(tmp_path / "e", scored, tokenizer, packing=True, max_length=2048, **everything)
+    ) == pytest.approx(losses(train(tmp_path / "f", scored, tokenizer, **everything)), rel=1e-5)
 
 
 def test_precomputed_reference_equals_live_reference(tmp_path, tokenizer, scored):
@@ -159,8 +190,12 @@ def test_baselines_and_full_kl_train(tmp_path, tokenizer, scored):
 
 
 def test_rejection_sampling_drops_flagged_responses(tmp_path, tokenizer, scored):
-    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path, shaping="rejection_sampling")),
-                             train_dataset=scored, processing_class=tokenizer)  # fmt: skip
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer),
+        args=STARDSSConfig(**config(tmp_path, shaping="rejection_sampling")),
+        train_dataset=scored,
+        processing_class=tokenizer,
+    )
     # In the sample, 4 of 10 examples end with a whole-response score < 0.5 (two fool the guard with the suffix).
     kept = sum(min(t["scores"][-1] for t in ex["star"]) >= 0.5 for ex in scored)
     assert len(trainer.train_dataset) == kept == 6
@@ -173,19 +208,31 @@ def test_config_errors_name_the_field():
         STARDSSConfig(output_dir="x", kl_estimator="k5", report_to="none")
     with pytest.raises(ValueError, match=r"star_chunk_size=0 must be a positive whole number"):
         STARDSSConfig(output_dir="x", star_chunk_size=0, report_to="none")
-    with pytest.raises(ValueError, match=r"precompute_ref_log_probs=True stores log pi_ref of the dataset tokens only"):
+    with pytest.raises(
+        ValueError, match=r"precompute_ref_log_probs=True stores log pi_ref of the dataset tokens only"
+    ):
         STARDSSConfig(output_dir="x", precompute_ref_log_probs=True, kl_estimator="full", report_to="none")
 
 
 def test_unscored_dataset_is_a_clear_error(tmp_path, tokenizer, scored):
     with pytest.raises(ValueError, match=r"has no `star` column and `guardrail` is not set\. Score it first"):
-        STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path)),
-                       train_dataset=scored.remove_columns("star"), processing_class=tokenizer)  # fmt: skip
+        STARDSSTrainer(
+            tiny_causal_lm(tokenizer),
+            args=STARDSSConfig(**config(tmp_path)),
+            train_dataset=scored.remove_columns("star"),
+            processing_class=tokenizer,
+        )
 
 
 def test_guardrail_scores_at_start_up(tmp_path, tokenizer, scored):
-    trainer = train(tmp_path, scored.remove_columns("star"), tokenizer, max_steps=1, star_report=True,
-                    guardrail=["trl_star_dss.testing:scripted_guardrail"])  # fmt: skip
+    trainer = train(
+        tmp_path,
+        scored.remove_columns("star"),
+        tokenizer,
+        max_steps=1,
+        star_report=True,
+        guardrail=["trl_star_dss.testing:scripted_guardrail"],
+    )
     assert os.path.exists(tmp_path / "star_scores" / "dataset")
     assert os.path.getsize(tmp_path / "star_report" / "summary.png") > 0
     assert 'class="t"' in (tmp_path / "star_report" / "heatmap.html").read_text()
@@ -197,11 +244,15 @@ def test_qlora_4bit_trains(tmp_path, tokenizer, scored):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_causal_lm(tokenizer, seed=1, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
     assert model.is_loaded_in_4bit
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = train(tmp_path / "out", scored, tokenizer, model=model, peft_config=lora, max_steps=3, learning_rate=1e-2)
+    trainer = train(
+        tmp_path / "out", scored, tokenizer, model=model, peft_config=lora, max_steps=3, learning_rate=1e-2
+    )
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     assert kls[0] == 0.0 and kls[-1] > 0 and trainer.ref_model is None
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
@@ -255,18 +306,41 @@ def test_two_processes_equal_one_process(tmp_path, scored):
     results = {}
     for name, launch, batch in [
         ("one", [sys.executable], 4),
-        ("two", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"], 2),
-    ]:  # fmt: skip
+        (
+            "two",
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+            ],
+            2,
+        ),
+    ]:
         out = tmp_path / name
         dataset.save_to_disk(str(out / "data"))
-        run = subprocess.run(launch + [str(script), str(out), str(batch)], capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)  # fmt: skip
+        run = subprocess.run(
+            launch + [str(script), str(out), str(batch)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=600,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         results[name] = json.loads((out / "result.json").read_text())
     assert results["two"]["losses"] == pytest.approx(results["one"]["losses"], rel=1e-5)
     for key, value in results["one"]["state"].items():
-        torch.testing.assert_close(torch.tensor(results["two"]["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(results["two"]["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("conversational", [False, True])
@@ -275,13 +349,21 @@ def test_prompt_completion_formats_train_with_weights(tmp_path, tokenizer, conve
     rows = []
     for i in range(4):
         if conversational:
-            rows.append({"prompt": [{"role": "user", "content": f"Question {i}?"}],
-                         "completion": [{"role": "assistant", "content": response}]})  # fmt: skip
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": f"Question {i}?"}],
+                    "completion": [{"role": "assistant", "content": response}],
+                }
+            )
         else:
             rows.append({"prompt": f"Question {i}? ", "completion": response})
     scored = score_dataset(Dataset.from_list(rows), PythonGuardrail(scripted_guardrail), tokenizer, progress=False)[0]
-    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path, assistant_only_loss=False)),
-                             train_dataset=scored, processing_class=tokenizer)  # fmt: skip
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer),
+        args=STARDSSConfig(**config(tmp_path, assistant_only_loss=False)),
+        train_dataset=scored,
+        processing_class=tokenizer,
+    )
     example = trainer.train_dataset[0]
     trained = [w for w, label in zip(example["star_weights"], example["labels"]) if label != -100]
     # Every completion token (and the EOS / end-of-turn token) carries the guard's score of its chunk: harmful here.
@@ -297,15 +379,24 @@ def test_keep_end_truncation_keeps_weights_aligned(tmp_path, tokenizer, scored):
         assert len(example["star_weights"]) == len(example["input_ids"]) == len(example["labels"]) <= 24
     first = trainer.train_dataset[0]
     _, weights = example_star_weights(first, tokenizer)
-    assert first["star_weights"] == weights[-len(first["input_ids"]):]
+    assert first["star_weights"] == weights[-len(first["input_ids"]) :]
 
 
 def test_pretokenized_dataset_with_weights_truncates_and_packs(tmp_path, tokenizer):
-    rows = [{"input_ids": list(range(10, 10 + n)), "labels": [-100] * 3 + list(range(13, 10 + n)),
-             "star_weights": [1.0] * 3 + [0.2] * (n - 3)} for n in (40, 12, 30)]  # fmt: skip
+    rows = [
+        {
+            "input_ids": list(range(10, 10 + n)),
+            "labels": [-100] * 3 + list(range(13, 10 + n)),
+            "star_weights": [1.0] * 3 + [0.2] * (n - 3),
+        }
+        for n in (40, 12, 30)
+    ]
     dataset = Dataset.from_list(rows)
-    for extra in (dict(max_length=20), dict(packing=True, max_length=32), dict(precompute_ref_log_probs=True,
-                                                                              packing=True, max_length=32)):  # fmt: skip
+    for extra in (
+        dict(max_length=20),
+        dict(packing=True, max_length=32),
+        dict(precompute_ref_log_probs=True, packing=True, max_length=32),
+    ):
         trainer = train(tmp_path, dataset, tokenizer, assistant_only_loss=False, max_steps=1, **extra)
         for example in trainer.train_dataset:
             assert len(example["star_weights"]) == len(example["input_ids"])
@@ -324,8 +415,12 @@ def test_full_kl_in_bf16_mixed_precision(tmp_path, tokenizer, scored):
 def test_rejection_sampling_that_drops_everything_says_so(tmp_path, tokenizer, scored):
     harmful = scored.filter(lambda ex: min(t["scores"][-1] for t in ex["star"]) < 0.5)
     with pytest.raises(ValueError, match=r"Rejection sampling dropped all 4 examples of the train dataset"):
-        STARDSSTrainer(tiny_causal_lm(tokenizer), args=STARDSSConfig(**config(tmp_path, shaping="rejection_sampling")),
-                       train_dataset=harmful, processing_class=tokenizer)  # fmt: skip
+        STARDSSTrainer(
+            tiny_causal_lm(tokenizer),
+            args=STARDSSConfig(**config(tmp_path, shaping="rejection_sampling")),
+            train_dataset=harmful,
+            processing_class=tokenizer,
+        )
 
 
 # -- the configurations users really run (logit post-processing, predict/evaluate, the reference, caches) ----------
@@ -348,8 +443,12 @@ def test_full_kl_reads_the_models_real_logits(tmp_path, tokenizer, scored, model
     # under CPU bf16 autocast TRL's fused head rounds its logits (3e-4 off the float32 loss on Cohere, ours 7e-5).
     steps = dict(max_steps=1, learning_rate=0.0, bf16=False)
     star = train(tmp_path / "star", with_weights(scored, 1.0), tokenizer, model=model(1), kl_estimator="full", **steps)
-    sft = SFTTrainer(model(1), args=SFTConfig(**config(tmp_path / "sft", **steps)),
-                     train_dataset=scored.remove_columns("star"), processing_class=tokenizer)  # fmt: skip
+    sft = SFTTrainer(
+        model(1),
+        args=SFTConfig(**config(tmp_path / "sft", **steps)),
+        train_dataset=scored.remove_columns("star"),
+        processing_class=tokenizer,
+    )
     sft.train()
     assert losses(star) == pytest.approx(losses(sft), rel=1e-5)
 
@@ -379,8 +478,12 @@ def test_full_kl_refuses_a_model_whose_post_processing_is_unknown(tmp_path, toke
 
     model = Sharpened(tiny_causal_lm(tokenizer, seed=1).config)
     with pytest.raises(ValueError, match=r"kl_estimator='full' .* Sharpened .* logits differ .*kl_estimator='k2'"):
-        STARDSSTrainer(model, args=STARDSSConfig(**config(tmp_path, kl_estimator="full")), train_dataset=scored,
-                       processing_class=tokenizer)  # fmt: skip
+        STARDSSTrainer(
+            model,
+            args=STARDSSConfig(**config(tmp_path, kl_estimator="full")),
+            train_dataset=scored,
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(shaping="deep_token"), dict(kl_estimator="full")])
@@ -392,8 +495,14 @@ def test_predict_evaluate_and_the_metrics_sft_logs(tmp_path, tokenizer, scored, 
         return {"checked": 1.0}
 
     args = STARDSSConfig(**config(tmp_path, max_steps=2, per_device_eval_batch_size=4, **overrides))
-    trainer = STARDSSTrainer(tiny_causal_lm(tokenizer, seed=1), args=args, train_dataset=scored, eval_dataset=scored,
-                             processing_class=tokenizer, compute_metrics=compute_metrics)  # fmt: skip
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer, seed=1),
+        args=args,
+        train_dataset=scored,
+        eval_dataset=scored,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
     trainer.train()
     logged = trainer.state.log_history[0]
     for key in ("loss", "kl", "mean_token_accuracy", "entropy", "num_tokens"):
@@ -443,8 +552,20 @@ def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tok
     tokenizer.save_pretrained(tmp_path / "policy")
     data = tmp_path / "data.jsonl"
     scored.remove_columns("star").to_json(str(data))
-    main(["score", "--guardrail", "trl_star_dss.testing:scripted_guardrail", "--dataset", str(data), "--policy-tokenizer",
-          str(tmp_path / "policy"), "--output", str(tmp_path / "scores"), "--no-progress"])  # fmt: skip
+    main(
+        [
+            "score",
+            "--guardrail",
+            "trl_star_dss.testing:scripted_guardrail",
+            "--dataset",
+            str(data),
+            "--policy-tokenizer",
+            str(tmp_path / "policy"),
+            "--output",
+            str(tmp_path / "scores"),
+            "--no-progress",
+        ]
+    )
 
     def no_guard(*args, **kwargs):
         raise AssertionError("the guard was loaded: start-up scoring did not find the scores of `star-dss score`")
@@ -454,15 +575,30 @@ def test_star_dss_score_then_start_up_scoring_reads_the_same_cache(tmp_path, tok
     from transformers import AutoTokenizer
 
     policy = AutoTokenizer.from_pretrained(tmp_path / "policy")
-    trainer = train(tmp_path / "run", load_dataset("json", data_files=str(data), split="train"), policy, max_steps=1,
-                    guardrail=["trl_star_dss.testing:scripted_guardrail"], star_scores_dir=str(tmp_path / "scores"))  # fmt: skip
+    trainer = train(
+        tmp_path / "run",
+        load_dataset("json", data_files=str(data), split="train"),
+        policy,
+        max_steps=1,
+        guardrail=["trl_star_dss.testing:scripted_guardrail"],
+        star_scores_dir=str(tmp_path / "scores"),
+    )
     assert "star/weight_mean" in trainer.state.log_history[0]
 
 
 def test_pretokenized_dataset_needs_no_star_placeholder(tmp_path, tokenizer):
-    rows = [{"input_ids": list(range(10, 30)), "labels": [-100] * 5 + list(range(15, 30)),
-             "star_weights": [1.0] * 5 + [0.3] * 15}] * 4  # fmt: skip
-    for extra in (dict(), dict(precompute_ref_log_probs=True), dict(guardrail=["trl_star_dss.testing:scripted_guardrail"])):
+    rows = [
+        {
+            "input_ids": list(range(10, 30)),
+            "labels": [-100] * 5 + list(range(15, 30)),
+            "star_weights": [1.0] * 5 + [0.3] * 15,
+        }
+    ] * 4
+    for extra in (
+        dict(),
+        dict(precompute_ref_log_probs=True),
+        dict(guardrail=["trl_star_dss.testing:scripted_guardrail"]),
+    ):
         trainer = train(tmp_path, Dataset.from_list(rows), tokenizer, assistant_only_loss=False, max_steps=1, **extra)
         assert trainer.state.log_history[0]["star/weight_mean"] == pytest.approx(0.3)
 

@@ -31,6 +31,7 @@ class DataCollatorForSTAR(DataCollatorForLanguageModeling):
             values = [torch.tensor(example[key], dtype=torch.float32) for example in examples]
             if self.padding_free:
                 values = [torch.cat(values)]
-            batch[key] = pad(values, padding_value=padding_value, padding_side="right",
-                             pad_to_multiple_of=self.pad_to_multiple_of)  # fmt: skip
+            batch[key] = pad(
+                values, padding_value=padding_value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+            )
         return batch

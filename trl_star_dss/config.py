@@ -50,8 +50,10 @@ class STARArguments:
     )
     star_lookahead: int = field(
         default=0,
-        metadata={"help": "L: a token's STAR weight is the minimum of its chunk's score and the next L chunks' "
-                  "(this project's extension for guards that flag harm late, docs/method.md 1.5; 0 = the paper)."},
+        metadata={
+            "help": "L: a token's STAR weight is the minimum of its chunk's score and the next L chunks' "
+            "(this project's extension for guards that flag harm late, docs/method.md 1.5; 0 = the paper)."
+        },
     )
     star_unit: str = field(
         default="token",
@@ -70,8 +72,10 @@ class STARArguments:
     )
     guardrail_family: str | None = field(
         default=None,
-        metadata={"help": "Force the guard family (one of `trl_star_dss.scoring.families.FAMILIES`, or `generic`); "
-                  "default: recognised from the guard's chat template, else its name."},
+        metadata={
+            "help": "Force the guard family (one of `trl_star_dss.scoring.families.FAMILIES`, or `generic`); "
+            "default: recognised from the guard's chat template, else its name."
+        },
     )
     guardrail_controversial: str | None = field(
         default=None,
@@ -136,9 +140,20 @@ class STARDSSConfig(STARArguments, SFTConfig):
 
 
 # The settings both trainers share (`STARDSSConfig` here, the Axolotl plugin's `star_dss_*` keys).
-CHECKED_FIELDS = ("shaping", "kl_coef", "kl_estimator", "star_chunk_size", "star_lookahead", "star_unit", "guardrail_temperature",
-                  "guardrail_controversial", "precompute_ref_log_probs", "content_special_tokens", "rejection_threshold",
-                  "full_kl_chunk_size")  # fmt: skip
+CHECKED_FIELDS = (
+    "shaping",
+    "kl_coef",
+    "kl_estimator",
+    "star_chunk_size",
+    "star_lookahead",
+    "star_unit",
+    "guardrail_temperature",
+    "guardrail_controversial",
+    "precompute_ref_log_probs",
+    "content_special_tokens",
+    "rejection_threshold",
+    "full_kl_chunk_size",
+)
 
 
 def check_star_settings(values: dict, names: dict | None = None) -> None:
@@ -158,8 +173,10 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
         raise STARDSSError(f"{name['star_chunk_size']}={chunk!r} must be a positive whole number (the paper: 5).")
     lookahead = values.get("star_lookahead", 0)
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
-        raise STARDSSError(f"{name['star_lookahead']}={lookahead!r} must be a whole number of chunks >= 0 (0 = the "
-                         "paper's STAR; e.g. 1 to weigh each chunk also by the next one's score).")  # fmt: skip
+        raise STARDSSError(
+            f"{name['star_lookahead']}={lookahead!r} must be a whole number of chunks >= 0 (0 = the "
+            "paper's STAR; e.g. 1 to weigh each chunk also by the next one's score)."
+        )
     if values.get("star_unit", "token") not in UNITS:
         raise STARDSSError(f"{name['star_unit']}={values['star_unit']!r} is not known. Use one of {UNITS}.")
     temperature = values.get("guardrail_temperature", 1.0)
@@ -185,7 +202,9 @@ def check_star_settings(values: dict, names: dict | None = None) -> None:
         )
     kl_chunk = values.get("full_kl_chunk_size", 1024)
     if isinstance(kl_chunk, bool) or not isinstance(kl_chunk, int) or kl_chunk <= 0:
-        raise STARDSSError(f"{name['full_kl_chunk_size']}={kl_chunk!r} must be a positive whole number of tokens, e.g. 1024.")
+        raise STARDSSError(
+            f"{name['full_kl_chunk_size']}={kl_chunk!r} must be a positive whole number of tokens, e.g. 1024."
+        )
     precompute = name["precompute_ref_log_probs"]
     if values.get("precompute_ref_log_probs") and estimator == "full":
         raise STARDSSError(

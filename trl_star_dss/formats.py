@@ -43,7 +43,9 @@ def _check_messages(messages, where: str) -> None:
     """Refuse what STAR cannot read as text (docs/method.md 1.5): a message without a role, content that is not a
     string or text parts (images), a tool call not in TRL's format."""
     if not isinstance(messages, list):
-        raise STARDSSError(f"{where} is a {type(messages).__name__}, not a list of messages. Use [{{'role', 'content'}}].")
+        raise STARDSSError(
+            f"{where} is a {type(messages).__name__}, not a list of messages. Use [{{'role', 'content'}}]."
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise STARDSSError(f"{where}[{i}] is {message!r}; each message needs 'role' and 'content' keys.")
@@ -141,7 +143,11 @@ def response_turns(example: dict, fmt: str, index: int) -> list[tuple[int, Conve
     else:
         prompt, completion = example["prompt"], example["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
-            messages, offset, prefix = [{"role": "assistant", "content": completion}], 0, [{"role": "user", "content": prompt}]
+            messages, offset, prefix = (
+                [{"role": "assistant", "content": completion}],
+                0,
+                [{"role": "user", "content": prompt}],
+            )
         else:
             _check_messages(prompt, f"{where}: prompt")
             _check_messages(completion, f"{where}: completion")
@@ -197,9 +203,13 @@ def example_columns(example: dict, fmt: str) -> list[tuple[str, list[dict]]]:
     completion is one user or assistant message)."""
     if fmt == "messages":
         return [("messages", _as_text(example["messages"]))]
-    return [(column, [{"role": role, "content": value}] if isinstance(value, str) else _as_text(value))
-            for column, role, value in (("prompt", "user", example["prompt"]),
-                                        ("completion", "assistant", example["completion"]))]  # fmt: skip
+    return [
+        (column, [{"role": role, "content": value}] if isinstance(value, str) else _as_text(value))
+        for column, role, value in (
+            ("prompt", "user", example["prompt"]),
+            ("completion", "assistant", example["completion"]),
+        )
+    ]
 
 
 def _as_text(messages: list[dict]) -> list[dict]:

@@ -58,8 +58,12 @@ def output_head(model) -> OutputHead:
     if scale is None and getattr(config, "logits_scaling", None) is not None:
         scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
     head = model.get_output_embeddings()
-    return OutputHead(head.weight, head.bias, 1.0 if scale is None else float(scale),
-                      getattr(config, "final_logit_softcapping", None))  # fmt: skip
+    return OutputHead(
+        head.weight,
+        head.bias,
+        1.0 if scale is None else float(scale),
+        getattr(config, "final_logit_softcapping", None),
+    )
 
 
 def text_backbone(model):
@@ -84,7 +88,6 @@ def output_head_matches(model, hidden_states=None) -> tuple[bool, float]:
     tolerance = 1e-4 if theirs.dtype == ours.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2
     difference = (ours - theirs).abs().max().item()
     return difference <= tolerance * max(1.0, theirs.abs().max().item()), difference
-
 
 
 def add_hidden_state_output(model) -> None:

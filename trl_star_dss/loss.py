@@ -109,7 +109,9 @@ def _full_kl_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, label
     # The tensors are arguments (not read from the heads) so that activation checkpointing sees them.
     logp = F.log_softmax(OutputHead(weight, bias, head.logit_scale, head.softcap).logits(hidden), dim=-1)
     with torch.no_grad():
-        ref_logp = F.log_softmax(OutputHead(ref_weight, ref_bias, ref_head.logit_scale, ref_head.softcap).logits(ref_hidden), dim=-1)
+        ref_logp = F.log_softmax(
+            OutputHead(ref_weight, ref_bias, ref_head.logit_scale, ref_head.softcap).logits(ref_hidden), dim=-1
+        )
     p = logp.exp()
     kl = (p * (logp - ref_logp)).sum(-1)
     with torch.no_grad():  # for the metrics SFTTrainer logs: entropy and whether the label is the top-1 token
@@ -151,8 +153,19 @@ def full_kl(
     parts = [[], [], [], []]
     for start in range(0, rows.size(0), chunk_size):
         chunk = slice(start, start + chunk_size)
-        values = checkpoint(_full_kl_chunk, rows[chunk], head.weight, head.bias, ref_rows[chunk], ref_head.weight,
-                            ref_head.bias, row_labels[chunk], head, ref_head, use_reentrant=False)  # fmt: skip
+        values = checkpoint(
+            _full_kl_chunk,
+            rows[chunk],
+            head.weight,
+            head.bias,
+            ref_rows[chunk],
+            ref_head.weight,
+            ref_head.bias,
+            row_labels[chunk],
+            head,
+            ref_head,
+            use_reentrant=False,
+        )
         for part, value in zip(parts, values):
             part.append(value)
     zeros = hidden.new_zeros(mask.shape, dtype=torch.float32)

@@ -33,13 +33,16 @@ def reference_key(reference, dataset, disable_adapters: bool) -> str:
         digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}".encode() + sample.tobytes())
     for batch in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=4096):
         column = batch.column(0).combine_chunks()
-        digest.update(np.asarray(column.value_lengths()).tobytes() + np.asarray(column.flatten()).astype(np.int64).tobytes())
+        digest.update(
+            np.asarray(column.value_lengths()).tobytes() + np.asarray(column.flatten()).astype(np.int64).tobytes()
+        )
     return digest.hexdigest()[:20]
 
 
 @torch.no_grad()
-def ref_logps_column(accelerator, reference, dataset, batch_size: int, disable_adapters: bool, cache_dir: str,
-                     progress: bool = True):  # fmt: skip
+def ref_logps_column(
+    accelerator, reference, dataset, batch_size: int, disable_adapters: bool, cache_dir: str, progress: bool = True
+):
     """`dataset` with a `ref_logps` column: log pi_ref of every token (0 for the first), from `reference` (with its
     PEFT adapters disabled when `disable_adapters`: the policy before any update).
 
@@ -63,8 +66,9 @@ def ref_logps_column(accelerator, reference, dataset, batch_size: int, disable_a
     return dataset.add_column("ref_logps", load_from_disk(path)["ref_logps"])
 
 
-def _rows(accelerator, reference, dataset, batch_size: int, disable_adapters: bool,
-          progress: bool) -> list[tuple[int, list[float]]]:  # fmt: skip
+def _rows(
+    accelerator, reference, dataset, batch_size: int, disable_adapters: bool, progress: bool
+) -> list[tuple[int, list[float]]]:
     """This process's share of the reference pass, as `(example index, ref_logps)`. Shares are padded to the same
     length, so sharded models run the same number of forwards on every process."""
     device = accelerator.device
@@ -73,18 +77,31 @@ def _rows(accelerator, reference, dataset, batch_size: int, disable_adapters: bo
     reference.eval()
     rows = []
     with accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as mine, disabled:
-        bar = tqdm(total=len(mine), desc="Precomputing reference log-probs", unit="ex",
-                   disable=not progress or not accelerator.is_local_main_process)  # fmt: skip
+        bar = tqdm(
+            total=len(mine),
+            desc="Precomputing reference log-probs",
+            unit="ex",
+            disable=not progress or not accelerator.is_local_main_process,
+        )
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             sequences = dataset.select(indices)["input_ids"]
             lengths = [len(ids) for ids in sequences]
             input_ids = pad([torch.tensor(ids) for ids in sequences], padding_value=0, padding_side="right")
-            attention_mask = pad([torch.ones(n, dtype=torch.long) for n in lengths], padding_value=0,
-                                 padding_side="right")  # fmt: skip
+            attention_mask = pad(
+                [torch.ones(n, dtype=torch.long) for n in lengths], padding_value=0, padding_side="right"
+            )
             labels = input_ids.masked_fill(attention_mask == 0, -100)
-            logps = reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              labels=labels.to(device), fused_lm_head=True).log_probs.float().cpu()  # fmt: skip
+            logps = (
+                reference(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    labels=labels.to(device),
+                    fused_lm_head=True,
+                )
+                .log_probs.float()
+                .cpu()
+            )
             rows += [(i, [0.0] + logps[r, : n - 1].tolist()) for r, (i, n) in enumerate(zip(indices, lengths))]
             bar.update(len(indices))
         bar.close()

@@ -38,8 +38,9 @@ def first_special_token(conversation: Sequence[dict], pattern: re.Pattern | None
     return None
 
 
-def content_special_token_rule(conversations: Sequence[Sequence[dict]], tokenizer, mode: str, setting: str,
-                               where: str = "training data") -> list[int]:  # fmt: skip
+def content_special_token_rule(
+    conversations: Sequence[Sequence[dict]], tokenizer, mode: str, setting: str, where: str = "training data"
+) -> list[int]:
     """The policy-side rule (docs/method.md 2.1): the indices of the conversations to train.
 
     A message content that holds a special-token string of the policy `tokenizer` becomes a real special token

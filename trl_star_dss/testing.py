@@ -75,7 +75,6 @@ def scripted_guardrail(conversation: list[dict]) -> float:
     return 0.05 if is_harmful(response) else 0.95
 
 
-
 # A plain chat template with `{% generation %}` markers, so TRL's `assistant_only_loss` works with it.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -87,9 +86,17 @@ CHAT_TEMPLATE = (
 )
 
 _SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|im_start|>", "<|im_end|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|start_of_role|>", "<|end_of_role|>",
-]  # fmt: skip
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|pad|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|start_of_role|>",
+    "<|end_of_role|>",
+]
 
 _CORPUS = [
     LLAMA_GUARD_3_TEMPLATE,
@@ -103,7 +110,7 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_tokenizer_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -136,7 +143,9 @@ def tiny_tokenizer(vocab_size: int = 512, chat_template: str | None = CHAT_TEMPL
     return tokenizer
 
 
-def tiny_causal_lm(tokenizer, model_type: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+def tiny_causal_lm(
+    tokenizer, model_type: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides
+):
     """A 2-layer causal LM with random weights sized for `tokenizer` (`llama`, `qwen2`, `granite`, `gemma2`,
     `cohere`, ...); `overrides` go to its config."""
     import torch
@@ -201,9 +210,18 @@ def tiny_stream_guard(tokenizer, seed: int = 0, **overrides):
             x = self.risk_level_category_layernorm(self.risk_level_category_pre(hidden))
             return ModelOutput(risk_level_logits=self.risk_level_head(x), category_logits=self.category_head(x))
 
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                 guard_inner_size=32, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        guard_inner_size=32,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = StreamGuardStandIn(Qwen3Config(**{**sizes, **overrides}, attn_implementation="sdpa"))
     model.response_risk_level_map = {0: "Safe", 1: "Unsafe", 2: "Controversial"}
@@ -250,10 +268,12 @@ def _llama_tokenizer(version: str, chat_template: str | None, eos: str, pad: str
         tiktoken = module.Tokenizer.get_instance()
         specials = sorted(tiktoken.special_tokens, key=tiktoken.special_tokens.get)
         model_file = os.path.join(os.path.dirname(module.__file__), "tokenizer.model")
-        converted = TikTokenConverter(vocab_file=model_file, pattern=tiktoken.model._pat_str,
-                                      extra_special_tokens=specials)  # fmt: skip
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted.converted(), bos_token="<|begin_of_text|>",
-                                            eos_token=eos, pad_token=pad)  # fmt: skip
+        converted = TikTokenConverter(
+            vocab_file=model_file, pattern=tiktoken.model._pat_str, extra_special_tokens=specials
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=converted.converted(), bos_token="<|begin_of_text|>", eos_token=eos, pad_token=pad
+        )
         tmp = f"{cache}.tmp-{os.getpid()}"
         tokenizer.save_pretrained(tmp)
         os.makedirs(os.path.dirname(cache), exist_ok=True)

@@ -38,8 +38,9 @@ def _is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
-def example_star_weights(example: dict, tokenizer, chat_template: str | None = None,
-                         lookahead: int = 0) -> tuple[list[int], list[float]]:  # fmt: skip
+def example_star_weights(
+    example: dict, tokenizer, chat_template: str | None = None, lookahead: int = 0
+) -> tuple[list[int], list[float]]:
     """The token ids and STAR weights of one scored example, rendered and tokenized as TRL's `SFTTrainer` does
     (the chat template for conversations; prompt + completion + EOS for plain text); `weights.token_weights` places
     the weights. Returns the full (untruncated) sequence."""
@@ -51,14 +52,20 @@ def example_star_weights(example: dict, tokenizer, chat_template: str | None = N
         completion = example["completion"]
         if not completion.endswith(tokenizer.eos_token or "\0"):
             completion += tokenizer.eos_token or ""
-        messages, first_turn = [{"role": "user", "content": example["prompt"]},
-                                {"role": "assistant", "content": completion}], 1  # fmt: skip
+        messages, first_turn = (
+            [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": completion}],
+            1,
+        )
     # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
     records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
     if "messages" in example or isinstance(example["prompt"], list):
         tools = example.get("tools")  # TRL reads a JSON string as its list of tools (trl 1.16 `tokenize_fn`)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
-                                             tools=json.loads(tools) if isinstance(tools, str) else tools)  # fmt: skip
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            chat_template=chat_template,
+            tools=json.loads(tools) if isinstance(tools, str) else tools,
+        )
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
         text = messages[0]["content"] + messages[1]["content"]
@@ -114,8 +121,11 @@ class STARLossMixin:
             check_output_head(self._inner_model(self.model), "policy")
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        check_sharding(asdict(settings), sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
-                       has_reference=ref_model is not None or _is_peft_model(self.model))  # fmt: skip
+        check_sharding(
+            asdict(settings),
+            sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+            has_reference=ref_model is not None or _is_peft_model(self.model),
+        )
         if not needs_reference:
             return
         if settings.precompute_ref_log_probs:
@@ -149,9 +159,18 @@ class STARLossMixin:
         `<output_dir>/ref_logps/` (`reference.ref_logps_column`)."""
         reference = self._precompute_reference or self.accelerator.unwrap_model(self.model)
         # The policy itself serves as pi_ref with its PEFT adapters disabled (docs/method.md 1.2).
-        disable_adapters = self._precompute_reference is None and _is_peft_model(self.accelerator.unwrap_model(reference))
-        return ref_logps_column(self.accelerator, reference, dataset, batch_size, disable_adapters,
-                                os.path.join(self.args.output_dir, "ref_logps"), progress=not self.args.disable_tqdm)
+        disable_adapters = self._precompute_reference is None and _is_peft_model(
+            self.accelerator.unwrap_model(reference)
+        )
+        return ref_logps_column(
+            self.accelerator,
+            reference,
+            dataset,
+            batch_size,
+            disable_adapters,
+            os.path.join(self.args.output_dir, "ref_logps"),
+            progress=not self.args.disable_tqdm,
+        )
 
     def _reference(self, model):
         """A context in which `ref(**inputs, ...)` runs pi_ref: the explicit/frozen reference or disabled adapters."""
@@ -196,10 +215,15 @@ class STARLossMixin:
                 ref_hidden = ref(**model_inputs, star_hidden_states=True)[:, :-1]
             hidden = model(**model_inputs, star_hidden_states=True)[:, :-1]
             kl, logps, entropy, top1 = full_kl(
-                hidden, output_head(self.accelerator.unwrap_model(model)), ref_hidden,
-                output_head(self.accelerator.unwrap_model(ref)), labels.clamp(min=0), mask,
-                settings.full_kl_chunk_size, return_metrics=True,
-            )  # fmt: skip
+                hidden,
+                output_head(self.accelerator.unwrap_model(model)),
+                ref_hidden,
+                output_head(self.accelerator.unwrap_model(ref)),
+                labels.clamp(min=0),
+                mask,
+                settings.full_kl_chunk_size,
+                return_metrics=True,
+            )
             ref_logps = None
         else:
             if ref_logps is None:
@@ -212,7 +236,9 @@ class STARLossMixin:
             logps, entropy, top1, aux_loss = outputs.log_probs, outputs.entropy, outputs.is_top1, outputs.aux_loss
         if settings.shaping == "star_dss":
             weights = star_weights[:, 1:].to(logps.dtype)
-            per_token = star_dss_loss(logps, ref_logps, weights, mask, settings.kl_coef, settings.kl_estimator, "none", kl=kl)
+            per_token = star_dss_loss(
+                logps, ref_logps, weights, mask, settings.kl_coef, settings.kl_estimator, "none", kl=kl
+            )
         else:
             per_token = deep_token_loss(logps, ref_logps, mask, "none")
         loss = self.token_mean(per_token.sum(), mask, num_items_in_batch)
@@ -268,7 +294,9 @@ class STARLossMixin:
             return (gather((values.float() * mask_f).sum()).sum() / n).item()
 
         if kl is None:  # what the loss used; Deep Token logs the configured token estimator for comparison
-            kl = token_kl(logps.float(), ref_logps.float(), "k2" if settings.kl_estimator == "full" else settings.kl_estimator)
+            kl = token_kl(
+                logps.float(), ref_logps.float(), "k2" if settings.kl_estimator == "full" else settings.kl_estimator
+            )
         metrics = {"kl": mean(kl)}
         if star_weights is not None and settings.shaping == "star_dss":
             weights = star_weights[:, 1:]
@@ -305,8 +333,17 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         ),
     }
 
-    def __init__(self, model, args: STARDSSConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, ref_model=None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        args: STARDSSConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        ref_model=None,
+        **kwargs,
+    ):
         named = isinstance(model, str) or getattr(getattr(model, "config", None), "_name_or_path", "")
         if processing_class is None and not named:
             # TRL would load the tokenizer from the model's name, which a model built in code does not have, and fail
@@ -333,7 +370,9 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                     "`datasets.load_from_disk('DIR/dataset')`), or set `guardrail=` to score it at start-up."
                 )
             if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str) else model.config._name_or_path)
+                processing_class = AutoTokenizer.from_pretrained(
+                    model if isinstance(model, str) else model.config._name_or_path
+                )
             train_dataset = self._score_at_start(train_dataset, processing_class, args)
         if uses_scores and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
             check_star_dataset(train_dataset)  # the column is input: checked before anything reads it (issue 25)
@@ -343,8 +382,15 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         self._defer_packing = args.precompute_ref_log_probs and args.shaping in REFERENCE_SHAPINGS
         self._deferred_packing: dict[str, bool] = {}
         self._rejection_metrics: dict[str, dict[str, int]] = {}  # `_reject`'s counts, for the first logged step
-        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
         for mode, counts in self._rejection_metrics.items():
             self._metrics[mode].update({key: [value] for key, value in counts.items()})
         if data_collator is None:  # carry star_weights / ref_logps through TRL's own collation choices
@@ -379,11 +425,18 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         from .scoring.startup import score_for_training
 
         scored, _ = score_for_training(
-            dataset, tokenizer, args.guardrail, family=args.guardrail_family, temperature=args.guardrail_temperature,
-            controversial=args.guardrail_controversial, chunk_size=args.star_chunk_size, unit=args.star_unit,
+            dataset,
+            tokenizer,
+            args.guardrail,
+            family=args.guardrail_family,
+            temperature=args.guardrail_temperature,
+            controversial=args.guardrail_controversial,
+            chunk_size=args.star_chunk_size,
+            unit=args.star_unit,
             output_dir=args.star_scores_dir or os.path.join(args.output_dir, "star_scores"),
-            output_name="star_scores_dir", log=PartialState().is_main_process,
-        )  # fmt: skip
+            output_name="star_scores_dir",
+            log=PartialState().is_main_process,
+        )
         return scored
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
@@ -428,8 +481,10 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         whole, before tokenization; the rest train with plain cross-entropy. Says once what it kept (a log line, and
         the counts in the first logged metrics of the dataset's mode)."""
         total = len(dataset)
-        dataset = dataset.filter(lambda example: not rejected(example[STAR_COLUMN], args.rejection_threshold),
-                                 desc=f"Rejection sampling of the {dataset_name} dataset")  # fmt: skip
+        dataset = dataset.filter(
+            lambda example: not rejected(example[STAR_COLUMN], args.rejection_threshold),
+            desc=f"Rejection sampling of the {dataset_name} dataset",
+        )
         if len(dataset) == 0:
             raise STARDSSError(
                 f"Rejection sampling dropped all {total} examples of the {dataset_name} dataset (every one has a "
@@ -457,11 +512,14 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             return dataset
         conversations = [[m for _, messages in example_columns(example, fmt) for m in messages] for example in dataset]
         tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
-        kept = content_special_token_rule(conversations, tokenizer, args.content_special_tokens,
-                                          "content_special_tokens", f"{dataset_name} dataset")  # fmt: skip
+        kept = content_special_token_rule(
+            conversations, tokenizer, args.content_special_tokens, "content_special_tokens", f"{dataset_name} dataset"
+        )
         if len(kept) < len(dataset):
-            logger.warning(f"content_special_tokens='drop': {len(dataset) - len(kept)} of {len(dataset)} examples of "
-                           f"the {dataset_name} dataset hold the policy's special-token strings and are not trained.")  # fmt: skip
+            logger.warning(
+                f"content_special_tokens='drop': {len(dataset) - len(kept)} of {len(dataset)} examples of "
+                f"the {dataset_name} dataset hold the policy's special-token strings and are not trained."
+            )
             dataset = dataset.select(kept)
         return dataset
 

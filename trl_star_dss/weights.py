@@ -55,8 +55,9 @@ def message_spans(text: str, messages: Sequence[dict]) -> list[tuple[int, int]]:
     return spans
 
 
-def response_regions(text: str, messages: Sequence[dict], turns: Sequence[int],
-                     rewritten_prompt: bool = False) -> dict[int, tuple[int, int]]:  # fmt: skip
+def response_regions(
+    text: str, messages: Sequence[dict], turns: Sequence[int], rewritten_prompt: bool = False
+) -> dict[int, tuple[int, int]]:
     """For each scored turn, its region of `text`: from the start of its response to the start of the next message
     (so the end-of-turn tokens after it belong to it), or to the end of the text.
 
@@ -90,8 +91,13 @@ def look_ahead(scores: Sequence[float], lookahead: int) -> list[float]:
     return [min(scores[k : k + lookahead + 1]) for k in range(len(scores))]
 
 
-def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[int, int]], records: dict,
-                   whole_turns: Sequence[int] = (), lookahead: int = 0) -> list[float]:  # fmt: skip
+def region_weights(
+    offsets: Sequence[tuple[int, int]],
+    regions: dict[int, tuple[int, int]],
+    records: dict,
+    whole_turns: Sequence[int] = (),
+    lookahead: int = 0,
+) -> list[float]:
     """Per-token weights from token character `offsets` and, for each scored turn, its `region` in the text and its
     record (`chunk_ends` in characters from the region's start, `scores`). Tokens outside every region (prompt,
     template) weigh 1; a token past a response's last chunk (its end-of-turn tokens) takes the last score. Every
@@ -113,8 +119,14 @@ def region_weights(offsets: Sequence[tuple[int, int]], regions: dict[int, tuple[
     return weights
 
 
-def token_weights(text: str, offsets: Sequence[tuple[int, int]], messages: Sequence[dict], records: Sequence[dict],
-                  rewritten_prompt: bool = False, lookahead: int = 0) -> list[float]:  # fmt: skip
+def token_weights(
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    messages: Sequence[dict],
+    records: Sequence[dict],
+    rewritten_prompt: bool = False,
+    lookahead: int = 0,
+) -> list[float]:
     """The STAR weight of every token of one rendered example: `text`, its tokens' character `offsets`, the
     `messages` it was rendered from and their scored `records`; `lookahead` chunks (`look_ahead`, 0: the paper's)."""
     by_turn = {record["turn"]: record for record in records}
@@ -146,8 +158,13 @@ STAR_RECORD_FIX = (
 )
 
 
-def check_star_records(records, responses: Sequence[str | None], index: int, column: str = "messages",
-                       roles: Sequence[str | None] | None = None) -> None:  # fmt: skip
+def check_star_records(
+    records,
+    responses: Sequence[str | None],
+    index: int,
+    column: str = "messages",
+    roles: Sequence[str | None] | None = None,
+) -> None:
     """Refuse an example's `star` records unless each places scores that mean something (issue 25): `turn` names an
     assistant response; `chunk_ends` are strictly increasing positive whole numbers, none past the response's
     length in characters; as many `scores` as ends, each finite and in [0, 1].
@@ -162,7 +179,9 @@ def check_star_records(records, responses: Sequence[str | None], index: int, col
         raise STARDSSError(f"Example {index}: {head}: {problem}. {STAR_RECORD_FIX}")
 
     if not isinstance(records, list):
-        raise STARDSSError(f"Example {index}: the `star` value is {records!r}, not a list of records. {STAR_RECORD_FIX}")
+        raise STARDSSError(
+            f"Example {index}: the `star` value is {records!r}, not a list of records. {STAR_RECORD_FIX}"
+        )
     seen = set()
     for r, record in enumerate(records):
         if not isinstance(record, dict):
@@ -193,8 +212,12 @@ def check_star_records(records, responses: Sequence[str | None], index: int, col
             if type(end) is not int and not (type(end) is float and end.is_integer()):
                 fail(f"chunk_ends[{k}] = {end!r} is not a positive whole number", turn)
             if end <= previous:
-                fail(f"chunk_ends[{k}] = {end!r} is not a positive whole number" if k == 0 else
-                     f"chunk_ends are not strictly increasing (chunk_ends[{k}] = {end} after {previous})", turn)  # fmt: skip
+                fail(
+                    f"chunk_ends[{k}] = {end!r} is not a positive whole number"
+                    if k == 0
+                    else f"chunk_ends are not strictly increasing (chunk_ends[{k}] = {end} after {previous})",
+                    turn,
+                )
             previous = end
         if previous > len(response):
             fail(f"chunk_ends[-1] = {previous} is past the end of the response ({len(response)} characters)", turn)

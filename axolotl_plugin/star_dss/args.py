@@ -67,8 +67,12 @@ def migrate_renamed(cfg) -> None:
             continue
         if cfg.get(new) is not None:
             raise STARDSSError(f"{old} (the old name of {new}) and {new} are both set. Keep {new} only.")
-        warnings.warn(f"{old} is deprecated (renamed {new}, `star_dss_` + the STARDSSConfig field); it is accepted "
-                      "until the next release. Rename it in your config.", FutureWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{old} is deprecated (renamed {new}, `star_dss_` + the STARDSSConfig field); it is accepted "
+            "until the next release. Rename it in your config.",
+            FutureWarning,
+            stacklevel=2,
+        )
         cfg[new] = cfg.pop(old)
 
 
@@ -76,14 +80,21 @@ def check_keys(cfg) -> None:
     """The plugin owns the `star_dss_` prefix: a key with it that no field declares is a typo, which pydantic would
     silently drop (`star_dss_chunk_sise: 5` would train with the default M). Axolotl's own keys are not checked."""
     known = [*FIELDS, SCORES_PATH]
-    unknown = [k for k in cfg if isinstance(k, str) and k.startswith(PREFIX)
-               and k not in known and k not in RENAMED and k != SCORES_FINGERPRINT]  # fmt: skip
+    unknown = [
+        k
+        for k in cfg
+        if isinstance(k, str)
+        and k.startswith(PREFIX)
+        and k not in known
+        and k not in RENAMED
+        and k != SCORES_FINGERPRINT
+    ]
     if not unknown:
         return
     guesses, lost = [], False
     for k in unknown:
         # Compared without the shared prefix, which would make every key look close to every other.
-        close = difflib.get_close_matches(k[len(PREFIX):], [name[len(PREFIX):] for name in known], n=1)
+        close = difflib.get_close_matches(k[len(PREFIX) :], [name[len(PREFIX) :] for name in known], n=1)
         guesses.append(f"{k!r} (did you mean {PREFIX + close[0]!r}?)" if close else repr(k))
         lost = lost or not close
     listing = f" The star_dss_* keys are: {', '.join(known)}." if lost else ""
@@ -128,14 +139,20 @@ def _check(data):
             "or point star_dss_scores_path at the output of `star-dss score`."
         )
     if values["guardrail"] and scores_path:
-        raise STARDSSError("star_dss_guardrail and star_dss_scores_path are both set, so it is unclear which scores "
-                           "to use. Keep one of them.")  # fmt: skip
+        raise STARDSSError(
+            "star_dss_guardrail and star_dss_scores_path are both set, so it is unclear which scores "
+            "to use. Keep one of them."
+        )
     if scores_path and not os.path.exists(scores_path):
-        raise STARDSSError(f"star_dss_scores_path={scores_path!r} does not exist. Point it at the directory written "
-                           "by `star-dss score --output DIR`.")  # fmt: skip
+        raise STARDSSError(
+            f"star_dss_scores_path={scores_path!r} does not exist. Point it at the directory written "
+            "by `star-dss score --output DIR`."
+        )
     if data.get("rl"):
-        raise STARDSSError(f"star_dss is for supervised finetuning, but rl={data['rl']!r} is set. Remove `rl:` "
-                           "(STAR-DSS shapes the SFT loss), or turn star_dss off.")  # fmt: skip
+        raise STARDSSError(
+            f"star_dss is for supervised finetuning, but rl={data['rl']!r} is set. Remove `rl:` "
+            "(STAR-DSS shapes the SFT loss), or turn star_dss off."
+        )
     parallel = {k: data.get(k) for k in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size")}
     if any((v or 1) > 1 for v in parallel.values()):
         raise STARDSSError(
@@ -145,12 +162,16 @@ def _check(data):
     if data.get("balance_labels") and not data.get("sample_packing") and shaping in ("star_dss", "deep_token"):
         # Axolotl's padded label balancing accepts its own collator classes only (`type(collator) in (...)`), and
         # this shaping needs the plugin's collator (a subclass) to carry the per-token weights.
-        raise STARDSSError(f"balance_labels=True without sample_packing does not work with star_dss_shaping="
-                           f"{shaping!r}. Turn on sample_packing (label-balanced packing works), or remove "
-                           "balance_labels.")  # fmt: skip
+        raise STARDSSError(
+            f"balance_labels=True without sample_packing does not work with star_dss_shaping="
+            f"{shaping!r}. Turn on sample_packing (label-balanced packing works), or remove "
+            "balance_labels."
+        )
     if data.get("pretraining_dataset") or data.get("reward_model") or data.get("process_reward_model"):
-        raise STARDSSError("star_dss trains supervised chat or instruction datasets (`datasets:`), not "
-                           "pretraining_dataset or reward models. Remove those keys, or turn star_dss off.")  # fmt: skip
+        raise STARDSSError(
+            "star_dss trains supervised chat or instruction datasets (`datasets:`), not "
+            "pretraining_dataset or reward models. Remove those keys, or turn star_dss off."
+        )
     sharded = bool(data.get("fsdp") or data.get("fsdp_config") or _zero3(data.get("deepspeed")))
     check_sharding(values, sharded, has_reference=bool(data.get("adapter")), names=NAMES)
     if scores_path:
@@ -168,6 +189,7 @@ def _pydantic_type(annotation):
 _HINTS = typing.get_type_hints(STARArguments)
 _FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(STARArguments)}
 
+
 class _Checked(BaseModel):
     @model_validator(mode="before")
     @classmethod
@@ -181,10 +203,20 @@ StarDSSArgs = create_model(
     __base__=_Checked,
     __doc__="STAR-DSS (arXiv 2505.17196) for supervised finetuning: `star_dss: true` plus a guardrail or scores.",
     star_dss=(bool | None, Field(default=None, description="Turn STAR-DSS on (the plugin does nothing otherwise).")),
-    **{k: (_pydantic_type(_HINTS[name]), Field(default=None, description=f"`{name}`: {_FIELD_HELP[name]}"))
-       for k, name in FIELDS.items()},  # fmt: skip
-    **{SCORES_PATH: (str | None, Field(default=None, description="Scores made by `star-dss score --output DIR` (DIR, or "
-                                      "DIR/dataset) for the same conversations, instead of scoring here.")),
-       SCORES_FINGERPRINT: (str | None, Field(default=None))},  # fmt: skip
+    **{
+        k: (_pydantic_type(_HINTS[name]), Field(default=None, description=f"`{name}`: {_FIELD_HELP[name]}"))
+        for k, name in FIELDS.items()
+    },
+    **{
+        SCORES_PATH: (
+            str | None,
+            Field(
+                default=None,
+                description="Scores made by `star-dss score --output DIR` (DIR, or "
+                "DIR/dataset) for the same conversations, instead of scoring here.",
+            ),
+        ),
+        SCORES_FINGERPRINT: (str | None, Field(default=None)),
+    },
 )
 StarDSSArgs.__module__ = __name__

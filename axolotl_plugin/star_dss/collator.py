@@ -32,7 +32,9 @@ class STARColumns:
         values = {key: [[row[key][: len(row["input_ids"])] for row in group] for group in groups] for key in columns}
         ids = [[list(row["input_ids"]) for row in group] for group in groups]
         stripped = [[{k: v for k, v in row.items() if k not in TOKEN_COLUMNS} for row in group] for group in groups]
-        batch = super().__call__(stripped if isinstance(features[0], list) else [g[0] for g in stripped], return_tensors)
+        batch = super().__call__(
+            stripped if isinstance(features[0], list) else [g[0] for g in stripped], return_tensors
+        )
         rows = batch["input_ids"]
         ids, values = [sum(g, []) for g in ids], {k: [sum(g, []) for g in v] for k, v in values.items()}
         if rows.shape[0] == 1 and len(groups) > 1:  # flattened: every example in one row
@@ -81,8 +83,11 @@ def collator_for(cfg, is_eval: bool = False):
         from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
 
         attention, model_type = cfg.get("attn_implementation"), cfg.get("model_config_type")
-        if (attention == "flex_attention" or model_type in SUPPORTED_MULTIPACK_MODEL_TYPES
-                or (model_type == "llama" and attention != "flash_attention_2")):  # fmt: skip
+        if (
+            attention == "flex_attention"
+            or model_type in SUPPORTED_MULTIPACK_MODEL_TYPES
+            or (model_type == "llama" and attention != "flash_attention_2")
+        ):
             return STARV2BatchSamplerDataCollatorForSeq2Seq
         return STARBatchSamplerDataCollatorForSeq2Seq
     if cfg.get("batch_flattening"):

@@ -55,8 +55,9 @@ def prepared_root(cfg) -> str:
 def rejection_file(cfg, ds_cfg, tokenizer_name: str) -> Path:
     """Where the rejection counts of one dataset entry (as configured, with these STAR settings and tokenizer) go."""
     entry = {k: v for k, v in dict(ds_cfg).items() if v is not None}
-    digest = json.dumps([entry, asdict(star_settings(cfg)), cfg.get(SCORES_PATH), tokenizer_name], sort_keys=True,
-                        default=str)  # fmt: skip
+    digest = json.dumps(
+        [entry, asdict(star_settings(cfg)), cfg.get(SCORES_PATH), tokenizer_name], sort_keys=True, default=str
+    )
     return Path(prepared_root(cfg)) / REJECTION_DIR / f"{hashlib.md5(digest.encode()).hexdigest()[:16]}.json"
 
 
@@ -86,8 +87,9 @@ class STARWrapping(DatasetWrappingStrategy):
             path.write_text(json.dumps([kept, total]))
             _PREPARED_HERE.add(str(path))
             LOG.info(rejection_report(kept, total, star_settings(self.cfg).rejection_threshold)[0])
-        return wrap_dataset_for_tokenized_prompt(strategy, dataset, process_count=process_count,
-                                                 keep_in_memory=keep_in_memory, **kwargs)  # fmt: skip
+        return wrap_dataset_for_tokenized_prompt(
+            strategy, dataset, process_count=process_count, keep_in_memory=keep_in_memory, **kwargs
+        )
 
 
 # -- the conversation of a raw example, read through Axolotl's own strategy ---------------------------------------
@@ -104,9 +106,15 @@ def conversation_reader(strategy):
         def read(row):
             turns = strategy.get_conversation_thread(row)
             # Tool calls are what a calling turn says (docs/method.md 1.5): kept for scoring and weighting.
-            return [{"role": t["role"], "content": t.get("content") or "",
-                     **({"tool_calls": t["tool_calls"]} if t.get("tool_calls") else {}),
-                     **({"name": t["name"]} if t.get("name") else {})} for t in turns]  # fmt: skip
+            return [
+                {
+                    "role": t["role"],
+                    "content": t.get("content") or "",
+                    **({"tool_calls": t["tool_calls"]} if t.get("tool_calls") else {}),
+                    **({"name": t["name"]} if t.get("name") else {}),
+                }
+                for t in turns
+            ]
 
         return read
     if isinstance(strategy, InstructionPromptTokenizingStrategy):
@@ -136,16 +144,21 @@ def with_star(strategy, dataset, cfg):
             raise
         return strategy, dataset  # no conversations, so no message content to check either (as in the TRL trainer)
     conversations = [read(row) for row in dataset]
-    kept = content_special_token_rule(conversations, strategy.tokenizer, values.content_special_tokens,
-                                      NAMES["content_special_tokens"])  # fmt: skip
+    kept = content_special_token_rule(
+        conversations, strategy.tokenizer, values.content_special_tokens, NAMES["content_special_tokens"]
+    )
     if len(kept) < len(conversations):
-        LOG.warning(f"star_dss_content_special_tokens: drop: {len(conversations) - len(kept)} of {len(conversations)} "
-                    "examples hold the policy's special-token strings and are not trained.")  # fmt: skip
+        LOG.warning(
+            f"star_dss_content_special_tokens: drop: {len(conversations) - len(kept)} of {len(conversations)} "
+            "examples hold the policy's special-token strings and are not trained."
+        )
         dataset, conversations = dataset.select(kept), [conversations[i] for i in kept]
     if not scored:
         if values.guardrail or scores_path:
-            LOG.info(f"star_dss_shaping={values.shaping!r} reads no STAR scores: the data is not scored "
-                     "(star_dss_guardrail / star_dss_scores_path are not used).")  # fmt: skip
+            LOG.info(
+                f"star_dss_shaping={values.shaping!r} reads no STAR scores: the data is not scored "
+                "(star_dss_guardrail / star_dss_scores_path are not used)."
+            )
         return strategy, dataset
     records = _look_up(conversations, scores_path) if scores_path else _score(conversations, strategy.tokenizer, cfg)
     for index, (messages, star) in enumerate(zip(conversations, records)):  # the column is input (issue 25)
@@ -165,22 +178,41 @@ def _score(conversations: list, tokenizer, cfg) -> list:
     # One cache per dataset and scoring settings (beside the prepared data unless `star_dss_scores_dir` says where):
     # an interrupted preprocess resumes where it stopped, and a config naming another guard scores into its own
     # directory.
-    key = json.dumps([conversations, values.guardrail, values.guardrail_family, values.guardrail_temperature,
-                      values.guardrail_controversial, values.star_chunk_size, values.star_unit,
-                      tokenizer.name_or_path], sort_keys=True)  # fmt: skip
+    key = json.dumps(
+        [
+            conversations,
+            values.guardrail,
+            values.guardrail_family,
+            values.guardrail_temperature,
+            values.guardrail_controversial,
+            values.star_chunk_size,
+            values.star_unit,
+            tokenizer.name_or_path,
+        ],
+        sort_keys=True,
+    )
     root = values.star_scores_dir or os.path.join(prepared_root(cfg), "star_scores")
     # Axolotl prepares data on one process while the others wait, so this process scores everything.
     scored, summary = score_for_training(
-        Dataset.from_dict({"messages": conversations}), tokenizer, values.guardrail, family=values.guardrail_family,
-        temperature=values.guardrail_temperature, controversial=values.guardrail_controversial,
-        chunk_size=values.star_chunk_size, unit=values.star_unit,
+        Dataset.from_dict({"messages": conversations}),
+        tokenizer,
+        values.guardrail,
+        family=values.guardrail_family,
+        temperature=values.guardrail_temperature,
+        controversial=values.guardrail_controversial,
+        chunk_size=values.star_chunk_size,
+        unit=values.star_unit,
         output_dir=os.path.join(root, hashlib.md5(key.encode()).hexdigest()[:16]),
-        output_name=NAMES["star_scores_dir"], distributed=False, log=False,
+        output_name=NAMES["star_scores_dir"],
+        distributed=False,
+        log=False,
     )
     LOG.info(f"STAR scoring: {summary.format()}")  # in Axolotl's log namespace
     if summary.audited_examples:
-        LOG.warning(f"{summary.audited_examples} training examples have audit findings; read them before training: "
-                    f"{summary.format_audit()}")  # fmt: skip
+        LOG.warning(
+            f"{summary.audited_examples} training examples have audit findings; read them before training: "
+            f"{summary.format_audit()}"
+        )
     if torch.cuda.is_available():  # the guard is gone; give its memory back before the policy loads
         torch.cuda.empty_cache()
     return list(scored[STAR_COLUMN])
@@ -204,7 +236,9 @@ def _look_up(conversations: list, path: str) -> list:
     Axolotl's shuffling, sharding and subsampling change), turn numbers moved to this conversation's turns."""
     scored = _load_scored(path)
     if STAR_COLUMN not in scored.column_names:
-        raise STARDSSError(f"star_dss_scores_path={path!r} has no `{STAR_COLUMN}` column. Make it with `star-dss score`.")
+        raise STARDSSError(
+            f"star_dss_scores_path={path!r} has no `{STAR_COLUMN}` column. Make it with `star-dss score`."
+        )
     table = {}
     for row in scored:
         messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
@@ -277,8 +311,9 @@ class STARStrategy:
                 "decode/encode round-trips (byte-level BPE such as Llama 3, Qwen, SmolLM)."
             )
         # Instruction types rewrite the user turn: the responses are then found from the end (`rewritten_prompt`).
-        return token_weights(text, encoded["offset_mapping"], messages, records, rewritten_prompt=True,
-                             lookahead=self.lookahead)  # fmt: skip
+        return token_weights(
+            text, encoded["offset_mapping"], messages, records, rewritten_prompt=True, lookahead=self.lookahead
+        )
 
 
 __all__ = ["TOKEN_COLUMNS", "STARStrategy", "STARWrapping", "conversation_reader", "with_star"]

@@ -31,9 +31,16 @@ LOG = logging.getLogger("axolotl.integrations.star_dss")
 # Dataset types the plugin wraps, and the type each becomes (a module of this package with a `load`).
 WRAPPED_TYPES = {"chat_template": "star_dss.chat_template", "alpaca": "star_dss.alpaca"}
 # Config keys that change the prepared data (the scores, the weights, the examples kept).
-HASH_FIELDS = ("star_dss", *(k for k, name in FIELDS.items() if name not in (
-    "kl_coef", "kl_estimator", "precompute_ref_log_probs", "full_kl_chunk_size", "star_scores_dir")),
-    SCORES_PATH, SCORES_FINGERPRINT)  # fmt: skip
+HASH_FIELDS = (
+    "star_dss",
+    *(
+        k
+        for k, name in FIELDS.items()
+        if name not in ("kl_coef", "kl_estimator", "precompute_ref_log_probs", "full_kl_chunk_size", "star_scores_dir")
+    ),
+    SCORES_PATH,
+    SCORES_FINGERPRINT,
+)
 
 
 def add_hash_fields() -> None:

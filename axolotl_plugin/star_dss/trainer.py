@@ -36,8 +36,10 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
                     LOG.info(message)
                 # Floats: Axolotl averages stored values with `torch.mean`, which refuses integers.
                 self.store_metrics({key: float(value) for key, value in metrics.items()}, train_eval="train")
-        if shaping in SCORED_SHAPINGS and self.train_dataset is not None and (
-            "star_weights" not in self.train_dataset.column_names
+        if (
+            shaping in SCORED_SHAPINGS
+            and self.train_dataset is not None
+            and ("star_weights" not in self.train_dataset.column_names)
         ):
             raise STARDSSError(
                 "The training dataset has no `star_weights` column, so STAR-DSS has nothing to shape the loss "
@@ -75,5 +77,3 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         self.store_metrics(metrics, train_eval=mode)
-
-

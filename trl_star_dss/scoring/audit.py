@@ -82,8 +82,11 @@ class Auditor:
         self.special_tokens = dict(special_tokens or {})
         self.markers = markers or TemplateMarkers()
         self._special = special_token_pattern(sorted(self.special_tokens, key=lambda s: (-len(s), s)))
-        self._tags = re.compile("|".join(map(re.escape, sorted(self.markers.tags, key=len, reverse=True))), re.I) \
-            if self.markers.tags else None  # fmt: skip
+        self._tags = (
+            re.compile("|".join(map(re.escape, sorted(self.markers.tags, key=len, reverse=True))), re.I)
+            if self.markers.tags
+            else None
+        )
         labels = sorted(self.markers.role_labels, key=len, reverse=True)
         self._labels = re.compile(r"(?m)^[ \t]*(?:" + "|".join(map(re.escape, labels)) + ")") if labels else None
 
@@ -91,7 +94,7 @@ class Auditor:
     def for_guardrail(cls, guardrail, policy_tokenizer=None) -> Auditor:
         """The audit for a guardrail (its `audit_sources()`) and the policy tokenizer the data will train."""
         guard_specials, markers = guardrail.audit_sources()
-        owners: dict[str, str] = {s: "guard" for s in guard_specials}
+        owners: dict[str, str] = dict.fromkeys(guard_specials, "guard")
         for special in special_token_strings(policy_tokenizer):
             owners[special] = "guard+policy" if special in owners else "policy"
         return cls(owners, markers)
@@ -99,17 +102,24 @@ class Auditor:
     def settings(self) -> dict:
         """What decides the findings: two audits with other settings are never mixed in one output directory."""
         specials = json.dumps(sorted(self.special_tokens.items()))
-        return {"version": AUDIT_VERSION, "special_tokens": hashlib.sha256(specials.encode()).hexdigest()[:16],
-                "markers": self.markers.digest()}  # fmt: skip
+        return {
+            "version": AUDIT_VERSION,
+            "special_tokens": hashlib.sha256(specials.encode()).hexdigest()[:16],
+            "markers": self.markers.digest(),
+        }
 
     def find(self, text: str) -> list[tuple[str, int, int, str]]:
         """`(kind, start, end, detail)` of every finding in one message's content, in order."""
         found = []
         if self._special is not None:
-            found += [("special_token", m.start(), m.end(), self.special_tokens[m.group()])
-                      for m in self._special.finditer(text)]  # fmt: skip
-        found += [("invisible", m.start(), m.end(), " ".join(f"U+{ord(c):04X}" for c in m.group()))
-                  for m in _INVISIBLE.finditer(text)]  # fmt: skip
+            found += [
+                ("special_token", m.start(), m.end(), self.special_tokens[m.group()])
+                for m in self._special.finditer(text)
+            ]
+        found += [
+            ("invisible", m.start(), m.end(), " ".join(f"U+{ord(c):04X}" for c in m.group()))
+            for m in _INVISIBLE.finditer(text)
+        ]
         if self._tags is not None:
             found += [("template_imitation", m.start(), m.end(), "tag") for m in self._tags.finditer(text)]
         if self._labels is not None:
@@ -132,8 +142,17 @@ class Auditor:
         for turn, message in enumerate(messages):
             content = message["content"]
             for kind, start, end, detail in self.find(content):
-                records.append({"index": index, "column": column, "turn": turn, "kind": kind, "span": [start, end],
-                                "text": content[start:end], "detail": detail})  # fmt: skip
+                records.append(
+                    {
+                        "index": index,
+                        "column": column,
+                        "turn": turn,
+                        "kind": kind,
+                        "span": [start, end],
+                        "text": content[start:end],
+                        "detail": detail,
+                    }
+                )
         return records
 
 

@@ -64,8 +64,9 @@ class CausalLMGuardrail(TemplatedGuardrail):
         name: str | None = None,
         other_labels: dict[str, bool] | None = None,
     ):
-        super().__init__(model, tokenizer, chat_template, template_kwargs, verdict_prefix, temperature, max_length,
-                         batch_size, name)  # fmt: skip
+        super().__init__(
+            model, tokenizer, chat_template, template_kwargs, verdict_prefix, temperature, max_length, batch_size, name
+        )
         self.max_tokens_per_forward = max_tokens_per_forward
         self.safe_id = self._label_id(safe_label, "safe_label")
         self.unsafe_id = self._label_id(unsafe_label, "unsafe_label")
@@ -160,7 +161,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
         results: list = [None] * len(plans)
         budget, limit = self.max_tokens_per_forward, _shared_prefix_limit(self.model)
         batch: list[int] = []
-        for q, (trunk, starts, suffixes) in enumerate(plans):
+        for q, (trunk, _starts, _suffixes) in enumerate(plans):
             # Nothing shared (a template that changes its start with the response), or an input longer than the rows
             # read exactly: one forward per prefix.
             if not trunk or max(map(len, encoded[q])) > limit:
@@ -191,8 +192,13 @@ class CausalLMGuardrail(TemplatedGuardrail):
         input_ids, ends = self._right_padded(trunks)
         cache = DynamicCache()  # full layers: a sliding window is applied by the rows' masks, never by eviction
         with torch.inference_mode():
-            self.model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1,
-                       attention_mask=(torch.arange(input_ids.size(1))[None] <= ends[:, None]).long().to(device))  # fmt: skip
+            self.model(
+                input_ids=input_ids.to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                attention_mask=(torch.arange(input_ids.size(1))[None] <= ends[:, None]).long().to(device),
+            )
         rows = [(e, start, suffix) for e, q in enumerate(batch) for start, suffix in zip(*plans[q][1:])]
         scores: list[float] = []
         first = 0
@@ -205,13 +211,16 @@ class CausalLMGuardrail(TemplatedGuardrail):
             input_ids, row_ends = self._right_padded([suffix for _, _, suffix in group])
             starts = torch.tensor([start for _, start, _ in group], device=device)
             examples = [e for e, _, _ in group]
-            spans = [(e, first_row, first_row + examples.count(e)) for first_row, e in enumerate(examples)
-                     if first_row == 0 or examples[first_row - 1] != e]  # fmt: skip
+            spans = [
+                (e, first_row, first_row + examples.count(e))
+                for first_row, e in enumerate(examples)
+                if first_row == 0 or examples[first_row - 1] != e
+            ]
             shared = SharedPrefix(cache, spans, starts, input_ids.size(1))
             positions = starts[:, None] + torch.arange(input_ids.size(1), device=device)
             scores += self._scores_at(row_ends, shared, input_ids=input_ids, position_ids=positions)
             first = end
-        for e, q in enumerate(batch):
+        for q in batch:
             trunk, _, suffixes = plans[q]
             results[q] = scores[: len(suffixes)], len(trunk) + sum(map(len, suffixes))
             scores = scores[len(suffixes) :]

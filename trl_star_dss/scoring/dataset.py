@@ -114,8 +114,15 @@ class ScoringSummary:
 class STARScorer:
     """Scores examples: chunking with the policy tokenizer, then the guardrail on every prefix."""
 
-    def __init__(self, guardrail: Guardrail, tokenizer=None, chunk_size: int = 5, unit: str = "token",
-                 method: str = "fast", audit: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        guardrail: Guardrail,
+        tokenizer=None,
+        chunk_size: int = 5,
+        unit: str = "token",
+        method: str = "fast",
+        audit: bool = True,
+    ):
         check_chunking(chunk_size, unit, tokenizer)
         self.guardrail, self.tokenizer = guardrail, tokenizer
         self.chunk_size, self.unit, self.method = chunk_size, unit, method
@@ -131,7 +138,9 @@ class STARScorer:
                 queries.append(PrefixQuery(context, response, ends, label=f"Example {index} turn {turn}"))
                 owners.append((index, turn, self._units(response, ends)))
         results = self.guardrail.score_prefixes(queries, method=self.method)
-        records = {index: _empty_record(index, example_hash(example, fmt)) for example, index in zip(examples, indices)}
+        records = {
+            index: _empty_record(index, example_hash(example, fmt)) for example, index in zip(examples, indices)
+        }
         for query, (index, turn, units), result in zip(queries, owners, results):
             record = records[index]
             record["star"].append({"turn": turn, "chunk_ends": query.ends, "scores": result.scores})
@@ -142,8 +151,11 @@ class STARScorer:
         if self.auditor is not None:
             for example, index in zip(examples, indices):
                 start = time.perf_counter()
-                records[index]["audit"] = [finding for column, messages in example_columns(example, fmt)
-                                           for finding in self.auditor.audit_messages(index, column, messages)]
+                records[index]["audit"] = [
+                    finding
+                    for column, messages in example_columns(example, fmt)
+                    for finding in self.auditor.audit_messages(index, column, messages)
+                ]
                 records[index]["audit_seconds"] = time.perf_counter() - start
         return [records[index] for index in indices]
 
@@ -156,8 +168,15 @@ class STARScorer:
 
 
 def _empty_record(index: int, digest: str) -> dict:
-    return {"index": index, "hash": digest, "star": [], "context_cut": False, "guard_tokens": 0, "units": 0,
-            "units_below_half": 0}  # fmt: skip
+    return {
+        "index": index,
+        "hash": digest,
+        "star": [],
+        "context_cut": False,
+        "guard_tokens": 0,
+        "units": 0,
+        "units_below_half": 0,
+    }
 
 
 def score_dataset(
@@ -205,8 +224,10 @@ def score_dataset(
             guardrail_id = guardrail.id
             # What this function named a guard object's scores before guards carried an id (issue 25): such a cache
             # is read as this guard's and its settings file rewritten with the id above.
-            aliases = (f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}" + (
-                f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else ""),)
+            aliases = (
+                f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}"
+                + (f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else ""),
+            )
     elif guardrail_id is None:
         raise STARDSSError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
     tokenizer_id = _tokenizer_id(tokenizer) if tokenizer is not None else None
@@ -229,8 +250,15 @@ def score_dataset(
     shard_dir = None
     if output_dir is not None:
         shard_dir = os.path.join(output_dir, "shards")
-        _check_settings(output_dir, settings, overwrite, is_main=rank == 0, barrier=barrier, aliases=aliases,
-                        output_name=output_name)  # fmt: skip
+        _check_settings(
+            output_dir,
+            settings,
+            overwrite,
+            is_main=rank == 0,
+            barrier=barrier,
+            aliases=aliases,
+            output_name=output_name,
+        )
 
     num_shards = (len(dataset) + shard_size - 1) // shard_size
     mine = [s for s in range(num_shards) if s % world == rank]
@@ -248,8 +276,14 @@ def score_dataset(
     bar = _progress(sum(min(shard_size, len(dataset) - s * shard_size) for s in todo), progress and rank == 0)
     for s in todo:
         if scorer is None:
-            scorer = STARScorer(guardrail if isinstance(guardrail, Guardrail) else guardrail(), tokenizer,
-                                chunk_size, unit, method, audit)  # fmt: skip
+            scorer = STARScorer(
+                guardrail if isinstance(guardrail, Guardrail) else guardrail(),
+                tokenizer,
+                chunk_size,
+                unit,
+                method,
+                audit,
+            )
         shard = []
         for lo in range(s * shard_size, min((s + 1) * shard_size, len(dataset)), batch_size):
             hi = min(lo + batch_size, (s + 1) * shard_size, len(dataset))
@@ -271,7 +305,7 @@ def score_dataset(
         write_text_atomic(os.path.join(shard_dir, f"work-{rank}.json"), json.dumps(work))
         barrier()
         records = {s: _read_shard(shard_dir, s) for s in range(num_shards)}
-        work = {key: 0 for key in work}
+        work = dict.fromkeys(work, 0)
         for r in range(world):
             with open(os.path.join(shard_dir, f"work-{r}.json")) as handle:
                 for key, value in json.load(handle).items():
@@ -315,8 +349,15 @@ def _named(output_name: str, output_dir: str) -> str:
     return f"{output_name} {output_dir!r}" if output_name.startswith("--") else f"{output_name}={output_dir!r}"
 
 
-def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: bool, barrier, aliases=(),
-                    output_name: str = "output_dir") -> None:  # fmt: skip
+def _check_settings(
+    output_dir: str,
+    settings: dict,
+    overwrite: bool,
+    is_main: bool,
+    barrier,
+    aliases=(),
+    output_name: str = "output_dir",
+) -> None:
     path = os.path.join(output_dir, _SETTINGS_FILE)
     existing, renamed = None, False
     if os.path.exists(path):
@@ -329,9 +370,11 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool, is_main: b
         changed = {k: (existing.get(k), v) for k, v in settings.items() if existing.get(k) != v}
         earlier = ""
         if "guardrail" in changed and "|T=" in str(existing.get("guardrail")):
-            earlier = (" Its guard id is the form `score_dataset` wrote for a guard object before guards carried "
-                       "an id: run that `score_dataset` call again with the same guard (it reads the scores without "
-                       "a guard forward and records the guard's id), then this.")  # fmt: skip
+            earlier = (
+                " Its guard id is the form `score_dataset` wrote for a guard object before guards carried "
+                "an id: run that `score_dataset` call again with the same guard (it reads the scores without "
+                "a guard forward and records the guard's id), then this."
+            )
         raise STARDSSError(
             f"{_named(output_name, output_dir)} holds STAR scores made with other settings ({changed}, as (stored, "
             f"now)).{earlier} Scores made with different settings are never mixed: choose another {output_name}, or "
@@ -366,10 +409,16 @@ def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str, outpu
             )
 
 
-def _summarize(records: list[dict], seconds: float, scored_now: int, guard_tokens: int, audit_seconds: float,
-               audit: bool) -> ScoringSummary:  # fmt: skip
-    summary = ScoringSummary(examples=len(records), seconds=seconds, scored_now=scored_now, guard_tokens=guard_tokens,
-                             audit_seconds=audit_seconds)  # fmt: skip
+def _summarize(
+    records: list[dict], seconds: float, scored_now: int, guard_tokens: int, audit_seconds: float, audit: bool
+) -> ScoringSummary:
+    summary = ScoringSummary(
+        examples=len(records),
+        seconds=seconds,
+        scored_now=scored_now,
+        guard_tokens=guard_tokens,
+        audit_seconds=audit_seconds,
+    )
     if audit:
         summary.findings = [finding for record in records for finding in record["audit"]]
         summary.audit = count_findings(summary.findings)

@@ -30,8 +30,17 @@ from .guardrail import (
 from .token_level import TokenLevelGuardrail
 
 
-FAMILIES = ("llama_guard", "llama_guard_4", "granite_guardian", "granite_guardian_3_3", "qwen3guard_gen",
-            "shieldgemma", "wildguard", "qwen3guard_stream")
+FAMILIES = (
+    "llama_guard",
+    "llama_guard_4",
+    "granite_guardian",
+    "granite_guardian_3_3",
+    "qwen3guard_gen",
+    "shieldgemma",
+    "wildguard",
+    "qwen3guard_stream",
+)
+
 
 class LlamaGuard(CausalLMGuardrail):
     """Llama Guard 3 (1B, 8B): its own chat template; the answer starts with a blank line, then `safe`/`unsafe`."""
@@ -71,7 +80,9 @@ class GraniteGuardian(CausalLMGuardrail):
 
     def __init__(self, model, tokenizer, risk_name: str = "harm", **kwargs):
         template_kwargs = {"guardian_config": {"risk_name": risk_name}, **kwargs.pop("template_kwargs", {})}
-        super().__init__(model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs, **kwargs)
+        super().__init__(
+            model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs, **kwargs
+        )
 
 
 class GraniteGuardian33(CausalLMGuardrail):
@@ -82,11 +93,15 @@ class GraniteGuardian33(CausalLMGuardrail):
     read after `<think>\n</think>\n<score>`: ` yes` = the text meets the risk criterion (unsafe), ` no` = safe."""
 
     def __init__(self, model, tokenizer, criteria_id: str = "harm", **kwargs):
-        template_kwargs = {"guardian_config": {"criteria_id": criteria_id}, "think": False,
-                           **kwargs.pop("template_kwargs", {})}  # fmt: skip
+        template_kwargs = {
+            "guardian_config": {"criteria_id": criteria_id},
+            "think": False,
+            **kwargs.pop("template_kwargs", {}),
+        }
         kwargs.setdefault("verdict_prefix", "<think>\n</think>\n<score>")
-        super().__init__(model, tokenizer, safe_label=" no", unsafe_label=" yes", template_kwargs=template_kwargs,
-                         **kwargs)  # fmt: skip
+        super().__init__(
+            model, tokenizer, safe_label=" no", unsafe_label=" yes", template_kwargs=template_kwargs, **kwargs
+        )
         _refuse_prefilled(self, "</think>", "an empty think block the model writes itself")
 
 
@@ -101,8 +116,14 @@ class Qwen3GuardGen(CausalLMGuardrail):
         check_controversial(controversial)
         kwargs.setdefault("verdict_prefix", "Safety:")
         first = tokenizer(" Controversial", add_special_tokens=False)["input_ids"][0]
-        super().__init__(model, tokenizer, safe_label=" Safe", unsafe_label=" Unsafe",
-                         other_labels={tokenizer.decode([first]): controversial == "safe"}, **kwargs)  # fmt: skip
+        super().__init__(
+            model,
+            tokenizer,
+            safe_label=" Safe",
+            unsafe_label=" Unsafe",
+            other_labels={tokenizer.decode([first]): controversial == "safe"},
+            **kwargs,
+        )
         self.controversial = controversial
         _refuse_prefilled(self, None, "the pre-filled empty think block `<think>\n\n</think>\n\n`")
 
@@ -123,8 +144,9 @@ class ShieldGemma(CausalLMGuardrail):
 
     def __init__(self, model, tokenizer, guideline: str = SHIELDGEMMA_GUIDELINE, **kwargs):
         template_kwargs = {"guideline": guideline, **kwargs.pop("template_kwargs", {})}
-        super().__init__(model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs,
-                         **kwargs)  # fmt: skip
+        super().__init__(
+            model, tokenizer, safe_label="No", unsafe_label="Yes", template_kwargs=template_kwargs, **kwargs
+        )
 
 
 # WildGuard's input, verbatim from allenai/wildguard `wildguard/utils.py` (`WILDGUARD_INPUT_FORMAT`, v1.0.0, commit
@@ -141,8 +163,11 @@ WILDGUARD_TEMPLATE = (
 )
 # Its answer, three lines in this order, each value as its parser accepts it (`parse_model_generation_to_output`
 # in `wildguard/wildguard.py`: positional, lower-cased `yes` / `no` / `n/a`).
-WILDGUARD_FIELDS = (("Harmful request:", ("yes", "no")), ("Response refusal:", ("yes", "no", "n/a")),
-                    ("Harmful response:", ("yes", "no", "n/a")))  # fmt: skip
+WILDGUARD_FIELDS = (
+    ("Harmful request:", ("yes", "no")),
+    ("Response refusal:", ("yes", "no", "n/a")),
+    ("Harmful response:", ("yes", "no", "n/a")),
+)
 
 
 class WildGuard(CausalLMGuardrail):
@@ -157,8 +182,9 @@ class WildGuard(CausalLMGuardrail):
     def __init__(self, model, tokenizer, **kwargs):
         kwargs.setdefault("chat_template", WILDGUARD_TEMPLATE)
         field, answers = WILDGUARD_FIELDS[-1]
-        super().__init__(model, tokenizer, verdict_prefix=field, **_first_tokens(tokenizer, answers, ("no", "n/a")),
-                         **kwargs)  # fmt: skip
+        super().__init__(
+            model, tokenizer, verdict_prefix=field, **_first_tokens(tokenizer, answers, ("no", "n/a")), **kwargs
+        )
         self._options = {k: v for k, v in kwargs.items() if k not in ("name", "temperature")}
         self._readers: dict[tuple[str, tuple[str, ...]], CausalLMGuardrail] = {}
 
@@ -167,9 +193,15 @@ class WildGuard(CausalLMGuardrail):
         key = (written, tuple(safe))
         if key not in self._readers:
             temperature = self.temperature if written.endswith(WILDGUARD_FIELDS[-1][0]) else 1.0
-            self._readers[key] = CausalLMGuardrail(self.model, self.tokenizer, verdict_prefix=written, name=self.name,
-                                                   temperature=temperature, **_first_tokens(self.tokenizer, answers, safe),
-                                                   **self._options)  # fmt: skip
+            self._readers[key] = CausalLMGuardrail(
+                self.model,
+                self.tokenizer,
+                verdict_prefix=written,
+                name=self.name,
+                temperature=temperature,
+                **_first_tokens(self.tokenizer, answers, safe),
+                **self._options,
+            )
         return self._readers[key]
 
     def score_prefixes(self, queries: Sequence[PrefixQuery], method: str = "fast") -> list[PrefixScores]:
@@ -184,8 +216,12 @@ class WildGuard(CausalLMGuardrail):
                 picks = [(q, [k for k, t in enumerate(lines) if t == text]) for q, lines in enumerate(written)]
                 picks = [(q, ks) for q, ks in picks if ks]
                 scored = self._reader(text + field, answers, safe).score_prefixes(
-                    [PrefixQuery(queries[q].context, queries[q].response, [queries[q].ends[k] for k in ks])
-                     for q, ks in picks], method)  # fmt: skip
+                    [
+                        PrefixQuery(queries[q].context, queries[q].response, [queries[q].ends[k] for k in ks])
+                        for q, ks in picks
+                    ],
+                    method,
+                )
                 for (q, ks), result in zip(picks, scored):
                     tokens[q] += result.guard_tokens
                     out.update({(q, k): v for k, v in zip(ks, result.scores)})
@@ -200,12 +236,22 @@ class WildGuard(CausalLMGuardrail):
                 written[q][k] += f"{field} {answers[max(range(len(values)), key=values.__getitem__)]}\n"
         field, answers = WILDGUARD_FIELDS[-1]
         final = read(field, answers, ("no", "n/a"))
-        return [PrefixScores([final[q, k] for k in range(len(query.ends))], context_cut=self.fit_context(query)[1],
-                             guard_tokens=tokens[q]) for q, query in enumerate(queries)]  # fmt: skip
+        return [
+            PrefixScores(
+                [final[q, k] for k in range(len(query.ends))],
+                context_cut=self.fit_context(query)[1],
+                guard_tokens=tokens[q],
+            )
+            for q, query in enumerate(queries)
+        ]
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
-        queries = [PrefixQuery(c[:-1], c[-1]["content"], [len(c[-1]["content"])]) if c[-1]["role"] == "assistant"
-                   else PrefixQuery(c, "", [0]) for c in conversations]  # fmt: skip
+        queries = [
+            PrefixQuery(c[:-1], c[-1]["content"], [len(c[-1]["content"])])
+            if c[-1]["role"] == "assistant"
+            else PrefixQuery(c, "", [0])
+            for c in conversations
+        ]
         return [result.scores[0] for result in self.score_prefixes(queries)]
 
 
@@ -231,8 +277,11 @@ def _first_tokens(tokenizer, answers, safe) -> dict:
         )
     safe_labels = [labels[a][0] for a in answers if a in safe]
     unsafe_labels = [labels[a][0] for a in answers if a not in safe]
-    return {"safe_label": safe_labels[0], "unsafe_label": unsafe_labels[0],
-            "other_labels": {x: True for x in safe_labels[1:]} | {x: False for x in unsafe_labels[1:]}}  # fmt: skip
+    return {
+        "safe_label": safe_labels[0],
+        "unsafe_label": unsafe_labels[0],
+        "other_labels": dict.fromkeys(safe_labels[1:], True) | dict.fromkeys(unsafe_labels[1:], False),
+    }
 
 
 def _refuse_prefilled(guard: CausalLMGuardrail, marker: str | None, what: str) -> None:
@@ -249,21 +298,34 @@ def _refuse_prefilled(guard: CausalLMGuardrail, marker: str | None, what: str) -
         )
 
 
-FAMILY_CLASSES = {"llama_guard": LlamaGuard, "llama_guard_4": LlamaGuard4, "granite_guardian": GraniteGuardian,
-                  "granite_guardian_3_3": GraniteGuardian33, "qwen3guard_gen": Qwen3GuardGen,
-                  "shieldgemma": ShieldGemma, "wildguard": WildGuard}  # fmt: skip
+FAMILY_CLASSES = {
+    "llama_guard": LlamaGuard,
+    "llama_guard_4": LlamaGuard4,
+    "granite_guardian": GraniteGuardian,
+    "granite_guardian_3_3": GraniteGuardian33,
+    "qwen3guard_gen": Qwen3GuardGen,
+    "shieldgemma": ShieldGemma,
+    "wildguard": WildGuard,
+}
 # (qwen3guard_stream is loaded by `_load_stream_guard`: its heads are remote code, read by `TokenLevelGuardrail`.)
 
 # Names of guards, with the family each version is read by (docs/method.md 1.1). A version not listed reads its
 # verdict elsewhere or in a format not verified here (Llama Guard 1/2, Granite Guardian 4.x): never guessed.
 NAMED_FAMILIES = (
     (r"llama-?guard-?(\d+)", {"3": "llama_guard", "4": "llama_guard_4"}),
-    (r"granite-guardian-(\d+(?:\.\d+)?)", {"3.0": "granite_guardian", "3.1": "granite_guardian",
-                                           "3.2": "granite_guardian", "3.3": "granite_guardian_3_3"}),
+    (
+        r"granite-guardian-(\d+(?:\.\d+)?)",
+        {
+            "3.0": "granite_guardian",
+            "3.1": "granite_guardian",
+            "3.2": "granite_guardian",
+            "3.3": "granite_guardian_3_3",
+        },
+    ),
     (r"qwen3guard-(gen|stream)", {"gen": "qwen3guard_gen", "stream": "qwen3guard_stream"}),
     (r"shield-?gemma()", {"": "shieldgemma"}),
     (r"wild-?guard()", {"": "wildguard"}),
-)  # fmt: skip
+)
 
 
 def _family_from_template(template: str) -> str | None:
@@ -352,14 +414,17 @@ def load_guardrail(
             f"class (Qwen3Guard), not to {spec!r} (family {family!r}). Leave it unset."
         )
     if family == "qwen3guard_stream":
-        return _with_id(_load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code,
-                                           **kwargs), cache_id)  # fmt: skip
+        return _with_id(
+            _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_remote_code, **kwargs), cache_id
+        )
     model_class = AutoModelForCausalLM
     if family == "llama_guard_4":  # its own class, as Meta's and Hugging Face's notebooks load it; text only here
         from transformers import AutoProcessor, Llama4ForConditionalGeneration
 
         model_class = Llama4ForConditionalGeneration
-        if tokenizer.chat_template is None and "chat_template" not in kwargs:  # the template may ship with the processor
+        if (
+            tokenizer.chat_template is None and "chat_template" not in kwargs
+        ):  # the template may ship with the processor
             tokenizer.chat_template = AutoProcessor.from_pretrained(spec).chat_template
     attn_implementation = kwargs.pop("attn_implementation", None)  # the user's choice wins
     if attn_implementation is None:
@@ -415,19 +480,31 @@ def _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_re
 
 
 # Guard options that change its scores, so they join its cache id (docs/method.md 1.1).
-SCORE_OPTIONS = ("max_length", "controversial", "risk_name", "criteria_id", "guideline", "safe_label", "unsafe_label",
-                 "verdict_prefix", "template_kwargs", "chat_template")  # fmt: skip
+SCORE_OPTIONS = (
+    "max_length",
+    "controversial",
+    "risk_name",
+    "criteria_id",
+    "guideline",
+    "safe_label",
+    "unsafe_label",
+    "verdict_prefix",
+    "template_kwargs",
+    "chat_template",
+)
 
 
-def guardrail_id(spec, family: str | None = None, temperature: float = 1.0, max_length: int | None = None,
-                 **options) -> str:  # fmt: skip
+def guardrail_id(
+    spec, family: str | None = None, temperature: float = 1.0, max_length: int | None = None, **options
+) -> str:
     """What identifies a guard's scores in a scoring cache: the same guard and settings give the same id whether
     `star-dss score`, `STARDSSTrainer` or the Axolotl plugin scores (so none of them scores the data twice). Options
     left at their defaults add nothing, so ids of earlier releases stay valid."""
     specs = [spec] if isinstance(spec, str) else [s if isinstance(s, str) else s.name for s in spec]
     given = {key: options[key] for key in sorted(options) if key in SCORE_OPTIONS and options[key] is not None}
-    return json.dumps({"guardrail": specs, "family": family, "temperature": float(temperature), "max_length": max_length,
-                       **given})  # fmt: skip
+    return json.dumps(
+        {"guardrail": specs, "family": family, "temperature": float(temperature), "max_length": max_length, **given}
+    )
 
 
 def guard_options(controversial: str | None = None) -> dict:

@@ -58,8 +58,11 @@ class Guardrail:
         not identify its weights (a guard trained in code)."""
         if self._id is not None:
             return self._id
-        return json.dumps({"guardrail": [self.name], "class": type(self).__name__, **self.score_settings()},
-                          sort_keys=True, default=str)  # fmt: skip
+        return json.dumps(
+            {"guardrail": [self.name], "class": type(self).__name__, **self.score_settings()},
+            sort_keys=True,
+            default=str,
+        )
 
     @id.setter
     def id(self, value: str) -> None:

@@ -10,9 +10,9 @@ import os
 from collections.abc import Sequence
 
 from ..formats import STAR_COLUMN, dataset_format, response_turns
-from .dataset import unit_ends
 from ..storage import write_text_atomic
 from ..weights import token_scores
+from .dataset import unit_ends
 
 
 def _rgb(score: float) -> tuple[int, int, int]:
@@ -54,13 +54,21 @@ def first_flagged(dataset, count: int = 5) -> list[int]:
     return [i for i, low in enumerate(lowest) if low < 0.5][:count] or list(range(min(count, len(dataset))))
 
 
-HEATMAP_NOTE = ("What to look for: red spans are pulled toward the reference model (KL), green ones are learned "
-                "(cross-entropy); a response that is red inside and green only at its end was judged safe as a whole "
-                "but not by its prefixes (a misleading suffix).")  # fmt: skip
+HEATMAP_NOTE = (
+    "What to look for: red spans are pulled toward the reference model (KL), green ones are learned "
+    "(cross-entropy); a response that is red inside and green only at its end was judged safe as a whole "
+    "but not by its prefixes (a misleading suffix)."
+)
 
 
-def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | None = None,
-                 title: str = "STAR scores", note: str = HEATMAP_NOTE) -> int:  # fmt: skip
+def heatmap_html(
+    dataset,
+    path: str,
+    tokenizer=None,
+    indices: Sequence[int] | None = None,
+    title: str = "STAR scores",
+    note: str = HEATMAP_NOTE,
+) -> int:
     """Write an HTML page where every response unit (policy token, or word without `tokenizer`) is coloured by its
     STAR weight; hovering shows the score and the chunk. `title` is the page's title and heading, `note` one line
     under it on what to look for. Returns the number of coloured units."""
@@ -73,8 +81,10 @@ def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | No
         cells = []
         for (start, end), weight, chunk in zip(spans, weights, chunk_of):
             hover = f"STAR {weight:.3f} | chunk {chunk + 1}/{len(record['scores'])}"
-            cells.append(f'<span class="t" style="background:{_colour(weight)}" title="{hover}">'
-                         f"{html.escape(response[start:end])}</span>")  # fmt: skip
+            cells.append(
+                f'<span class="t" style="background:{_colour(weight)}" title="{hover}">'
+                f"{html.escape(response[start:end])}</span>"
+            )
         count += len(cells)
         prompt = html.escape(context[-1]["content"]) if context else ""
         low = min(record["scores"])
@@ -88,7 +98,7 @@ def heatmap_html(dataset, path: str, tokenizer=None, indices: Sequence[int] | No
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}.ex{border-bottom:1px solid #ddd;padding:1em 0}"
         ".meta{color:#555;font-size:.85em}.prompt{color:#333;margin:.3em 0;font-style:italic}"
         ".resp{white-space:pre-wrap;line-height:1.6}.t{border-radius:2px}.note{font-weight:bold}"
-        f"</style></head><body><h1>{html.escape(title)}</h1><p class=\"note\">{html.escape(note)}</p>"
+        f'</style></head><body><h1>{html.escape(title)}</h1><p class="note">{html.escape(note)}</p>'
         "<p>Each response unit is coloured by its STAR weight: "
         f'<span style="background:{_colour(0)}">0 unsafe (KL to the reference)</span> '
         f'<span style="background:{_colour(0.5)}">0.5</span> '
@@ -105,11 +115,20 @@ def trajectory_png(dataset, path: str, indices: Sequence[int]) -> None:
     figure, axes = plt.subplots(figsize=(12, 6), dpi=100)
     for index, record, _, response in _scored_turns(dataset, indices):
         positions = [0] + [end / len(response) for end in record["chunk_ends"]]
-        axes.step(positions, [record["scores"][0]] + record["scores"], where="pre",
-                  label=f"example {index}, turn {record['turn']}")  # fmt: skip
+        axes.step(
+            positions,
+            [record["scores"][0]] + record["scores"],
+            where="pre",
+            label=f"example {index}, turn {record['turn']}",
+        )
     axes.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axes.set(xlabel="position in the response (share of its characters)", ylabel="STAR (guard P(safe))",
-             ylim=(-0.02, 1.02), xlim=(0, 1), title="STAR trajectories: score of every prefix, chunk by chunk")  # fmt: skip
+    axes.set(
+        xlabel="position in the response (share of its characters)",
+        ylabel="STAR (guard P(safe))",
+        ylim=(-0.02, 1.02),
+        xlim=(0, 1),
+        title="STAR trajectories: score of every prefix, chunk by chunk",
+    )
     # The legend sits right of the axes: scores of 0 and 1 fill every corner of them.
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, borderaxespad=0)
     figure.subplots_adjust(left=0.07, right=0.82)
@@ -138,8 +157,11 @@ def summary_png(dataset, path: str, max_listed: int = 8) -> dict:
     for bar, low, high in zip(bars, edges[:-1], edges[1:]):  # each bar in the colour of its STAR (the heat map's)
         bar.set_facecolor([c / 255 for c in _rgb((low + high) / 2)])
     left.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-    left.set(xlabel="lowest STAR of the response (< 0.5: flagged)", ylabel="responses",
-             title=f"{len(lowest)} responses, {len(flagged)} flagged (< 0.5)")  # fmt: skip
+    left.set(
+        xlabel="lowest STAR of the response (< 0.5: flagged)",
+        ylabel="responses",
+        title=f"{len(lowest)} responses, {len(flagged)} flagged (< 0.5)",
+    )
     right.axis("off")
     lines = [f"share of response words under KL (STAR < 0.5): {100 * share:.1f}%", "", "flagged: where it dropped"]
     for index, turn, span in flagged[:max_listed]:

@@ -49,9 +49,12 @@ def attend(query, key, value, mask, scale: float, softcap: float | None = None, 
         # aten::_scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, *, attn_mask,
         # scale) -> (output, logsumexp), in torch 2.13; it writes out = 0, lse = 0 for a fully masked query.
         out, lse = _CPU_FLASH(
-            query, key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1),
-            attn_mask=mask.to(query.dtype), scale=scale,
-        )  # fmt: skip
+            query,
+            key.expand(query.shape[0], -1, -1, -1),
+            value.expand(query.shape[0], -1, -1, -1),
+            attn_mask=mask.to(query.dtype),
+            scale=scale,
+        )
         return out, lse.masked_fill(~seen, float("-inf"))
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale
     if softcap is not None:  # Gemma-2 style: softcap * tanh(scores / softcap), before the mask
@@ -108,7 +111,9 @@ class SharedPrefix:
             trunk = torch.arange(keys, device=starts.device)[None, None]
             allowed = (trunk < starts).expand(-1, self.width, -1)
             if window is not None:  # sliding-window layers: a query at position p sees keys after p - window
-                allowed = allowed & ((starts + torch.arange(self.width, device=starts.device)[None, :, None]) - trunk < window)
+                allowed = allowed & (
+                    (starts + torch.arange(self.width, device=starts.device)[None, :, None]) - trunk < window
+                )
             self._masks[key] = _additive(allowed.reshape(1, 1, -1, keys))
         return self._masks[key]
 
@@ -158,8 +163,12 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *
         out_t, lse_t = attend(part, trunk_keys, trunk_values, mask, scaling, softcap, seen)
         out_t = out_t.reshape(groups, kv_heads, n, width, dim).permute(2, 1, 0, 3, 4)
         lse_t = lse_t.reshape(groups, kv_heads, n, width).permute(2, 1, 0, 3)
-        out[first:end] = merge(out[first:end], lse[first:end], out_t.reshape(n, kv_heads, groups * width, dim),
-                               lse_t.reshape(n, kv_heads, groups * width))  # fmt: skip
+        out[first:end] = merge(
+            out[first:end],
+            lse[first:end],
+            out_t.reshape(n, kv_heads, groups * width, dim),
+            lse_t.reshape(n, kv_heads, groups * width),
+        )
     # transformers' attention functions return (batch, length, heads, dim) and no weights.
     return out.reshape(rows, heads, width, dim).transpose(1, 2).contiguous(), None
 

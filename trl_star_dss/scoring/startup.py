@@ -14,21 +14,43 @@ from .families import deferred_guardrail, guard_options
 logger = logging.getLogger(__name__)
 
 
-def score_for_training(dataset, tokenizer, guardrail, *, family=None, temperature: float = 1.0,
-                       controversial: str | None = None, chunk_size: int = 5, unit: str = "token",
-                       output_dir: str, output_name: str, distributed: bool = True, log: bool = True):  # fmt: skip
+def score_for_training(
+    dataset,
+    tokenizer,
+    guardrail,
+    *,
+    family=None,
+    temperature: float = 1.0,
+    controversial: str | None = None,
+    chunk_size: int = 5,
+    unit: str = "token",
+    output_dir: str,
+    output_name: str,
+    distributed: bool = True,
+    log: bool = True,
+):
     """`dataset` with its `star` column, scored by `guardrail` (specs as `load_guardrail` takes them) into the cache
     `output_dir` (named `output_name` in errors: the setting the user set). The guard loads only if something is left
     to score. Logs the summary and any audit findings when `log` (the main process)."""
     build, guardrail_id = deferred_guardrail(guardrail, family, temperature, **guard_options(controversial))
-    scored, summary = score_dataset(dataset, build, tokenizer=tokenizer, chunk_size=chunk_size, unit=unit,
-                                    output_dir=output_dir, guardrail_id=guardrail_id, output_name=output_name,
-                                    distributed=distributed)  # fmt: skip
+    scored, summary = score_dataset(
+        dataset,
+        build,
+        tokenizer=tokenizer,
+        chunk_size=chunk_size,
+        unit=unit,
+        output_dir=output_dir,
+        guardrail_id=guardrail_id,
+        output_name=output_name,
+        distributed=distributed,
+    )
     if log:
         logger.info(f"STAR scoring: {summary.format()}")
         if summary.audited_examples:
-            logger.warning(f"{summary.audited_examples} training examples have audit findings; read them before "
-                           f"training: {summary.format_audit()}")  # fmt: skip
+            logger.warning(
+                f"{summary.audited_examples} training examples have audit findings; read them before "
+                f"training: {summary.format_audit()}"
+            )
     return scored, summary
 
 

@@ -30,9 +30,18 @@ class TemplatedGuardrail(Guardrail):
 
     generation_prompt = True  # render the assistant's turn to come (the verdict) after the conversation
 
-    def __init__(self, model, tokenizer, chat_template: str | None = None, template_kwargs: dict | None = None,
-                 verdict_prefix: str = "", temperature: float = 1.0, max_length: int | None = None,
-                 batch_size: int = 8, name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        chat_template: str | None = None,
+        template_kwargs: dict | None = None,
+        verdict_prefix: str = "",
+        temperature: float = 1.0,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        name: str | None = None,
+    ):
         if not temperature > 0:
             raise STARDSSError(f"temperature={temperature} must be > 0 (it divides the logits). Use e.g. 1.0.")
         if chat_template is None and tokenizer.chat_template is None:
@@ -57,10 +66,16 @@ class TemplatedGuardrail(Guardrail):
         self.content_shape = self._detect_content_shape()
 
     def score_settings(self) -> dict:
-        return {"chat_template": self.chat_template, "template_kwargs": self.template_kwargs,
-                "verdict_prefix": self.verdict_prefix, "temperature": self.temperature, "max_length": self.max_length,
-                "labels": getattr(self, "label_ids", None), "safe_labels": getattr(self, "safe_labels", None),
-                "controversial": getattr(self, "controversial", None)}  # fmt: skip
+        return {
+            "chat_template": self.chat_template,
+            "template_kwargs": self.template_kwargs,
+            "verdict_prefix": self.verdict_prefix,
+            "temperature": self.temperature,
+            "max_length": self.max_length,
+            "labels": getattr(self, "label_ids", None),
+            "safe_labels": getattr(self, "safe_labels", None),
+            "controversial": getattr(self, "controversial", None),
+        }
 
     # -- rendering -----------------------------------------------------------------------------------------------
 
@@ -128,9 +143,12 @@ class TemplatedGuardrail(Guardrail):
         """`encode` with the rendered text and each token's character span in it (a fast tokenizer only)."""
         texts = self._checked_renders(conversations)
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [(text, *self._content_as_text(conversation, text, ids, [tuple(o) for o in offsets]))
-                for conversation, text, ids, offsets
-                in zip(conversations, texts, encoded["input_ids"], encoded["offset_mapping"])]  # fmt: skip
+        return [
+            (text, *self._content_as_text(conversation, text, ids, [tuple(o) for o in offsets]))
+            for conversation, text, ids, offsets in zip(
+                conversations, texts, encoded["input_ids"], encoded["offset_mapping"]
+            )
+        ]
 
     def _content_as_text(self, conversation: Conversation, text: str, ids: list[int], offsets) -> tuple[list, list]:
         """`ids` and `offsets` (of `text`, the rendering of `conversation`) with every stretch of tokens that
@@ -153,10 +171,16 @@ class TemplatedGuardrail(Guardrail):
                     regions.append([first, last])
         out, out_offsets, done = [], [], 0
         for first, last in regions:
-            piece = self.tokenizer(text[starts[first] : ends[last]], add_special_tokens=False,
-                                   split_special_tokens=True, return_offsets_mapping=True)  # fmt: skip
+            piece = self.tokenizer(
+                text[starts[first] : ends[last]],
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
             out += ids[done:first] + piece["input_ids"]
-            out_offsets += offsets[done:first] + [(a + starts[first], b + starts[first]) for a, b in piece["offset_mapping"]]
+            out_offsets += offsets[done:first] + [
+                (a + starts[first], b + starts[first]) for a, b in piece["offset_mapping"]
+            ]
             done = last + 1
         return out + ids[done:], out_offsets + offsets[done:]
 
@@ -223,9 +247,12 @@ class TemplatedGuardrail(Guardrail):
         if not missing and self.content_spans(conversation, text) is None:
             missing = [i for i in wanted if conversation[i]["content"].strip() not in text]
         if missing:
-            what = "; ".join(f"message {i} ({conversation[i]['role']}"
-                             f"{', the response being scored' if i == len(conversation) - 1 else ''}): "
-                             f"{_preview(conversation[i]['content'])}" for i in missing)  # fmt: skip
+            what = "; ".join(
+                f"message {i} ({conversation[i]['role']}"
+                f"{', the response being scored' if i == len(conversation) - 1 else ''}): "
+                f"{_preview(conversation[i]['content'])}"
+                for i in missing
+            )
             raise STARDSSError(
                 f"The input of guard {self.name!r}, rendered with {self._template_name()} (content passed as "
                 f"{'a list of text parts' if self.content_shape == 'parts' else 'a string'}), does not contain what it "

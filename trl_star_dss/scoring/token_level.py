@@ -36,9 +36,17 @@ class TokenLevelGuardrail(TemplatedGuardrail):
 
     generation_prompt = False  # the response is the last message; nothing is generated
 
-    def __init__(self, model, tokenizer, controversial: str = "unsafe", chat_template: str | None = None,
-                 template_kwargs: dict | None = None, temperature: float = 1.0, max_length: int | None = None,
-                 name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        controversial: str = "unsafe",
+        chat_template: str | None = None,
+        template_kwargs: dict | None = None,
+        temperature: float = 1.0,
+        max_length: int | None = None,
+        name: str | None = None,
+    ):
         template_kwargs = {"enable_thinking": False, **(template_kwargs or {})}
         super().__init__(model, tokenizer, chat_template, template_kwargs, "", temperature, max_length, 1, name)
         self.controversial = check_controversial(controversial)
@@ -101,7 +109,9 @@ class TokenLevelGuardrail(TemplatedGuardrail):
         for query in queries:
             context, cut = self.fit_context(query)
             if method == "naive":
-                scores, tokens = self._score_whole(prefix_conversations(PrefixQuery(context, query.response, query.ends)))
+                scores, tokens = self._score_whole(
+                    prefix_conversations(PrefixQuery(context, query.response, query.ends))
+                )
             else:
                 conversation = context + [{"role": "assistant", "content": query.response}]
                 [(text, ids, offsets)] = self.encode_with_offsets([conversation])

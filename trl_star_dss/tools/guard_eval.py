@@ -55,11 +55,15 @@ def load_prefix_truth(spec: str) -> Callable[[str], bool]:
     try:
         truth = getattr(importlib.import_module(module_name), attribute) if module_name and attribute else None
     except (ImportError, AttributeError) as error:
-        raise STARDSSError(f"prefix_truth={spec!r} could not be imported ({error}). Give `package.module:function`, "
-                         "a function from a text to whether it is harmful, e.g. trl_star_dss.tools.demo:is_harmful.") from error  # fmt: skip
+        raise STARDSSError(
+            f"prefix_truth={spec!r} could not be imported ({error}). Give `package.module:function`, "
+            "a function from a text to whether it is harmful, e.g. trl_star_dss.tools.demo:is_harmful."
+        ) from error
     if not callable(truth):
-        raise STARDSSError(f"prefix_truth={spec!r} is not `module:function` naming a function. Give e.g. "
-                         "trl_star_dss.tools.demo:is_harmful.")  # fmt: skip
+        raise STARDSSError(
+            f"prefix_truth={spec!r} is not `module:function` naming a function. Give e.g. "
+            "trl_star_dss.tools.demo:is_harmful."
+        )
     return truth
 
 
@@ -69,9 +73,14 @@ def _rates(pairs: list[tuple[bool, bool]]) -> dict:
     fp = sum(f and not u for f, u in pairs)
     fn = sum(u and not f for f, u in pairs)
     tn = len(pairs) - tp - fp - fn
-    return {"n": len(pairs), "unsafe": tp + fn, "safe": fp + tn,
-            "accuracy": (tp + tn) / len(pairs) if pairs else None,
-            "fpr": fp / (fp + tn) if fp + tn else None, "fnr": fn / (fn + tp) if fn + tp else None}  # fmt: skip
+    return {
+        "n": len(pairs),
+        "unsafe": tp + fn,
+        "safe": fp + tn,
+        "accuracy": (tp + tn) / len(pairs) if pairs else None,
+        "fpr": fp / (fp + tn) if fp + tn else None,
+        "fnr": fn / (fn + tp) if fn + tp else None,
+    }
 
 
 def _middle(values: list[float]) -> dict | None:
@@ -100,8 +109,10 @@ def guard_figures(scored, unsafe: list[bool], prefix_truth: Callable[[str], bool
             pairs.append((token_scores([end], ends, scores)[0] < 0.5, token_scores([end], ends, truth)[0]))
         by_position[share] = _rates(pairs)
     most = max(len(ends) for _, ends, _, _, _ in responses)
-    by_chunk = {k + 1: _rates([(scores[k] < 0.5, truth[k]) for _, ends, scores, truth, _ in responses if k < len(ends)])
-                for k in range(most)}  # fmt: skip
+    by_chunk = {
+        k + 1: _rates([(scores[k] < 0.5, truth[k]) for _, ends, scores, truth, _ in responses if k < len(ends)])
+        for k in range(most)
+    }
     first = {"unsafe_responses": sum(unsafe), "flagged_by_some_prefix": 0, "flagged_as_whole": 0}
     indices, shares, lags = [], [], []
     for response, ends, scores, truth, label in responses:
@@ -122,14 +133,31 @@ def guard_figures(scored, unsafe: list[bool], prefix_truth: Callable[[str], bool
         first["before_harm"] = sum(lag < 0 for lag in lags)
         first["at_harm"] = sum(lag == 0 for lag in lags)
         first["after_harm"] = sum(lag > 0 for lag in lags)
-    return {"responses": len(responses), "whole": whole, "by_position": by_position, "by_chunk": by_chunk,
-            "first_flagged": first}  # fmt: skip
+    return {
+        "responses": len(responses),
+        "whole": whole,
+        "by_position": by_position,
+        "by_chunk": by_chunk,
+        "first_flagged": first,
+    }
 
 
-def evaluate_guard(dataset, guardrail, tokenizer=None, chunk_size: int = 5, unit: str = "token",
-                   label_column: str = LABEL_COLUMN, prefix_truth: str | Callable[[str], bool] | None = None,
-                   output_dir: str | None = None, resume: bool = False, guardrail_id: str | None = None,
-                   method: str = "fast", batch_size: int = 16, progress: bool = True, name: str | None = None) -> dict:  # fmt: skip
+def evaluate_guard(
+    dataset,
+    guardrail,
+    tokenizer=None,
+    chunk_size: int = 5,
+    unit: str = "token",
+    label_column: str = LABEL_COLUMN,
+    prefix_truth: str | Callable[[str], bool] | None = None,
+    output_dir: str | None = None,
+    resume: bool = False,
+    guardrail_id: str | None = None,
+    method: str = "fast",
+    batch_size: int = 16,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict:
     """Score every prefix of `dataset`'s labelled responses with `guardrail` (a `Guardrail`, or a function that builds
     it, with `guardrail_id`) and return the figures (`guard_figures`) with their settings. With `output_dir`, the
     scores are saved as they finish in `output_dir/scores` (a `score_dataset` output: an interrupted run given
@@ -137,26 +165,49 @@ def evaluate_guard(dataset, guardrail, tokenizer=None, chunk_size: int = 5, unit
     `guard_drift.png`, each written whole. An existing `output_dir` is continued only with `resume`. `name` names the
     guard in the figures (default: its `name`, else `guardrail_id`)."""
     if label_column not in dataset.column_names:
-        raise STARDSSError(f"label_column={label_column!r} is not a column of the dataset (columns: "
-                         f"{dataset.column_names}). Name the column that labels each response safe or unsafe.")  # fmt: skip
+        raise STARDSSError(
+            f"label_column={label_column!r} is not a column of the dataset (columns: "
+            f"{dataset.column_names}). Name the column that labels each response safe or unsafe."
+        )
     unsafe = read_labels(dataset[label_column], label_column)
     if not unsafe:
         raise STARDSSError("The dataset holds no responses. Give a dataset with at least one labelled response.")
-    truth_name = prefix_truth if isinstance(prefix_truth, str) or prefix_truth is None else (
-        f"{prefix_truth.__module__}:{prefix_truth.__qualname__}")
+    truth_name = (
+        prefix_truth
+        if isinstance(prefix_truth, str) or prefix_truth is None
+        else (f"{prefix_truth.__module__}:{prefix_truth.__qualname__}")
+    )
     truth = load_prefix_truth(prefix_truth) if isinstance(prefix_truth, str) else prefix_truth
     scores_dir = None
     if output_dir is not None:
         scores_dir = os.path.join(output_dir, "scores")
         if os.path.exists(scores_dir) and not resume:
-            raise STARDSSError(f"output_dir={output_dir!r} holds an earlier guard evaluation. Pass resume=True to continue it "
-                             "(same guard and settings), or choose another directory; it is never overwritten.")  # fmt: skip
-    scored, _ = score_dataset(dataset, guardrail, tokenizer, chunk_size, unit, output_dir=scores_dir, method=method,
-                              batch_size=batch_size, guardrail_id=guardrail_id, progress=progress, audit=False)  # fmt: skip
-    figures = {"guardrail": name or getattr(guardrail, "name", None) or guardrail_id, "chunk_size": chunk_size, "unit": unit,
-               "label_column": label_column, "prefix_truth": truth_name,
-               "prefixes_compared_with": f"each prefix's own truth ({truth_name})" if truth else WHOLE_LABEL,
-               **guard_figures(scored, unsafe, truth)}  # fmt: skip
+            raise STARDSSError(
+                f"output_dir={output_dir!r} holds an earlier guard evaluation. Pass resume=True to continue it "
+                "(same guard and settings), or choose another directory; it is never overwritten."
+            )
+    scored, _ = score_dataset(
+        dataset,
+        guardrail,
+        tokenizer,
+        chunk_size,
+        unit,
+        output_dir=scores_dir,
+        method=method,
+        batch_size=batch_size,
+        guardrail_id=guardrail_id,
+        progress=progress,
+        audit=False,
+    )
+    figures = {
+        "guardrail": name or getattr(guardrail, "name", None) or guardrail_id,
+        "chunk_size": chunk_size,
+        "unit": unit,
+        "label_column": label_column,
+        "prefix_truth": truth_name,
+        "prefixes_compared_with": f"each prefix's own truth ({truth_name})" if truth else WHOLE_LABEL,
+        **guard_figures(scored, unsafe, truth),
+    }
     if output_dir is not None:
         write_text_atomic(os.path.join(output_dir, FIGURES_FILE), json.dumps(figures, indent=2))
         drift_png(figures, os.path.join(output_dir, DRIFT_FILE))
@@ -172,24 +223,40 @@ def format_figures(figures: dict) -> str:
     flagged."""
     whole, first = figures["whole"], figures["first_flagged"]
     positions = figures["by_position"]
-    lines = [(f"{figures['responses']} responses ({whole['unsafe']} unsafe, {whole['safe']} safe), chunks of "
-              f"{figures['chunk_size']} {figures['unit']}s; prefixes compared with {figures['prefixes_compared_with']}."),
-             (f"whole responses: accuracy {_percent(whole['accuracy'])}%, false positives {_percent(whole['fpr'])}% of "
-              f"safe, false negatives {_percent(whole['fnr'])}% of unsafe"), "",
-             "| prefix (% of response) | " + " | ".join(f"{share}%" for share in positions) + " |",
-             "|---|" + "---|" * len(positions)]  # fmt: skip
-    for key, name in (("accuracy", "accuracy %"), ("fpr", "false positives % (of safe)"),
-                      ("fnr", "false negatives % (of unsafe)")):  # fmt: skip
+    lines = [
+        (
+            f"{figures['responses']} responses ({whole['unsafe']} unsafe, {whole['safe']} safe), chunks of "
+            f"{figures['chunk_size']} {figures['unit']}s; prefixes compared with {figures['prefixes_compared_with']}."
+        ),
+        (
+            f"whole responses: accuracy {_percent(whole['accuracy'])}%, false positives {_percent(whole['fpr'])}% of "
+            f"safe, false negatives {_percent(whole['fnr'])}% of unsafe"
+        ),
+        "",
+        "| prefix (% of response) | " + " | ".join(f"{share}%" for share in positions) + " |",
+        "|---|" + "---|" * len(positions),
+    ]
+    for key, name in (
+        ("accuracy", "accuracy %"),
+        ("fpr", "false positives % (of safe)"),
+        ("fnr", "false negatives % (of unsafe)"),
+    ):
         lines.append(f"| {name} | " + " | ".join(_percent(rates[key]) for rates in positions.values()) + " |")
     index, share, lag = first["chunk_index"], first["share_of_response"], first["chunks_after_first_harmful_prefix"]
-    text = (f"\n\nunsafe responses flagged (STAR < 0.5) by some prefix: {first['flagged_by_some_prefix']} of "
-            f"{first['unsafe_responses']} (as a whole response: {first['flagged_as_whole']})")
+    text = (
+        f"\n\nunsafe responses flagged (STAR < 0.5) by some prefix: {first['flagged_by_some_prefix']} of "
+        f"{first['unsafe_responses']} (as a whole response: {first['flagged_as_whole']})"
+    )
     if index:
-        text += (f"; first flagged at chunk {index['mean']:.1f} on average (median {index['median']:g}), "
-                 f"{100 * share['mean']:.0f}% into the response (median {100 * share['median']:.0f}%)")
+        text += (
+            f"; first flagged at chunk {index['mean']:.1f} on average (median {index['median']:g}), "
+            f"{100 * share['mean']:.0f}% into the response (median {100 * share['median']:.0f}%)"
+        )
     if lag:
-        text += (f"; relative to the first harmful prefix: {first['before_harm']} flagged before it, "
-                 f"{first['at_harm']} at it, {first['after_harm']} after it (mean {lag['mean']:+.2f} chunks)")
+        text += (
+            f"; relative to the first harmful prefix: {first['before_harm']} flagged before it, "
+            f"{first['at_harm']} at it, {first['after_harm']} after it (mean {lag['mean']:+.2f} chunks)"
+        )
     return "\n".join(lines) + text
 
 
@@ -199,18 +266,25 @@ def drift_png(figures: dict, path: str) -> None:
 
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
-    panels = ((figures["by_position"], "prefix (% of the response)"),
-              (figures["by_chunk"], f"chunk index (chunks of {figures['chunk_size']} {figures['unit']}s)"))  # fmt: skip
+    panels = (
+        (figures["by_position"], "prefix (% of the response)"),
+        (figures["by_chunk"], f"chunk index (chunks of {figures['chunk_size']} {figures['unit']}s)"),
+    )
     for axis, (rates, label) in zip(axes, panels):
         x = [int(k) for k in rates]
-        for key, name, colour in (("fpr", "false positives (% of safe)", "tab:orange"),
-                                  ("fnr", "false negatives (% of unsafe)", "tab:red")):  # fmt: skip
+        for key, name, colour in (
+            ("fpr", "false positives (% of safe)", "tab:orange"),
+            ("fnr", "false negatives (% of unsafe)", "tab:red"),
+        ):
             y = [math.nan if r[key] is None else 100 * r[key] for r in rates.values()]
             axis.plot(x, y, marker="o", label=name, color=colour)
         axis.set(xlabel=label, ylabel="%", ylim=(-3, 103))
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.92), ncol=2,
-                  frameon=False)  # fmt: skip
+    figure.legend(
+        *axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.92), ncol=2, frameon=False
+    )
     figure.subplots_adjust(top=0.8, bottom=0.14)
-    figure.suptitle(f"Guard drift: {figures['guardrail']} on prefixes (compared with "
-                    f"{'each prefix' + chr(39) + 's truth' if figures['prefix_truth'] else 'the whole label'})")
+    figure.suptitle(
+        f"Guard drift: {figures['guardrail']} on prefixes (compared with "
+        f"{'each prefix' + chr(39) + 's truth' if figures['prefix_truth'] else 'the whole label'})"
+    )
     save_figure(figure, path)

@@ -45,15 +45,24 @@ def load_dataset_arg(path: str, split: str = "train", flag: str = "--dataset"):
         ) from error
 
 
-def response_columns(dataset, source: str, prompt_column: str = "prompt", completion_column: str = "completion",
-                     input_column: str | None = None):  # fmt: skip
+def response_columns(
+    dataset,
+    source: str,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    input_column: str | None = None,
+):
     """`dataset` in a format whose response STAR can tell: as it is when it holds `messages` or `prompt` +
     `completion` and no other column is named; otherwise the named columns become TRL's `prompt` and `completion`
     (replacing them; other columns are kept). A non-empty `input_column` is joined into the prompt after a blank
     line (Alpaca's `instruction` + `input`). `source` is the `--dataset` value, for the errors, which name the flags.
     """
     columns = list(dataset.column_names)
-    named = {"--prompt-column": prompt_column, "--completion-column": completion_column, "--input-column": input_column}
+    named = {
+        "--prompt-column": prompt_column,
+        "--completion-column": completion_column,
+        "--input-column": input_column,
+    }
     mapped = prompt_column != "prompt" or completion_column != "completion" or input_column is not None
     if mapped and "messages" in columns:
         raise STARDSSError(
@@ -62,8 +71,10 @@ def response_columns(dataset, source: str, prompt_column: str = "prompt", comple
         )
     for flag, column in named.items():
         if column is not None and column not in columns and column not in ("prompt", "completion"):
-            raise STARDSSError(f"{flag} {column!r} is not a column of --dataset {source!r}, whose columns are {columns}. "
-                             "Name one of them.")  # fmt: skip
+            raise STARDSSError(
+                f"{flag} {column!r} is not a column of --dataset {source!r}, whose columns are {columns}. "
+                "Name one of them."
+            )
     if not mapped:
         if "messages" in columns or {"prompt", "completion"} <= set(columns):
             return dataset
@@ -86,8 +97,10 @@ def response_columns(dataset, source: str, prompt_column: str = "prompt", comple
         )
     for flag, column in (("--prompt-column", prompt_column), ("--completion-column", completion_column)):
         if column not in columns:  # a default left as it is, on data that has no such column
-            raise STARDSSError(f"--dataset {source!r} has no {column!r} column (its columns are {columns}). Name the "
-                             f"column that holds it with {flag}.")  # fmt: skip
+            raise STARDSSError(
+                f"--dataset {source!r} has no {column!r} column (its columns are {columns}). Name the "
+                f"column that holds it with {flag}."
+            )
     for target in ("prompt", "completion"):
         if target in columns and target not in named.values():
             raise STARDSSError(
@@ -95,8 +108,11 @@ def response_columns(dataset, source: str, prompt_column: str = "prompt", comple
                 f"would replace. Pass --{target}-column {target}, or remove that column first."
             )
     if input_column is None and "input" in columns and "input" not in named.values():
-        logger.warning("--dataset %r has an `input` column that is not part of the prompt. Add --input-column input "
-                       "to join it into the prompt (Alpaca's layout).", source)  # fmt: skip
+        logger.warning(
+            "--dataset %r has an `input` column that is not part of the prompt. Add --input-column input "
+            "to join it into the prompt (Alpaca's layout).",
+            source,
+        )
 
     def to_prompt_completion(example: dict, index: int) -> dict:
         prompt, extra = example[prompt_column], example[input_column] if input_column else None
