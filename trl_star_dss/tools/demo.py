@@ -85,8 +85,9 @@ ATTACK_NOTES = {
     "benign_mix": "What to look for: shown here are harmful examples of the mix (1 in 10 of its examples), red from "
     "the harmful item on; its benign tasks, not shown, are green throughout and train with plain cross-entropy.",
 }
-# `star-dss demo` measured with `time` on this project's 2-core CPU machine (README Quickstart, `star-dss demo --help`).
-DEMO_TIME = "about 4 minutes on 2 CPU cores"
+# `star-dss demo`'s time (README Quickstart, `star-dss demo --help`), estimated from the CPU time of loaded runs
+# (README, The demo: Time).
+DEMO_TIME = "at most about 3 minutes on 2 idle CPU cores"
 
 logger = logging.getLogger(__name__)  # one line per stage; `star-dss demo --no-progress` silences it
 
