@@ -76,13 +76,13 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
             "eval",
             "guard",
             "--guardrail",
-            "trl_star_dss.tools.demo:scripted_guardrail",
+            "trl_star_dss.testing:scripted_guardrail",
             "--dataset",
             labelled,
             "--unit",
             "word",
             "--prefix-truth",
-            "trl_star_dss.tools.demo:is_harmful",
+            "trl_star_dss.testing:is_harmful",
             "--output",
             str(tmp_path / "a"),
             "--no-progress",
@@ -96,7 +96,7 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
     assert figures["whole"]["fnr"] == 4 / 12 and figures["whole"]["fpr"] == 0.0
     assert all(figures["by_position"][str(p)]["accuracy"] == 1.0 for p in range(10, 100, 10))
     assert figures["first_flagged"]["chunks_after_first_harmful_prefix"]["mean"] == 0
-    assert "prefixes compared with each prefix's own truth (trl_star_dss.tools.demo:is_harmful)" in out
+    assert "prefixes compared with each prefix's own truth (trl_star_dss.testing:is_harmful)" in out
     assert "| false negatives % (of unsafe) | - | 0.0 | 0.0 |" in out  # no unsafe prefix at 10%: no rate
     # Without --prefix-truth the output says what prefixes are compared with.
     star_dss(
@@ -104,7 +104,7 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
             "eval",
             "guard",
             "--guardrail",
-            "trl_star_dss.tools.demo:scripted_guardrail",
+            "trl_star_dss.testing:scripted_guardrail",
             "--dataset",
             labelled,
             "--unit",
@@ -135,7 +135,7 @@ def test_eval_guard_errors_name_the_flag_the_value_and_the_fix(tmp_path, labelle
         "eval",
         "guard",
         "--guardrail",
-        "trl_star_dss.tools.demo:scripted_guardrail",
+        "trl_star_dss.testing:scripted_guardrail",
         "--dataset",
         labelled,
         "--unit",
@@ -157,7 +157,7 @@ def test_a_bad_label_is_refused_by_the_command(tmp_path):
                 "eval",
                 "guard",
                 "--guardrail",
-                "trl_star_dss.tools.demo:scripted_guardrail",
+                "trl_star_dss.testing:scripted_guardrail",
                 "--dataset",
                 str(path),
                 "--unit",

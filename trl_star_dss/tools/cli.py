@@ -25,7 +25,7 @@ SCORE_EXAMPLES = """\
 examples:
   # offline, from a clone of the repository: the bundled sample, judged by the toy world's keyword rule
   # (a keyword rule: it also flags the sample's refusal, which names the poison it refuses)
-  star-dss score --guardrail trl_star_dss.tools.demo:scripted_guardrail --dataset examples/data/toy_sample.jsonl \\
+  star-dss score --guardrail trl_star_dss.testing:scripted_guardrail --dataset examples/data/toy_sample.jsonl \\
       --unit word --output runs/toy-sample
   # a real guard, chunks of 5 tokens of the model you will finetune
   star-dss score --guardrail meta-llama/Llama-Guard-3-1B --policy-tokenizer meta-llama/Llama-3.2-1B-Instruct \\
@@ -279,7 +279,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="example (offline, after `star-dss demo`, which saves its learned guard, the world's tokenizer and "
         "fresh labelled responses): star-dss eval guard --guardrail runs/demo/guard --dataset "
         "runs/demo/guard_eval_responses.jsonl --policy-tokenizer runs/demo/tokenizer --prefix-truth "
-        "trl_star_dss.tools.demo:is_harmful --output runs/guard-eval",
+        "trl_star_dss.testing:is_harmful --output runs/guard-eval",
     )
     guard.add_argument(
         "--guardrail",
@@ -303,7 +303,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--prefix-truth",
         metavar="MODULE:FUNCTION",
         help="A function text -> harmful (bool) giving "
-        "the truth of every prefix (e.g. trl_star_dss.tools.demo:is_harmful). Without it a prefix is "
+        "the truth of every prefix (e.g. trl_star_dss.testing:is_harmful). Without it a prefix is "
         "compared with its whole response's label.",
     )
     guard.add_argument("--prompt-column", default="prompt", help="As for `score`.")

@@ -50,19 +50,19 @@ def read_labels(values, column: str = LABEL_COLUMN) -> list[bool]:
 
 
 def load_prefix_truth(spec: str) -> Callable[[str], bool]:
-    """`module:function`, a function text -> whether it is harmful (e.g. `trl_star_dss.tools.demo:is_harmful`)."""
+    """`module:function`, a function text -> whether it is harmful (e.g. `trl_star_dss.testing:is_harmful`)."""
     module_name, _, attribute = spec.partition(":")
     try:
         truth = getattr(importlib.import_module(module_name), attribute) if module_name and attribute else None
     except (ImportError, AttributeError) as error:
         raise STARDSSError(
             f"prefix_truth={spec!r} could not be imported ({error}). Give `package.module:function`, "
-            "a function from a text to whether it is harmful, e.g. trl_star_dss.tools.demo:is_harmful."
+            "a function from a text to whether it is harmful, e.g. trl_star_dss.testing:is_harmful."
         ) from error
     if not callable(truth):
         raise STARDSSError(
             f"prefix_truth={spec!r} is not `module:function` naming a function. Give e.g. "
-            "trl_star_dss.tools.demo:is_harmful."
+            "trl_star_dss.testing:is_harmful."
         )
     return truth
 
