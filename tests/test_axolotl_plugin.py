@@ -5,6 +5,7 @@ Axolotl 0.21 declares Python >= 3.12; here it is installed without dependencies 
 Axolotl").
 """
 
+import ast
 import json
 import logging
 import os
@@ -163,8 +164,9 @@ def train(world, name: str, pythonpath: str | None = None, **extra):
 
 
 def logged(log: str, kind: str = "loss") -> list[dict]:
-    """The Trainer's printed log dicts of training steps (`kind="loss"`) or evaluations (`"eval_loss"`)."""
-    return [eval(m) for m in re.findall(r"\{'" + kind + r"': .*?\}", log)]
+    """The Trainer's printed log dicts of training steps (`kind="loss"`) or evaluations (`"eval_loss"`), read as
+    literals (never evaluated as code: the log is a subprocess's output)."""
+    return [ast.literal_eval(m) for m in re.findall(r"\{'" + kind + r"': .*?\}", log)]
 
 
 def _distance(a: dict, b: dict) -> float:

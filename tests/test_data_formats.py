@@ -1,6 +1,7 @@
 """Dataset shapes STAR reads (issue 25): messages without a role are refused; content given as text parts is scored
 as its joined text, images are refused; TRL's tool-calling format scores (the call as text) and trains."""
 
+import ast
 import json
 
 import pytest
@@ -296,5 +297,5 @@ def test_a_trl_tool_calling_dataset_scores_and_trains_through_axolotl(tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert re.search(r"STAR scoring: examples 8 \(scored now 8.*turns 16", log)
-    steps = [eval(m) for m in re.findall(r"\{'loss': .*?\}", log)]
+    steps = [ast.literal_eval(m) for m in re.findall(r"\{'loss': .*?\}", log)]
     assert len(steps) == 2 and all(0 < float(s["star/weight_mean"]) < 1 for s in steps)
