@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import re
+import shutil
 
 
 # The public Llama Guard 3 prompt (Llama Guard 3 model card), written as a chat template. The real Llama Guard 3
@@ -309,7 +311,6 @@ def mistral_v3_tokenizer(chat_template: str | None = None):
 
 
 def _maxtext_tokenizer(name: str, chat_template: str | None):
-    import shutil
 
     from transformers import AutoTokenizer, GemmaTokenizer, LlamaTokenizer
 
@@ -342,7 +343,6 @@ def _maxtext_tokenizer(name: str, chat_template: str | None):
 
 
 def _maxtext_file(name: str) -> str:
-    import importlib.util
 
     spec = importlib.util.find_spec("maxtext")  # located, not imported: the package's code needs Python >= 3.12
     if spec is None or not spec.submodule_search_locations:

@@ -7,6 +7,7 @@ precomputed `ref_logps`) -> truncation / packing / collation, aligned with `labe
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -136,8 +137,6 @@ class STARLossMixin:
                 )
             return
         if ref_model is None and not _is_peft_model(self.model):
-            import copy
-
             ref_model = copy.deepcopy(self._inner_model(self.model))
             # The copy would keep the forward that TRL patched onto the original (bound to its closure).
             ref_model.__dict__.pop("forward", None)

