@@ -426,12 +426,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         scored, _ = score_for_training(
             dataset,
             tokenizer,
-            args.guardrail,
-            family=args.guardrail_family,
-            temperature=args.guardrail_temperature,
-            controversial=args.guardrail_controversial,
-            chunk_size=args.star_chunk_size,
-            unit=args.star_unit,
+            args,
             output_dir=args.star_scores_dir or os.path.join(args.output_dir, "star_scores"),
             output_name="star_scores_dir",
             log=PartialState().is_main_process,

@@ -196,12 +196,7 @@ def _score(conversations: list, tokenizer, cfg) -> list:
     scored, summary = score_for_training(
         Dataset.from_dict({"messages": conversations}),
         tokenizer,
-        values.guardrail,
-        family=values.guardrail_family,
-        temperature=values.guardrail_temperature,
-        controversial=values.guardrail_controversial,
-        chunk_size=values.star_chunk_size,
-        unit=values.star_unit,
+        values,
         output_dir=os.path.join(root, hashlib.md5(key.encode()).hexdigest()[:16]),
         output_name=NAMES["star_scores_dir"],
         distributed=False,

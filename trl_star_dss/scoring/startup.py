@@ -17,21 +17,20 @@ logger = logging.getLogger(__name__)
 def score_for_training(
     dataset,
     tokenizer,
-    guardrail,
+    settings,
     *,
-    family=None,
-    temperature: float = 1.0,
-    controversial: str | None = None,
-    chunk_size: int = 5,
-    unit: str = "token",
     output_dir: str,
     output_name: str,
     distributed: bool = True,
     log: bool = True,
 ):
-    """`dataset` with its `star` column, scored by `guardrail` (specs as `load_guardrail` takes them) into the cache
-    `output_dir` (named `output_name` in errors: the setting the user set). The guard loads only if something is left
-    to score. Logs the summary and any audit findings when `log` (the main process)."""
+    """`dataset` with its `star` column, scored as `settings` say (a `STARArguments`, e.g. a `STARDSSConfig`:
+    `guardrail`, `guardrail_family`, `guardrail_temperature`, `guardrail_controversial`, `star_chunk_size`,
+    `star_unit`) into the cache `output_dir` (named `output_name` in errors: the setting the user set). The guard
+    loads only if something is left to score. Logs the summary and any audit findings when `log` (the main
+    process)."""
+    guardrail, family, temperature = settings.guardrail, settings.guardrail_family, settings.guardrail_temperature
+    chunk_size, unit, controversial = settings.star_chunk_size, settings.star_unit, settings.guardrail_controversial
     build, guardrail_id = deferred_guardrail(guardrail, family, temperature, **guard_options(controversial))
     scored, summary = score_dataset(
         dataset,
