@@ -320,7 +320,7 @@ def test_readme_claims_hold_on_a_seed_the_readme_does_not_use(tmp_path, capabili
     if capability != "default" and capability not in _cpu_flags():
         pytest.skip(f"this CPU has no {capability}")
     script = (
-        "import json, sys, torch; from trl_star_dss.demo import run_demo; "
+        "import json, sys, torch; from trl_star_dss.tools.demo import run_demo; "
         "result = run_demo(sys.argv[1], seed=int(sys.argv[2]), progress=False, lookaheads=(0, 2), "
         "methods=('sft', 'rejection_sampling', 'star_dss')); "
         "print(json.dumps({'capability': torch.backends.cpu.get_cpu_capability(), 'table': result['table']}))"

@@ -24,6 +24,7 @@ from ..scoring import score_dataset, scored_dataset_path
 from ..scoring.families import FAMILIES, deferred_guardrail, load_guardrail
 from ..scoring.report import first_flagged, heatmap_html, summary_png, trajectory_png
 from ..storage import write_text_atomic
+from . import demo  # the runners are looked up at call time (tests replace them)
 from .demo import (
     DEMO_TIME,
     GUARD_NAMES,
@@ -34,10 +35,6 @@ from .demo import (
     format_report,
     format_seeds_report,
     format_smollm2_report,
-    run_ablation,
-    run_demo,
-    run_demo_seeds,
-    run_smollm2_demo,
 )
 from .evaluation import DecodingConfig, evaluate_capability, evaluate_safety, load_policy, load_prompts
 from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
@@ -542,7 +539,7 @@ def demo_command(args) -> None:
             raise STARDSSError(f"--max-steps {args.max_steps} must be a positive number of training steps, e.g. 10.")
         output = args.output or "runs/demo-smollm2"
         steps = args.max_steps or (2 if args.fast else SMOLLM2_ATTACK[0])
-        result = run_smollm2_demo(
+        result = demo.run_smollm2_demo(
             output, args.seed, steps=steps, num_prompts=8 if args.fast else None, progress=not args.no_progress
         )
         print(format_smollm2_report(result))
@@ -559,7 +556,7 @@ def demo_command(args) -> None:
             )
         output = args.output or "runs/demo-ablation"
         print(f"SIMULATION: a toy world, {args.guard} guard, an ablation (see README).", flush=True)
-        result = run_ablation(
+        result = demo.run_ablation(
             output, args.seed, args.chunk_sizes, args.guard_label_noise, args.guard, progress=not args.no_progress
         )
         print(format_ablation(result))
@@ -580,7 +577,7 @@ def demo_command(args) -> None:
     }
     options = fast if args.fast else {}
     if args.seeds:
-        result = run_demo_seeds(
+        result = demo.run_demo_seeds(
             output,
             range(args.seed, args.seed + args.seeds),
             progress=not args.no_progress,
@@ -594,7 +591,7 @@ def demo_command(args) -> None:
             f"{output}/seed-<s>/"
         )
         return
-    result = run_demo(
+    result = demo.run_demo(
         output, args.seed, progress=not args.no_progress, guard=args.guard, lookaheads=lookaheads, **options
     )
     print(format_report(result))
