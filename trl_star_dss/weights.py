@@ -84,7 +84,7 @@ def response_regions(
 
 
 def look_ahead(scores: Sequence[float], lookahead: int) -> list[float]:
-    """Chunk scores seen `lookahead` chunks ahead (docs/method.md 1.5, this project's extension, not the paper's):
+    """Chunk scores seen `lookahead` chunks ahead (docs/method.md 1.6, this project's extension, not the paper's):
     chunk k takes min(s_k, ..., s_{k+L}). Scores are computed offline, so a token may weigh by what its response goes
     on to say: a guard that flags harm one chunk late then still pulls the chunk that names it toward the reference.
     0 is the paper's STAR (each chunk its own score)."""

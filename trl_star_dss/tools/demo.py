@@ -112,7 +112,7 @@ METHOD_LABELS = {
 
 
 def lookahead_method(lookahead: int) -> str:
-    """The method id of STAR-DSS with `lookahead` chunks (`star-dss demo --lookahead`; docs/method.md 1.5, this
+    """The method id of STAR-DSS with `lookahead` chunks (`star-dss demo --lookahead`; docs/method.md 1.6, this
     project's extension): `star_dss` for 0 (the paper's), `star_dss_L1`, ... otherwise."""
     return "star_dss" if lookahead == 0 else f"star_dss_L{lookahead}"
 
