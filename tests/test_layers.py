@@ -55,8 +55,7 @@ def _imports(path: str) -> set[str]:
             found.update(
                 a.name[len("trl_star_dss") :].lstrip(".") for a in node.names if a.name.startswith("trl_star_dss")
             )
-    modules = {_module_name(p) for p in _package_files()}
-    return {target for target in found if target in modules}
+    return {target for target in found if target in MODULES}
 
 
 def _package_files():
@@ -64,6 +63,9 @@ def _package_files():
         for file in files:
             if file.endswith(".py"):
                 yield os.path.join(root, file)
+
+
+MODULES = {_module_name(path) for path in _package_files()}
 
 
 def _graph() -> dict[str, set[str]]:

@@ -29,15 +29,18 @@ def score_for_training(
     `star_unit`) into the cache `output_dir` (named `output_name` in errors: the setting the user set). The guard
     loads only if something is left to score. Logs the summary and any audit findings when `log` (the main
     process)."""
-    guardrail, family, temperature = settings.guardrail, settings.guardrail_family, settings.guardrail_temperature
-    chunk_size, unit, controversial = settings.star_chunk_size, settings.star_unit, settings.guardrail_controversial
-    build, guardrail_id = deferred_guardrail(guardrail, family, temperature, **guard_options(controversial))
+    build, guardrail_id = deferred_guardrail(
+        settings.guardrail,
+        settings.guardrail_family,
+        settings.guardrail_temperature,
+        **guard_options(settings.guardrail_controversial),
+    )
     scored, summary = score_dataset(
         dataset,
         build,
         tokenizer=tokenizer,
-        chunk_size=chunk_size,
-        unit=unit,
+        chunk_size=settings.star_chunk_size,
+        unit=settings.star_unit,
         output_dir=output_dir,
         guardrail_id=guardrail_id,
         output_name=output_name,

@@ -731,19 +731,17 @@ def main(argv: list[str] | None = None) -> None:
 
 # The library's errors name its arguments as a Python caller sets them (`label_column='x'`); here the user set flags.
 FLAGS = {
-    "label_column": "--label-column",
-    "prefix_truth": "--prefix-truth",
-    "output_dir": "--output",
+    "label_column=": "--label-column ",
+    "prefix_truth=": "--prefix-truth ",
+    "output_dir=": "--output ",
     "resume=True": "--resume",
 }
-_ARGUMENT = re.compile(r"\b(resume=True|(?:label_column|prefix_truth|output_dir)=)")
+_ARGUMENT = re.compile(r"\b(" + "|".join(map(re.escape, FLAGS)) + ")")
 
 
 def as_flags(message: str) -> str:
     """`message` with the library's argument names (`output_dir='d'`) as this command's flags (`--output 'd'`)."""
-    return _ARGUMENT.sub(
-        lambda m: FLAGS[m.group(1)] if m.group(1) == "resume=True" else FLAGS[m.group(1)[:-1]] + " ", message
-    )
+    return _ARGUMENT.sub(lambda m: FLAGS[m.group(1)], message)
 
 
 if __name__ == "__main__":
