@@ -24,11 +24,11 @@ def setting(name: str, help: str | None = None, **overrides) -> dict:
     choices = [value for value in field.metadata.get("choices", ()) if value is not None]
     text = (help or field.metadata["help"]).replace("%", "%%")  # argparse formats help with `%`
     shown = "" if default is None else f", default {default}"
-    keywords = {
-        "default": default,
-        "type": type(default) if default is not None else str,
-        "help": f"{text} Setting `{name}`{shown}.",
-    }
+    keywords = {"default": default, "help": f"{text} Setting `{name}`{shown}."}
+    if isinstance(default, bool):  # a switch: the flag sets True (argparse's `type=bool` would read "False" as True)
+        keywords["action"] = "store_true"
+    else:
+        keywords["type"] = type(default) if default is not None else str
     if choices:
         keywords["choices"] = choices
     return keywords | overrides
