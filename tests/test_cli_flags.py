@@ -168,3 +168,32 @@ def test_a_setting_that_is_a_switch_becomes_a_switch():
     parser = argparse.ArgumentParser()
     parser.add_argument("--star-report", **setting("star_report"))
     assert parser.parse_args([]).star_report is False and parser.parse_args(["--star-report"]).star_report is True
+
+
+def test_demo_runs_the_runner_its_flags_choose(monkeypatch, capsys, tmp_path):
+    """`star-dss demo` passes its flags to the demo's runners (replaced here: each run takes minutes)."""
+    from trl_star_dss.cli.commands.demo import FAST, load_demo
+
+    demo, calls = load_demo(), []
+
+    def runner(name, result):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs)) or result
+
+    monkeypatch.setattr(demo, "run_demo", runner("table", {"guard_eval": None}))
+    monkeypatch.setattr(demo, "run_demo_seeds", runner("seeds", {"seconds": 1.0}))
+    monkeypatch.setattr(demo, "run_ablation", runner("ablation", {}))
+    for name in ("format_report", "format_seeds_report", "format_ablation"):
+        monkeypatch.setattr(demo, name, lambda result, name=name: name)
+    out = str(tmp_path)
+    main(["demo", "--fast", "--lookahead", "0", "2", "--no-progress", "--output", out])
+    main(["demo", "--seeds", "3", "--seed", "4", "--guard", "rule", "--output", out])
+    main(["demo", "--chunk-sizes", "1", "5", "--no-progress", "--output", out])
+    assert calls == [
+        ("table", (out, 0), {"progress": False, "guard": "learned", "lookaheads": (0, 2), **FAST}),
+        ("seeds", (out, range(4, 7)), {"progress": True, "guard": "rule", "lookaheads": (0,)}),
+        ("ablation", (out, 0, [1, 5], None, "learned"), {"progress": False}),
+    ]
+    printed = capsys.readouterr().out
+    assert "a learned guard, not a real safety judge" in printed and "scripted guardrail" in printed
+    assert "format_report" in printed and "format_seeds_report" in printed and "format_ablation" in printed
+    assert f"wrote {out}/ablation.md" in printed
