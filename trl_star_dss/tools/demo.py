@@ -23,10 +23,11 @@ import statistics
 import textwrap
 import time
 
-# The world's truth and its guard live with the test helpers (tests use the same guard); the demo names them here.
 # `star-dss demo`'s time (README Quickstart, `star-dss demo --help`), estimated from the CPU time of loaded runs
 # (README, The demo: Time), and what scores the attacks: stated in `choices`, which `star-dss --help` reads.
 from ..choices import DEMO_GUARDS, DEMO_TIME  # noqa: F401 (DEMO_TIME: public here too)
+
+# The world's truth and its guard live with the test helpers (tests use the same guard); the demo names them here.
 from ..errors import STARDSSError
 from ..scoring import PythonGuardrail, score_dataset
 from ..scoring.families import LlamaGuard, load_guardrail
