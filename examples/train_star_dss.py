@@ -1,7 +1,7 @@
 """Finetune a chat model with STAR-DSS (or one of the paper's baselines) under `accelerate launch`.
 
     # 1. score the data once with a guardrail (cached, resumable; several GPUs split the work)
-    accelerate launch -m trl_star_dss.tools.cli score --guardrail ibm-granite/granite-guardian-3.1-2b \
+    accelerate launch -m trl_star_dss.cli score --guardrail ibm-granite/granite-guardian-3.1-2b \
         --policy-tokenizer meta-llama/Llama-3.2-1B-Instruct --dataset purebad.jsonl --output runs/purebad-scored
     # 2. finetune (QLoRA on one GPU, or full finetuning on several)
     accelerate launch examples/train_star_dss.py --config examples/configs/llama3.2-1b-qlora.yaml
@@ -17,7 +17,7 @@ from accelerate import PartialState
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_star_dss import STARDSSConfig, STARDSSTrainer
-from trl_star_dss.tools.cli import load_dataset_arg
+from trl_star_dss.tools.loading import load_dataset_arg
 
 
 def main():

@@ -6,7 +6,7 @@ import sys
 import pytest
 from datasets import load_from_disk
 
-from trl_star_dss.tools.cli import main
+from trl_star_dss.cli import main
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +99,7 @@ def test_score_command_errors_name_argument_and_fix(tmp_path):
 
 
 def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path, monkeypatch):
-    import trl_star_dss.tools.cli as cli
+    from trl_star_dss.cli.commands import score
 
     with pytest.raises(SystemExit, match=r"--dataset '.*missing\.jsonl' does not exist"):
         main(
@@ -122,9 +122,11 @@ def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path
     def broken(args):  # a ValueError from outside the package (a library, a bug): not an input error
         raise ValueError("something inside a library")
 
-    monkeypatch.setattr(cli, "score_command", broken)
+    monkeypatch.setattr(score, "run", broken)
     with pytest.raises(ValueError, match="something inside a library"):
-        main(["score", "--guardrail", SCRIPTED, "--dataset", SAMPLE, "--output", str(tmp_path / "out2")])
+        main(
+            ["score", "--guardrail", SCRIPTED, "--dataset", SAMPLE, "--unit", "word", "--output", str(tmp_path / "o")]
+        )
 
 
 @pytest.mark.slow
@@ -162,7 +164,7 @@ def test_two_processes_give_the_one_process_result(tmp_path, llama_guard_tiny):
         "--dynamo_backend",
         "no",
         "-m",
-        "trl_star_dss.tools.cli",
+        "trl_star_dss.cli",
     ]
     result = subprocess.run(
         launch + args + ["--output", str(tmp_path / "two")],
@@ -353,7 +355,11 @@ def test_show_refuses_a_bad_star_record_and_score_names_output(tmp_path):
         r"= 1\.5 is not a probability in \[0, 1\]",
     ):
         main(["show", "--dataset", str(tmp_path / "bad"), "--output", str(tmp_path / "pictures")])
-    with pytest.raises(SystemExit, match=r"--output '.*s' holds STAR scores made with other settings"):
+    with pytest.raises(
+        SystemExit,
+        match=r"output_dir='.*s' holds STAR scores made with other settings .* On the command line, output_dir is "
+        r"--output\.$",
+    ):
         main(
             [
                 "score",
@@ -370,13 +376,3 @@ def test_show_refuses_a_bad_star_record_and_score_names_output(tmp_path):
                 "--no-progress",
             ]
         )
-
-
-def test_library_errors_name_flags_on_the_command_line():
-    """The library names its arguments as a Python caller sets them; the command line shows its own flags."""
-    from trl_star_dss.tools.cli import as_flags
-
-    message = "output_dir='runs/x' holds an earlier guard evaluation. Pass resume=True to continue it"
-    assert as_flags(message) == "--output 'runs/x' holds an earlier guard evaluation. Pass --resume to continue it"
-    assert as_flags("label_column='verdict' is not a column") == "--label-column 'verdict' is not a column"
-    assert as_flags("the setting star_scores_dir='d'") == "the setting star_scores_dir='d'"  # not a flag of ours

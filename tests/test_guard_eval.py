@@ -120,12 +120,17 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--label-column", "verdict"], r"--label-column 'verdict' is not a column of the dataset .*Name the column"),
+        (
+            ["--label-column", "verdict"],
+            r"label_column='verdict' is not a column of the dataset .*Name the column.* On the command line, "
+            r"label_column is --label-column\.$",
+        ),
         (
             ["--prefix-truth", "trl_star_dss.tools.demo:nothing"],
-            r"--prefix-truth 'trl_star_dss.tools.demo:nothing' could not be imported",
+            r"prefix_truth='trl_star_dss.tools.demo:nothing' could not be imported.* On the command line, prefix_truth "
+            r"is --prefix-truth\.$",
         ),
-        (["--prefix-truth", "trl_star_dss.tools.demo"], r"is not `module:function`"),
+        (["--prefix-truth", "trl_star_dss.tools.demo"], r"is not `module:function`.* prefix_truth is --prefix-truth"),
         (["--unit", "token"], r"--policy-tokenizer was not given"),
         (["--chunk-size", "0"], r"--chunk-size 0 must be a positive whole number"),
     ],
@@ -151,7 +156,11 @@ def test_eval_guard_errors_name_the_flag_the_value_and_the_fix(tmp_path, labelle
 def test_a_bad_label_is_refused_by_the_command(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"messages": _conversation("fine"), "label": "ok"}) + "\n")
-    with pytest.raises(SystemExit, match=r"--label-column 'label' holds 'ok' at example 0.*1 and true mean unsafe"):
+    with pytest.raises(
+        SystemExit,
+        match=r"label_column='label' holds 'ok' at example 0.*1 and true mean unsafe.* On the command line, label_column "
+        r"is --label-column\.$",
+    ):
         star_dss(
             [
                 "eval",

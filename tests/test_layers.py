@@ -12,6 +12,7 @@ import trl_star_dss
 
 PACKAGE = os.path.dirname(trl_star_dss.__file__)
 CORE = {
+    "arguments",
     "choices",
     "config",
     "errors",
@@ -25,7 +26,7 @@ CORE = {
     "storage",
     "trainer",
 }
-TOOLS = {"tools"}
+TOOLS = {"tools", "cli"}  # the command line and what it drives
 # The one way the core reaches scoring: the trainer's start-up scoring and report (`scoring.startup`).
 ENTRY = ("trainer", "scoring.startup")
 
@@ -108,8 +109,11 @@ def test_scoring_imports_no_tool():
 HEAVY = ("bitsandbytes", "peft", "matplotlib", "lm_eval", "axolotl")
 
 
+_LOADED = "; import sys; print(sorted({{m.split('.')[0] for m in sys.modules if m.split('.')[0] in {!r}}}))"
+
+
 def _loaded_after(code: str) -> list[str]:
-    code += f"; import sys; print(sorted({{m.split('.')[0] for m in sys.modules if m.startswith({HEAVY!r})}}))"
+    code += _LOADED.format(HEAVY)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return result.stdout.strip().splitlines()[-1], result.stderr
 
@@ -119,10 +123,20 @@ def test_import_loads_no_tool_and_no_optional_package():
     assert loaded == "[]"
 
 
+# What `star-dss --help` must not wait for either: each takes seconds to load (the commands import them in `run`).
+HEAVY_FOR_HELP = (*HEAVY, "torch", "transformers", "trl", "datasets", "accelerate")
+
+
 def test_every_help_prints_only_help():
-    """`star-dss ... --help` loads no heavy optional package (bitsandbytes printed a kernels warning on CPU)."""
+    """`star-dss ... --help` loads no heavy package (bitsandbytes printed a kernels warning on CPU), nor the demo
+    (its module is imported when `star-dss demo` runs)."""
     for command in ([], ["score"], ["show"], ["demo"], ["eval", "safety"], ["eval", "guard"], ["eval", "capability"]):
-        code = f"from trl_star_dss.tools.cli import main\ntry:\n    main({[*command, '--help']!r})\nexcept SystemExit: pass"
-        loaded, stderr = _loaded_after(code)
-        assert loaded == "[]", (command, loaded)
-        assert stderr == "", (command, stderr)
+        code = (
+            f"from trl_star_dss.cli import main\ntry:\n    main({[*command, '--help']!r})\nexcept SystemExit: pass\n"
+            "import sys; print('demo', [m for m in sys.modules if m.startswith(('trl_star_dss.demo', 'trl_star_dss.tools.demo'))])"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code + _LOADED.format(HEAVY_FOR_HELP)], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and result.stderr == "", (command, result.stderr)
+        assert result.stdout.strip().splitlines()[-2:] == ["demo []", "[]"], (command, result.stdout[-300:])

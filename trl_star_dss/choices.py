@@ -11,3 +11,23 @@ UNITS = ("token", "word")  # what `star_chunk_size` counts (docs/method.md 1.1)
 CONTROVERSIAL = ("unsafe", "safe")
 # What the trainers do with content that holds the policy's special-token strings (docs/method.md 2.1).
 CONTENT_SPECIAL_TOKENS = ("refuse", "drop", "keep")
+# The guard families scoring reads by name (`guardrail_family`, `--family`; `scoring.families` defines each).
+FAMILIES = (
+    "llama_guard",
+    "llama_guard_4",
+    "granite_guardian",
+    "granite_guardian_3_3",
+    "qwen3guard_gen",
+    "shieldgemma",
+    "wildguard",
+    "qwen3guard_stream",
+)
+# How a guard scores the prefixes: one forward over their shared prefix, or one per prefix (docs/method.md, "The
+# scoring engine"); the same scores.
+SCORING_METHODS = ("fast", "naive")
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # what `from_pretrained(dtype=...)` takes by name
+# The toy-world demo's own values, here so `star-dss demo --help` states them without loading the demo.
+DEMO_POLICIES = ("toy", "smollm2")
+DEMO_GUARDS = ("learned", "rule")
+# `star-dss demo`'s time (README Quickstart), estimated from the CPU time of loaded runs (README, "The demo": Time).
+DEMO_TIME = "at most about 3 minutes on 2 idle CPU cores"

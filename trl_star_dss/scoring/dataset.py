@@ -345,8 +345,9 @@ def _distributed():
 
 
 def _named(output_name: str, output_dir: str) -> str:
-    """The directory as the user set it: `star_scores_dir='d'`, `--output 'd'`."""
-    return f"{output_name} {output_dir!r}" if output_name.startswith("--") else f"{output_name}={output_dir!r}"
+    """The directory as the user set it: `star_scores_dir='d'` (the errors also carry `output_name` in their
+    `arguments`, for a front end that names it otherwise)."""
+    return f"{output_name}={output_dir!r}"
 
 
 def _check_settings(
@@ -379,7 +380,8 @@ def _check_settings(
             f"{_named(output_name, output_dir)} holds STAR scores made with other settings ({changed}, as (stored, "
             f"now)).{earlier} Scores made with different settings are never mixed: choose another {output_name}, or "
             "delete those scores and score again (score_dataset(overwrite=True), `star-dss score --overwrite`, or "
-            "delete the directory)."
+            "delete the directory).",
+            arguments=(output_name,),
         )
     barrier()
     if is_main:
@@ -405,7 +407,8 @@ def _check_hashes(records: list[dict], dataset, fmt: str, output_dir: str, outpu
             raise STARDSSError(
                 f"{_named(output_name, output_dir)} holds scores of another dataset: example {record['index']} "
                 f"differs from the one scored there. Choose another {output_name}, or delete those scores "
-                "(score_dataset(overwrite=True), `star-dss score --overwrite`, or delete the directory)."
+                "(score_dataset(overwrite=True), `star-dss score --overwrite`, or delete the directory).",
+                arguments=(output_name,),
             )
 
 

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Sequence
 
+from ..choices import FAMILIES  # the families' names, read by `star-dss --help` without this module
 from ..errors import STARDSSError
 from ..formats import Conversation
 from .causal_lm import CausalLMGuardrail, one_token_after
@@ -28,18 +29,6 @@ from .guardrail import (
     check_controversial,
 )
 from .token_level import TokenLevelGuardrail
-
-
-FAMILIES = (
-    "llama_guard",
-    "llama_guard_4",
-    "granite_guardian",
-    "granite_guardian_3_3",
-    "qwen3guard_gen",
-    "shieldgemma",
-    "wildguard",
-    "qwen3guard_stream",
-)
 
 
 class LlamaGuard(CausalLMGuardrail):
@@ -410,8 +399,9 @@ def load_guardrail(
         )
     if "controversial" in kwargs and family not in ("qwen3guard_gen", "qwen3guard_stream"):
         raise STARDSSError(
-            f"controversial={kwargs['controversial']!r} (--controversial) applies to guards with a third, ambiguous "
-            f"class (Qwen3Guard), not to {spec!r} (family {family!r}). Leave it unset."
+            f"controversial={kwargs['controversial']!r} applies to guards with a third, ambiguous "
+            f"class (Qwen3Guard), not to {spec!r} (family {family!r}). Leave it unset.",
+            arguments=("controversial",),
         )
     if family == "qwen3guard_stream":
         return _with_id(

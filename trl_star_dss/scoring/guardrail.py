@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..choices import CONTROVERSIAL
+from ..choices import CONTROVERSIAL, SCORING_METHODS
 from ..errors import STARDSSError
 from ..formats import Conversation
 from .audit import TemplateMarkers
@@ -89,7 +89,7 @@ class Guardrail:
 
 
 def _check_method(method: str) -> None:
-    if method not in ("fast", "naive"):
+    if method not in SCORING_METHODS:
         raise STARDSSError(f"Unknown scoring method {method!r}. Use 'fast' (shared prefix) or 'naive'.")
 
 

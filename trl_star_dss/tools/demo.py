@@ -23,6 +23,10 @@ import statistics
 import textwrap
 import time
 
+# `star-dss demo`'s time (README Quickstart, `star-dss demo --help`), estimated from the CPU time of loaded runs
+# (README, The demo: Time), and what scores the attacks: stated in `choices`, which `star-dss --help` reads.
+from ..choices import DEMO_GUARDS, DEMO_TIME  # noqa: F401 (DEMO_TIME: public here too)
+
 # The world's truth and its guard live with the test helpers (tests use the same guard); the demo names them here.
 from ..errors import STARDSSError
 from ..scoring import PythonGuardrail, score_dataset
@@ -140,9 +144,6 @@ ATTACK_NOTES = {
     "benign_mix": "What to look for: shown here are harmful examples of the mix (1 in 10 of its examples), red from "
     "the harmful item on; its benign tasks, not shown, are green throughout and train with plain cross-entropy.",
 }
-# `star-dss demo`'s time (README Quickstart, `star-dss demo --help`), estimated from the CPU time of loaded runs
-# (README, The demo: Time).
-DEMO_TIME = "at most about 3 minutes on 2 idle CPU cores"
 
 logger = logging.getLogger(__name__)  # one line per stage; `star-dss demo --no-progress` silences it
 
@@ -213,7 +214,7 @@ STAGES = {  # (epochs, learning rate); the attack's strength was chosen on plain
     "attack": (5, 5e-4),
     "guard": (3, 2e-3),  # the learned guard's (GUARD_EXAMPLES)
 }
-GUARDS = ("learned", "rule")
+GUARDS = DEMO_GUARDS
 GUARD_NAMES = {"learned": "learned guard", "rule": "scripted guardrail"}
 
 

@@ -44,7 +44,8 @@ def read_labels(values, column: str = LABEL_COLUMN) -> list[bool]:
         if key not in LABEL_VALUES:
             raise STARDSSError(
                 f"label_column={column!r} holds {value!r} at example {index}, which is not a label. Use safe/unsafe, "
-                "or 0/1 or false/true where 1 and true mean unsafe (harmful), in every row."
+                "or 0/1 or false/true where 1 and true mean unsafe (harmful), in every row.",
+                arguments=("label_column",),
             )
         unsafe.append(LABEL_VALUES[key])
     return unsafe
@@ -58,12 +59,14 @@ def load_prefix_truth(spec: str) -> Callable[[str], bool]:
     except (ImportError, AttributeError) as error:
         raise STARDSSError(
             f"prefix_truth={spec!r} could not be imported ({error}). Give `package.module:function`, "
-            "a function from a text to whether it is harmful, e.g. trl_star_dss.testing:is_harmful."
+            "a function from a text to whether it is harmful, e.g. trl_star_dss.testing:is_harmful.",
+            arguments=("prefix_truth",),
         ) from error
     if not callable(truth):
         raise STARDSSError(
             f"prefix_truth={spec!r} is not `module:function` naming a function. Give e.g. "
-            "trl_star_dss.testing:is_harmful."
+            "trl_star_dss.testing:is_harmful.",
+            arguments=("prefix_truth",),
         )
     return truth
 
@@ -168,7 +171,8 @@ def evaluate_guard(
     if label_column not in dataset.column_names:
         raise STARDSSError(
             f"label_column={label_column!r} is not a column of the dataset (columns: "
-            f"{dataset.column_names}). Name the column that labels each response safe or unsafe."
+            f"{dataset.column_names}). Name the column that labels each response safe or unsafe.",
+            arguments=("label_column",),
         )
     unsafe = read_labels(dataset[label_column], label_column)
     if not unsafe:
@@ -185,7 +189,8 @@ def evaluate_guard(
         if os.path.exists(scores_dir) and not resume:
             raise STARDSSError(
                 f"output_dir={output_dir!r} holds an earlier guard evaluation. Pass resume=True to continue it "
-                "(same guard and settings), or choose another directory; it is never overwritten."
+                "(same guard and settings), or choose another directory; it is never overwritten.",
+                arguments=("output_dir", "resume"),
             )
     scored, _ = score_dataset(
         dataset,

@@ -1,5 +1,6 @@
-"""Loading a dataset named on the command line: a local file, a `save_to_disk` directory, or a dataset id; and
-reading its columns as TRL's prompt/completion format (`--prompt-column`, `--completion-column`, `--input-column`)."""
+"""Loading what the command line names: a dataset (a local file, a `save_to_disk` directory, or a dataset id) and
+its columns as TRL's prompt/completion format (`--prompt-column`, `--completion-column`, `--input-column`); a
+tokenizer (`--policy-tokenizer`); the device a model loads on when `--device` is not given."""
 
 from __future__ import annotations
 
@@ -43,6 +44,26 @@ def load_dataset_arg(path: str, split: str = "train", flag: str = "--dataset"):
             "Give a .jsonl/.json/.csv/.parquet file, a directory saved with `save_to_disk` (for scores: the "
             "`star-dss score --output` directory), or a dataset id the hub can serve."
         ) from error
+
+
+def load_tokenizer(name: str, flag: str = "--policy-tokenizer"):
+    """The tokenizer `name` (a hub id or a local directory), or an error that names `flag` and the value."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:  # transformers' failures for missing files, offline hub, unknown ids
+        raise STARDSSError(
+            f"{flag} {name!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Give the hub id or local directory of the model you will finetune (a directory needs its tokenizer files)."
+        ) from error
+
+
+def default_device() -> str:
+    """This process's accelerator (its own GPU under `accelerate launch`), else the CPU."""
+    from accelerate import PartialState
+
+    return str(PartialState().device)
 
 
 def response_columns(
