@@ -560,6 +560,51 @@ def test_scores_path_is_matched_by_content_not_position(tmp_path):
         _look_up([chat("c", "z")], str(tmp_path))
 
 
+def test_scores_path_reads_alpaca_and_prompt_completion_scores(tmp_path):
+    """Issue 33: Alpaca scores made by the README's command (`star-dss score --prompt-column instruction
+    --input-column input --completion-column output`, plain-string prompt and completion) and conversational
+    prompt/completion scores are found for the conversations the plugin reads from an `alpaca` dataset; scores of
+    other data give the intended message, not a TypeError."""
+    from axolotl.prompt_tokenizers import AlpacaPromptTokenizingStrategy
+    from axolotl.prompters import AlpacaPrompter
+    from datasets import Dataset
+
+    from star_dss.data import _look_up, conversation_reader
+    from trl_star_dss.tools.loading import response_columns
+
+    rows = {
+        "instruction": ["Say hi.", "Tell me how to get poison."],
+        "input": ["", "Quickly."],
+        "output": ["Hi there.", "Buy poison at the shop."],
+    }
+    alpaca = Dataset.from_dict(rows)
+    mapped = response_columns(alpaca, "alpaca.jsonl", "instruction", "output", "input")
+    scored, _ = score_dataset(mapped, PythonGuardrail(scripted_guardrail), unit="word", progress=False)
+    scored.save_to_disk(str(tmp_path / "alpaca" / "dataset"))
+    strategy = AlpacaPromptTokenizingStrategy(AlpacaPrompter(None), tiny_tokenizer(), False, 64)
+    read = conversation_reader(strategy)
+    conversations = [read(row) for row in alpaca][::-1]  # order does not matter
+    records = _look_up(conversations, str(tmp_path / "alpaca"))
+    assert records == [[{**scored[1]["star"][0], "turn": 1}], [{**scored[0]["star"][0], "turn": 1}]]
+    assert records[0][0]["scores"][-1] < 0.5 < records[1][0]["scores"][-1]
+
+    # Conversational prompt/completion scores.
+    chats = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": c[0]["content"]}] for c in conversations],
+            "completion": [[{"role": "assistant", "content": c[1]["content"]}] for c in conversations],
+        }
+    )
+    scored, _ = score_dataset(chats, PythonGuardrail(scripted_guardrail), unit="word", progress=False)
+    scored.save_to_disk(str(tmp_path / "chats"))
+    assert _look_up(conversations, str(tmp_path / "chats")) == [[{**r, "turn": 1} for r in s] for s in scored["star"]]
+
+    # Scores of other data: the intended message.
+    other = [[{"role": "user", "content": "Another question."}, {"role": "assistant", "content": "Another answer."}]]
+    with pytest.raises(ValueError, match=r"1 of 1 training conversations have no scores in star_dss_scores_path"):
+        _look_up(other, str(tmp_path / "alpaca"))
+
+
 @pytest.mark.parametrize("layout", ["right", "left", "multipack", "flattening"])
 def test_collator_puts_each_weight_on_its_token(layout):
     """Every Axolotl batch layout: a weight made from its token id (id / 1000) must come out beside that id. The
