@@ -775,3 +775,28 @@ def test_example_configs_are_axolotl_configs_plus_the_star_dss_block(name):
     star = yaml.safe_load(block.split("\n", 1)[1])
     assert star["star_dss"] is True and all(key.startswith("star_dss") for key in star)
     StarDSSArgs.model_validate({**yaml.safe_load(stock), **star})  # the plugin's checks pass
+
+
+@pytest.mark.parametrize("written, on", [("false", False), ("False", False), ("no", False), ("true", True), (1, True)])
+def test_boolean_keys_read_as_the_validated_config_reads_them(written, on):
+    """Issue 33: `star_dss: "false"` (quoted in YAML) is off for `register` too, as pydantic reads it in the validated
+    config: the dataset types stay Axolotl's and no guard runs. The STAR boolean keys are read the same way."""
+    from star_dss.args import StarDSSArgs, settings
+    from star_dss.plugin import StarDSSPlugin
+
+    cfg = {"star_dss": written, "star_dss_guardrail": "g", "datasets": [{"path": "d", "type": "chat_template"}]}
+    plugin = StarDSSPlugin()
+    plugin.register(cfg)
+    assert plugin.enabled is on and star_dss_enabled(cfg) is on
+    assert cfg["datasets"][0]["type"] == ("star_dss.chat_template" if on else "chat_template")
+    assert StarDSSArgs(star_dss=written, star_dss_guardrail="g").star_dss is on  # the validated reading
+    assert settings({"star_dss_precompute_ref_log_probs": written}).precompute_ref_log_probs is on
+
+
+def test_a_boolean_key_that_is_no_boolean_is_refused():
+    from star_dss.args import settings
+
+    with pytest.raises(ValueError, match=r"star_dss='maybe' is not a boolean\. Write true or false"):
+        star_dss_enabled({"star_dss": "maybe"})
+    with pytest.raises(ValueError, match=r"star_dss_precompute_ref_log_probs='sometimes' is not a boolean"):
+        settings({"star_dss_precompute_ref_log_probs": "sometimes"})
