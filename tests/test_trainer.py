@@ -614,3 +614,35 @@ def test_pretokenized_dataset_needs_no_star_placeholder(tmp_path, tokenizer):
 def test_config_checks_the_remaining_fields(field, value, message):
     with pytest.raises(ValueError, match=message):
         STARDSSConfig(output_dir="x", report_to="none", **{field: value})
+
+
+def test_an_unscored_eval_set_is_told_how_to_score_it(tmp_path, tokenizer, scored):
+    """Issue 33: with `guardrail=` set, an unscored eval set is not pointed at start-up scoring, which scores the
+    train dataset only."""
+    with pytest.raises(ValueError, match=r"`guardrail=` scores the train dataset only: score this one too") as error:
+        STARDSSTrainer(
+            tiny_causal_lm(tokenizer),
+            args=STARDSSConfig(**config(tmp_path, guardrail=["trl_star_dss.testing:scripted_guardrail"])),
+            train_dataset=scored,
+            eval_dataset=scored.remove_columns("star"),
+            processing_class=tokenizer,
+        )
+    assert "or set `guardrail=` to score the train dataset" not in str(error.value)
+
+
+def test_named_eval_sets_log_star_metrics_under_their_names(tmp_path, tokenizer, scored):
+    """Issue 33: `eval_a_loss` / `eval_b_loss` and, beside them, `eval_a_star/weight_mean` / `eval_b_star/...`,
+    each the mean of its own set (all safe: 1.0; the scored sample: below 1)."""
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer, seed=1),
+        args=STARDSSConfig(**config(tmp_path, max_steps=1, per_device_eval_batch_size=4)),
+        train_dataset=scored.select(range(4)),
+        eval_dataset={"a": with_weights(scored.select(range(4)), 1.0), "b": scored.select(range(4))},
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    assert "eval_a_loss" in metrics and "eval_b_loss" in metrics
+    assert metrics["eval_a_star/weight_mean"] == pytest.approx(1.0)
+    assert metrics["eval_b_star/weight_mean"] < 1.0
+    assert "eval_star/weight_mean" not in metrics and "eval_a_kl" in metrics
+    assert trainer.eval_metric_name("kl") == "eval_kl"  # outside a named evaluation

@@ -268,6 +268,24 @@ class STARLossMixin:
     def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
         raise NotImplementedError("A trainer using STARLossMixin says where its metrics go.")
 
+    _eval_prefix = "eval"  # the `metric_key_prefix` of the evaluation running now
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # The Trainer evaluates each of a dict of eval datasets under `eval_<name>` (its `eval_<name>_loss`): the
+        # STAR metrics of that pass carry the same prefix (`eval_metric_name`), so named sets do not overwrite each
+        # other's in trackers (issue 33).
+        previous, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(
+                eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
+        finally:
+            self._eval_prefix = previous
+
+    def eval_metric_name(self, key: str) -> str:
+        """The logged name of an evaluation metric: `eval_kl`, or `eval_<name>_kl` for the eval set `<name>`."""
+        return f"{self._eval_prefix}_{key}"
+
     @torch.no_grad()
     def _sft_metrics(self, entropy, top1, aux_loss, mask) -> dict[str, float]:
         """What SFTTrainer logs of its forward: `entropy` and `mean_token_accuracy` over trained tokens, `aux_loss`."""
@@ -448,9 +466,17 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"untokenized scored dataset (with its `{STAR_COLUMN}` column) and let the trainer tokenize it."
             )
         if not tokenized and uses_scores and STAR_COLUMN not in columns:
+            # Start-up scoring (`guardrail=`) scores the train dataset only (issue 33): an eval set is scored apart.
+            fix = (
+                "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
+                if dataset_name == "train"
+                else "`guardrail=` scores the train dataset only: score this one too (`star-dss score --output DIR`, "
+                "or `score_dataset` in Python) and pass the scored dataset (`datasets.load_from_disk('DIR/dataset')`) "
+                "as eval_dataset."
+            )
             raise STARDSSError(
                 f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
-                "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
+                + fix
             )
         if not tokenized and uses_scores and dataset_name != "train":  # the train dataset was checked in __init__
             check_star_dataset(dataset)
@@ -564,6 +590,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     # -- loss (`STARLossMixin.compute_loss`) -------------------------------------------------------------------------
 
     def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
+        if mode == "eval":  # `SFTTrainer.log` writes "eval_" before each key
+            metrics = {self.eval_metric_name(key).removeprefix("eval_"): value for key, value in metrics.items()}
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if mode == "train":  # SFTTrainer's `num_tokens`: every token seen, padding excluded (trl 1.16)
