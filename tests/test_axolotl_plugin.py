@@ -458,7 +458,12 @@ def test_evaluation_metrics_carry_the_eval_prefix():
     mix them into the training curves."""
     from star_dss.trainer import STARDSSAxolotlTrainer
 
+    from trl_star_dss.trainer import STARLossMixin
+
     class Host:
+        _eval_prefix = "eval"
+        eval_metric_name = STARLossMixin.eval_metric_name
+
         def __init__(self):
             self.stored = []
 
@@ -468,9 +473,13 @@ def test_evaluation_metrics_carry_the_eval_prefix():
     host, metrics = Host(), {"star/weight_mean": 0.5, "loss/ce": 1.0, "kl": 0.25}
     STARDSSAxolotlTrainer._store_star_metrics(host, metrics, "eval", {})
     STARDSSAxolotlTrainer._store_star_metrics(host, metrics, "train", {})
+    # Issue 33: the evaluation of a named eval set (the Trainer's `metric_key_prefix="eval_a"`) names them.
+    host._eval_prefix = "eval_a"
+    STARDSSAxolotlTrainer._store_star_metrics(host, {"kl": 0.25}, "eval", {})
     assert host.stored == [
         ("eval", {"eval_star/weight_mean": 0.5, "eval_loss/ce": 1.0, "eval_kl": 0.25}),
         ("train", metrics),
+        ("eval", {"eval_a_kl": 0.25}),
     ]
 
 

@@ -29,7 +29,7 @@ from .heads import add_hidden_state_output, check_output_head, output_head
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .reference import ref_logps_column
 from .special_tokens import content_special_token_rule
-from .weights import rejected, rejection_report, token_weights
+from .weights import rejected, rejection_report, response_mask, token_weights
 
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,26 @@ def example_star_weights(
     """The token ids and STAR weights of one scored example, rendered and tokenized as TRL's `SFTTrainer` does
     (the chat template for conversations; prompt + completion + EOS for plain text); `weights.token_weights` places
     the weights. Returns the full (untruncated) sequence."""
+    text, encoded, messages, first_turn = _render(example, tokenizer, chat_template)
+    # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
+    records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
+    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records, lookahead=lookahead)
+
+
+def example_response_mask(example: dict, tokenizer, chat_template: str | None = None) -> tuple[list[int], list[int]]:
+    """The token ids of one conversational example and 1 for each token of its trained assistant turns (every
+    assistant message not marked `"train": False`), 0 elsewhere (`weights.response_mask`)."""
+    text, encoded, messages, _ = _render(example, tokenizer, chat_template)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True) is not False]
+    # Special tokens: the named ones and every added token marked special (Llama 3's <|eot_id|> is only the latter).
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special = [i in specials for i in encoded["input_ids"]]
+    return encoded["input_ids"], response_mask(text, encoded["offset_mapping"], messages, turns, special)
+
+
+def _render(example: dict, tokenizer, chat_template: str | None):
+    """(text, its tokens with offsets, the messages rendered, where the completion starts among them), as TRL's
+    `SFTTrainer` renders and tokenizes the example."""
     if "messages" in example:
         messages, first_turn = example["messages"], 0
     elif isinstance(example["prompt"], list):
@@ -57,8 +77,6 @@ def example_star_weights(
             [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": completion}],
             1,
         )
-    # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
-    records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
     if "messages" in example or isinstance(example["prompt"], list):
         tools = example.get("tools")  # TRL reads a JSON string as its list of tools (trl 1.16 `tokenize_fn`)
         text = tokenizer.apply_chat_template(
@@ -71,7 +89,7 @@ def example_star_weights(
     else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
         text = messages[0]["content"] + messages[1]["content"]
         encoded = tokenizer(text=text, return_offsets_mapping=True)
-    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records, lookahead=lookahead)
+    return text, encoded, messages, first_turn
 
 
 @dataclass(frozen=True)
@@ -490,6 +508,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             prepared = self._truncate_token_columns(prepared, args, dataset_name)
         elif args.shaping == "star_dss":
             prepared = self._attach_star_weights(prepared, processing_class, args, dataset_name)
+        if not tokenized and args.assistant_only_loss is None and "messages" in prepared.column_names:
+            prepared = self._train_responses_only(prepared, processing_class, args, dataset_name)
         if self._defer_packing:
             self._deferred_packing[dataset_name] = packing
         elif packing:
@@ -578,6 +598,27 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             return {"star_weights": self._keep(weights, n, args)}
 
         return prepared.map(attach, desc=f"Attaching STAR weights to {dataset_name} dataset")
+
+    def _train_responses_only(self, prepared, processing_class, args, dataset_name):
+        """`assistant_only_loss=None`, this trainer's default: only the assistant responses of a `messages` dataset are
+        trained, as in the paper and in Axolotl (`train_on_inputs: false`), so one dataset gets one objective in both
+        front ends (issue 33). The responses are found as the STAR weights are (`weights.response_mask`), which needs
+        no `{% generation %}` markers in the chat template; every other label becomes -100."""
+
+        def mask(example):
+            ids, keep = example_response_mask(example, processing_class, self.chat_template)
+            n = len(example["input_ids"])
+            if self._keep(ids, n, args) != example["input_ids"]:
+                raise STARDSSError(
+                    f"Re-tokenizing an example of the {dataset_name} dataset with offsets gives other tokens than "
+                    "TRL's tokenization, so its responses cannot be found among its tokens. Set "
+                    "assistant_only_loss=True (a chat template with `{% generation %}` markers) or False (train every "
+                    "token); please report it with the template."
+                )
+            keep = self._keep(keep, n, args)
+            return {"labels": [label if k else -100 for label, k in zip(example["labels"], keep)]}
+
+        return prepared.map(mask, desc=f"Masking all but the responses of {dataset_name} dataset")
 
     @torch.no_grad()
     def _with_ref_logps(self, dataset, dataset_name: str):
