@@ -457,7 +457,6 @@ def test_evaluation_metrics_carry_the_eval_prefix():
     """As the TRL trainer logs them (TRL's `SFTTrainer.log`): `eval_star/...` during evaluation, so trackers do not
     mix them into the training curves."""
     from star_dss.trainer import STARDSSAxolotlTrainer
-
     from trl_star_dss.trainer import STARLossMixin
 
     class Host:
