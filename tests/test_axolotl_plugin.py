@@ -808,3 +808,20 @@ def test_a_boolean_key_that_is_no_boolean_is_refused():
         star_dss_enabled({"star_dss": "maybe"})
     with pytest.raises(ValueError, match=r"star_dss_precompute_ref_log_probs='sometimes' is not a boolean"):
         settings({"star_dss_precompute_ref_log_probs": "sometimes"})
+
+
+def test_the_prepared_data_hash_follows_what_the_guard_is(tmp_path, monkeypatch):
+    """Issue 33: a `module:function` rule edited under the same name changes the key that joins Axolotl's prepared-data
+    hash, so the data is prepared and scored again instead of reusing the old weights."""
+    import importlib
+
+    from star_dss.args import SCORES_FINGERPRINT, _check
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    for value in (0.95, 0.05):
+        (tmp_path / "rule_33.py").write_text(f"def rule(conversation):\n    return {value}\n")
+        sys.modules.pop("rule_33", None)
+        importlib.invalidate_caches()
+        seen.append(_check({"star_dss": True, "star_dss_guardrail": "rule_33:rule"})[SCORES_FINGERPRINT])
+    assert seen[0] != seen[1] and all('"fingerprint": [{"code": ' in key for key in seen)

@@ -36,8 +36,8 @@ FIELDS = {key(f.name): f.name for f in fields(STARArguments) if f.name not in NO
 NAMES = {name: k for k, name in FIELDS.items()}  # field -> key, for errors that name what the user wrote
 # Keys of the plugin alone (no `STARDSSConfig` field: TRL users pass a dataset that has its `star` column).
 SCORES_PATH = "star_dss_scores_path"
-# Set by the plugin's validator from `star_dss_scores_path` (so the prepared data's hash follows the scores),
-# never by users: declared, not suggested.
+# Set by the plugin's validator from `star_dss_scores_path`, or from what the guard is (so the prepared data's hash
+# follows the scores), never by users: declared, not suggested.
 SCORES_FINGERPRINT = "star_dss_scores_fingerprint"
 # Keys of release 0.2 whose names the rule changed: accepted, with a warning, until the next release.
 RENAMED = {"star_dss_precompute_ref": key("precompute_ref_log_probs")}
@@ -195,7 +195,22 @@ def _check(data):
     check_sharding(values, sharded, has_reference=bool(data.get("adapter")), names=NAMES)
     if scores_path:
         data[SCORES_FINGERPRINT] = scores_fingerprint(scores_path)
+    elif values["guardrail"] and shaping in SCORED_SHAPINGS:
+        # What the guard is (its files, hub commit or code; issue 33) joins the prepared data's hash, so a guard
+        # changed under the same name prepares (and scores) the data again instead of reusing the old weights.
+        data[SCORES_FINGERPRINT] = guard_fingerprint(values)
     return data
+
+
+def guard_fingerprint(values: dict) -> str:
+    from trl_star_dss.scoring.families import guard_options, guardrail_id
+
+    return guardrail_id(
+        values["guardrail"],
+        values["guardrail_family"],
+        values["guardrail_temperature"],
+        **guard_options(values["guardrail_controversial"]),
+    )
 
 
 def _pydantic_type(annotation):
