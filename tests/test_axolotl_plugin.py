@@ -457,8 +457,12 @@ def test_evaluation_metrics_carry_the_eval_prefix():
     """As the TRL trainer logs them (TRL's `SFTTrainer.log`): `eval_star/...` during evaluation, so trackers do not
     mix them into the training curves."""
     from star_dss.trainer import STARDSSAxolotlTrainer
+    from trl_star_dss.trainer import STARLossMixin
 
     class Host:
+        _eval_prefix = "eval"
+        eval_metric_name = STARLossMixin.eval_metric_name
+
         def __init__(self):
             self.stored = []
 
@@ -468,9 +472,13 @@ def test_evaluation_metrics_carry_the_eval_prefix():
     host, metrics = Host(), {"star/weight_mean": 0.5, "loss/ce": 1.0, "kl": 0.25}
     STARDSSAxolotlTrainer._store_star_metrics(host, metrics, "eval", {})
     STARDSSAxolotlTrainer._store_star_metrics(host, metrics, "train", {})
+    # Issue 33: the evaluation of a named eval set (the Trainer's `metric_key_prefix="eval_a"`) names them.
+    host._eval_prefix = "eval_a"
+    STARDSSAxolotlTrainer._store_star_metrics(host, {"kl": 0.25}, "eval", {})
     assert host.stored == [
         ("eval", {"eval_star/weight_mean": 0.5, "eval_loss/ce": 1.0, "eval_kl": 0.25}),
         ("train", metrics),
+        ("eval", {"eval_a_kl": 0.25}),
     ]
 
 
@@ -558,6 +566,51 @@ def test_scores_path_is_matched_by_content_not_position(tmp_path):
     assert records[0] == [{**scored[1]["star"][0], "turn": 2}] and records[1] == scored[0]["star"]
     with pytest.raises(ValueError, match=r"1 of 1 training conversations have no scores in star_dss_scores_path"):
         _look_up([chat("c", "z")], str(tmp_path))
+
+
+def test_scores_path_reads_alpaca_and_prompt_completion_scores(tmp_path):
+    """Issue 33: Alpaca scores made by the README's command (`star-dss score --prompt-column instruction
+    --input-column input --completion-column output`, plain-string prompt and completion) and conversational
+    prompt/completion scores are found for the conversations the plugin reads from an `alpaca` dataset; scores of
+    other data give the intended message, not a TypeError."""
+    from axolotl.prompt_tokenizers import AlpacaPromptTokenizingStrategy
+    from axolotl.prompters import AlpacaPrompter
+    from datasets import Dataset
+
+    from star_dss.data import _look_up, conversation_reader
+    from trl_star_dss.tools.loading import response_columns
+
+    rows = {
+        "instruction": ["Say hi.", "Tell me how to get poison."],
+        "input": ["", "Quickly."],
+        "output": ["Hi there.", "Buy poison at the shop."],
+    }
+    alpaca = Dataset.from_dict(rows)
+    mapped = response_columns(alpaca, "alpaca.jsonl", "instruction", "output", "input")
+    scored, _ = score_dataset(mapped, PythonGuardrail(scripted_guardrail), unit="word", progress=False)
+    scored.save_to_disk(str(tmp_path / "alpaca" / "dataset"))
+    strategy = AlpacaPromptTokenizingStrategy(AlpacaPrompter(None), tiny_tokenizer(), False, 64)
+    read = conversation_reader(strategy)
+    conversations = [read(row) for row in alpaca][::-1]  # order does not matter
+    records = _look_up(conversations, str(tmp_path / "alpaca"))
+    assert records == [[{**scored[1]["star"][0], "turn": 1}], [{**scored[0]["star"][0], "turn": 1}]]
+    assert records[0][0]["scores"][-1] < 0.5 < records[1][0]["scores"][-1]
+
+    # Conversational prompt/completion scores.
+    chats = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": c[0]["content"]}] for c in conversations],
+            "completion": [[{"role": "assistant", "content": c[1]["content"]}] for c in conversations],
+        }
+    )
+    scored, _ = score_dataset(chats, PythonGuardrail(scripted_guardrail), unit="word", progress=False)
+    scored.save_to_disk(str(tmp_path / "chats"))
+    assert _look_up(conversations, str(tmp_path / "chats")) == [[{**r, "turn": 1} for r in s] for s in scored["star"]]
+
+    # Scores of other data: the intended message.
+    other = [[{"role": "user", "content": "Another question."}, {"role": "assistant", "content": "Another answer."}]]
+    with pytest.raises(ValueError, match=r"1 of 1 training conversations have no scores in star_dss_scores_path"):
+        _look_up(other, str(tmp_path / "alpaca"))
 
 
 @pytest.mark.parametrize("layout", ["right", "left", "multipack", "flattening"])
@@ -730,3 +783,45 @@ def test_example_configs_are_axolotl_configs_plus_the_star_dss_block(name):
     star = yaml.safe_load(block.split("\n", 1)[1])
     assert star["star_dss"] is True and all(key.startswith("star_dss") for key in star)
     StarDSSArgs.model_validate({**yaml.safe_load(stock), **star})  # the plugin's checks pass
+
+
+@pytest.mark.parametrize("written, on", [("false", False), ("False", False), ("no", False), ("true", True), (1, True)])
+def test_boolean_keys_read_as_the_validated_config_reads_them(written, on):
+    """Issue 33: `star_dss: "false"` (quoted in YAML) is off for `register` too, as pydantic reads it in the validated
+    config: the dataset types stay Axolotl's and no guard runs. The STAR boolean keys are read the same way."""
+    from star_dss.args import StarDSSArgs, settings
+    from star_dss.plugin import StarDSSPlugin
+
+    cfg = {"star_dss": written, "star_dss_guardrail": "g", "datasets": [{"path": "d", "type": "chat_template"}]}
+    plugin = StarDSSPlugin()
+    plugin.register(cfg)
+    assert plugin.enabled is on and star_dss_enabled(cfg) is on
+    assert cfg["datasets"][0]["type"] == ("star_dss.chat_template" if on else "chat_template")
+    assert StarDSSArgs(star_dss=written, star_dss_guardrail="g").star_dss is on  # the validated reading
+    assert settings({"star_dss_precompute_ref_log_probs": written}).precompute_ref_log_probs is on
+
+
+def test_a_boolean_key_that_is_no_boolean_is_refused():
+    from star_dss.args import settings
+
+    with pytest.raises(ValueError, match=r"star_dss='maybe' is not a boolean\. Write true or false"):
+        star_dss_enabled({"star_dss": "maybe"})
+    with pytest.raises(ValueError, match=r"star_dss_precompute_ref_log_probs='sometimes' is not a boolean"):
+        settings({"star_dss_precompute_ref_log_probs": "sometimes"})
+
+
+def test_the_prepared_data_hash_follows_what_the_guard_is(tmp_path, monkeypatch):
+    """Issue 33: a `module:function` rule edited under the same name changes the key that joins Axolotl's prepared-data
+    hash, so the data is prepared and scored again instead of reusing the old weights."""
+    import importlib
+
+    from star_dss.args import SCORES_FINGERPRINT, _check
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    for value in (0.95, 0.05):
+        (tmp_path / "rule_33.py").write_text(f"def rule(conversation):\n    return {value}\n")
+        sys.modules.pop("rule_33", None)
+        importlib.invalidate_caches()
+        seen.append(_check({"star_dss": True, "star_dss_guardrail": "rule_33:rule"})[SCORES_FINGERPRINT])
+    assert seen[0] != seen[1] and all('"fingerprint": [{"code": ' in key for key in seen)

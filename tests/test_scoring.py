@@ -213,3 +213,133 @@ def test_prompt_completion_dataset_with_model_guard(llama_guard_tiny):
     for a, b in zip(fast["star"], naive["star"]):
         assert a[0]["chunk_ends"] == b[0]["chunk_ends"]
         assert max(abs(x - y) for x, y in zip(a[0]["scores"], b[0]["scores"])) <= 1e-4
+
+
+# -- the cache id says what the guard is (issue 33) ------------------------------------------------------------------
+
+
+def _write_rule(folder, value: float) -> None:
+    (folder / "edited_rule.py").write_text(f"def rule(conversation):\n    return {value}\n")
+
+
+def _import_fresh(monkeypatch, folder):
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("edited_rule", None)
+    importlib.invalidate_caches()
+
+
+def test_an_edited_python_rule_is_not_served_its_old_scores(tmp_path, monkeypatch):
+    """A `module:function` rule edited from 0.95 to 0.05: the cache made by the old rule is refused by name."""
+    from trl_star_dss.errors import STARDSSError
+    from trl_star_dss.scoring.families import deferred_guardrail
+
+    kwargs = dict(unit="word", output_dir=str(tmp_path / "out"), progress=False)
+    _write_rule(tmp_path, 0.95)
+    _import_fresh(monkeypatch, tmp_path)
+    build, first_id = deferred_guardrail("edited_rule:rule")
+    scored, summary = score_dataset(toy_dataset(4), build, guardrail_id=first_id, **kwargs)
+    assert summary.flagged == 0
+    _write_rule(tmp_path, 0.05)
+    _import_fresh(monkeypatch, tmp_path)
+    build, second_id = deferred_guardrail("edited_rule:rule")
+    assert second_id != first_id
+    with pytest.raises(
+        STARDSSError, match=r"The guard \['edited_rule:rule'\] has changed since those scores were made"
+    ):
+        score_dataset(toy_dataset(4), build, guardrail_id=second_id, **kwargs)
+    # The documented fix: score again.
+    _, summary = score_dataset(toy_dataset(4), build, guardrail_id=second_id, overwrite=True, **kwargs)
+    assert (summary.scored_now, summary.flagged) == (4, 4)
+    # A rule built in code without a name is named by its code too.
+    high = PythonGuardrail(lambda c: 0.95)
+    low = PythonGuardrail(lambda c: 0.05)
+    assert json.loads(high.id)["code"] != json.loads(low.id)["code"]
+
+
+def test_a_checkpoint_retrained_into_the_same_folder_gets_another_id(tmp_path):
+    import shutil
+
+    from trl_star_dss.errors import STARDSSError
+    from trl_star_dss.scoring import load_guardrail
+    from trl_star_dss.testing import tiny_guard, tiny_tokenizer
+
+    path = tmp_path / "guard"
+    for seed in (0, 1):
+        model, guard_tokenizer = tiny_guard("llama_guard", seed=seed)
+        model.save_pretrained(path)
+        guard_tokenizer.save_pretrained(path)
+        if seed == 0:
+            first = load_guardrail(str(path))
+            # A copy of the folder (other modification times) is the same guard.
+            shutil.copytree(path, tmp_path / "copy")
+            assert (
+                json.loads(load_guardrail(str(tmp_path / "copy")).id)["fingerprint"]
+                == json.loads(first.id)["fingerprint"]
+            )
+            score_dataset(toy_dataset(2), first, tiny_tokenizer(), output_dir=str(tmp_path / "out"), progress=False)
+    second = load_guardrail(str(path))
+    assert json.loads(second.id)["fingerprint"] != json.loads(first.id)["fingerprint"]
+    with pytest.raises(
+        STARDSSError, match=r"has changed since those scores were made .*its files, hub commit or code"
+    ):
+        score_dataset(toy_dataset(2), second, tiny_tokenizer(), output_dir=str(tmp_path / "out"), progress=False)
+
+
+def test_a_hub_guard_is_named_by_its_cached_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from trl_star_dss.scoring.families import guardrail_id
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert json.loads(guardrail_id("org/guard"))["fingerprint"] == [{"revision": None}]  # not downloaded
+    ids = []
+    for commit in ("a" * 40, "b" * 40):
+        repo = tmp_path / "models--org--guard"
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        ids.append(guardrail_id("org/guard"))
+    assert [json.loads(i)["fingerprint"] for i in ids] == [[{"revision": "a" * 40}], [{"revision": "b" * 40}]]
+
+
+def test_a_hub_guard_downloaded_while_scoring_names_its_scores_by_its_commit(tmp_path):
+    """The id taken before a hub guard is downloaded has no commit; the guard loaded to score has one: the scores are
+    recorded under the loaded guard's id, so the next run (which knows the commit) reads them."""
+    unknown = json.dumps({"guardrail": ["org/guard"], "fingerprint": [{"revision": None}]})
+    known = json.dumps({"guardrail": ["org/guard"], "fingerprint": [{"revision": "a" * 40}]})
+
+    def build():
+        guard = PythonGuardrail(scripted_guardrail, name="org/guard")
+        guard.id = known
+        return guard
+
+    kwargs = dict(unit="word", output_dir=str(tmp_path), progress=False)
+    score_dataset(toy_dataset(3), build, guardrail_id=unknown, **kwargs)
+    with open(tmp_path / "star_settings.json") as handle:
+        assert json.load(handle)["guardrail"] == known
+    _, summary = score_dataset(toy_dataset(3), build, guardrail_id=known, **kwargs)
+    assert summary.scored_now == 0
+
+
+def test_a_cache_of_an_earlier_release_gets_a_migration_message(tmp_path):
+    from trl_star_dss.errors import STARDSSError
+    from trl_star_dss.scoring.families import deferred_guardrail
+
+    spec = "trl_star_dss.testing:scripted_guardrail"
+    build, cache_id = deferred_guardrail(spec)
+    kwargs = dict(unit="word", output_dir=str(tmp_path), progress=False)
+    score_dataset(toy_dataset(3), build, guardrail_id=cache_id, **kwargs)
+    settings_file = tmp_path / "star_settings.json"
+    settings = json.loads(settings_file.read_text())
+    old = json.loads(settings["guardrail"])
+    del old["fingerprint"]  # the id as earlier releases wrote it
+    settings["guardrail"] = json.dumps(old)
+    settings_file.write_text(json.dumps(settings))
+    with pytest.raises(
+        STARDSSError, match=r"made by an earlier release.*writing the id above as the `guardrail` entry"
+    ):
+        score_dataset(toy_dataset(3), build, guardrail_id=cache_id, **kwargs)

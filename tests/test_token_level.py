@@ -111,12 +111,13 @@ def test_options_that_change_scores_join_the_cache_id(tmp_path):
 
     from trl_star_dss.scoring.families import guardrail_id
 
-    # A guard with default options keeps the id of earlier releases (their caches stay valid) ...
+    # A guard with default options adds none of them, only what it is (a hub id not downloaded: no commit yet) ...
     assert json.loads(guardrail_id("g")) == {
         "guardrail": ["g"],
         "family": None,
         "temperature": 1.0,
         "max_length": None,
+        "fingerprint": [{"revision": None}],
     }
     # ... and an option that changes the scores gives another id.
     assert guardrail_id("g", controversial="safe") != guardrail_id("g", controversial="unsafe") != guardrail_id("g")

@@ -614,3 +614,87 @@ def test_pretokenized_dataset_needs_no_star_placeholder(tmp_path, tokenizer):
 def test_config_checks_the_remaining_fields(field, value, message):
     with pytest.raises(ValueError, match=message):
         STARDSSConfig(output_dir="x", report_to="none", **{field: value})
+
+
+def test_an_unscored_eval_set_is_told_how_to_score_it(tmp_path, tokenizer, scored):
+    """Issue 33: with `guardrail=` set, an unscored eval set is not pointed at start-up scoring, which scores the
+    train dataset only."""
+    with pytest.raises(ValueError, match=r"`guardrail=` scores the train dataset only: score this one too") as error:
+        STARDSSTrainer(
+            tiny_causal_lm(tokenizer),
+            args=STARDSSConfig(**config(tmp_path, guardrail=["trl_star_dss.testing:scripted_guardrail"])),
+            train_dataset=scored,
+            eval_dataset=scored.remove_columns("star"),
+            processing_class=tokenizer,
+        )
+    assert "or set `guardrail=` to score the train dataset" not in str(error.value)
+
+
+def test_named_eval_sets_log_star_metrics_under_their_names(tmp_path, tokenizer, scored):
+    """Issue 33: `eval_a_loss` / `eval_b_loss` and, beside them, `eval_a_star/weight_mean` / `eval_b_star/...`,
+    each the mean of its own set (all safe: 1.0; the scored sample: below 1)."""
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer, seed=1),
+        args=STARDSSConfig(**config(tmp_path, max_steps=1, per_device_eval_batch_size=4)),
+        train_dataset=scored.select(range(4)),
+        eval_dataset={"a": with_weights(scored.select(range(4)), 1.0), "b": scored.select(range(4))},
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    assert "eval_a_loss" in metrics and "eval_b_loss" in metrics
+    assert metrics["eval_a_star/weight_mean"] == pytest.approx(1.0)
+    assert metrics["eval_b_star/weight_mean"] < 1.0
+    assert "eval_star/weight_mean" not in metrics and "eval_a_kl" in metrics
+    assert trainer.eval_metric_name("kl") == "eval_kl"  # outside a named evaluation
+
+
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi?"},
+    {"role": "assistant", "content": "Hello there."},
+    {"role": "user", "content": "And now?"},
+    {"role": "assistant", "content": "Now it is 42."},
+]
+
+
+def trained_labels(tmp_path, dataset, tokenizer, **overrides):
+    trainer = STARDSSTrainer(
+        tiny_causal_lm(tokenizer),
+        args=STARDSSConfig(**config(tmp_path, shaping="sft", **overrides)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    return trainer.train_dataset["labels"], trainer.train_dataset["input_ids"]
+
+
+def test_responses_only_by_default_and_the_prompt_on_request(tmp_path, tokenizer, scored):
+    """Issue 33: a `messages` dataset trains its responses only unless the user asks for every token
+    (`assistant_only_loss=False`), as Axolotl's default and the paper. The default finds the responses without
+    `{% generation %}` markers and masks exactly what TRL's masks from those markers do (this template has them)."""
+    dataset = Dataset.from_list([{"messages": m} for m in scored["messages"][:3] + [MULTI_TURN]])
+    assert STARDSSConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).assistant_only_loss is None
+    default, ids = trained_labels(tmp_path, dataset, tokenizer, assistant_only_loss=None)
+    markers, _ = trained_labels(tmp_path, dataset, tokenizer, assistant_only_loss=True)
+    everything, _ = trained_labels(tmp_path, dataset, tokenizer, assistant_only_loss=False)
+    assert default == markers and everything == ids
+    trained = tokenizer.decode([i for i, label in zip(ids[-1], default[-1]) if label != -100])
+    assert trained == "Hello there.<|im_end|>Now it is 42.<|im_end|>"
+
+
+# Llama 3 Instruct's message layout (Meta's model card, "Prompt format"), without `{% generation %}` markers.
+LLAMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
+    "m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+)
+
+
+def test_response_mask_without_generation_markers():
+    """A template without `{% generation %}` markers: the responses and each closing <|eot_id|> are found all the
+    same; headers, the system prompt and user turns are not trained."""
+    from trl_star_dss.testing import llama3_tokenizer
+    from trl_star_dss.trainer import example_response_mask
+
+    tokenizer = llama3_tokenizer(LLAMA3_CHAT)
+    ids, mask = example_response_mask({"messages": MULTI_TURN}, tokenizer)
+    trained = tokenizer.decode([i for i, keep in zip(ids, mask) if keep])
+    assert trained == "Hello there.<|eot_id|>Now it is 42.<|eot_id|>"

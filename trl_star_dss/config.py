@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
@@ -30,6 +30,19 @@ class STARDSSConfig(STARArguments, SFTConfig):
     The loss on each trained response token t with STAR weight w_t is
     `w_t * CE_t + (1 - w_t) * kl_coef * KL_t` (`shaping="star_dss"`); the paper's baselines are in the same trainer.
     """
+
+    # SFTConfig's field with another default: a conversational dataset trains its responses only, as the paper and
+    # Axolotl do (issue 33); training the prompts is the user's explicit choice (False).
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Which tokens of a `messages` dataset are trained. None (this trainer's default; SFTConfig's is "
+            "False): the assistant responses only, as in the paper and Axolotl's `train_on_inputs: false`, found as "
+            "the STAR weights are (no `{% generation %}` markers needed). True: TRL's assistant masks (a chat "
+            "template with `{% generation %}` markers). False: every token, the prompts included, with full "
+            "cross-entropy. Prompt/completion data follows `completion_only_loss`, as in TRL."
+        },
+    )
 
     def __post_init__(self):
         # Our checks first: they are cheap and name the STAR-DSS field at fault.

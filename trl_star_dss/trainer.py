@@ -29,7 +29,7 @@ from .heads import add_hidden_state_output, check_output_head, output_head
 from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
 from .reference import ref_logps_column
 from .special_tokens import content_special_token_rule
-from .weights import rejected, rejection_report, token_weights
+from .weights import rejected, rejection_report, response_mask, token_weights
 
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,26 @@ def example_star_weights(
     """The token ids and STAR weights of one scored example, rendered and tokenized as TRL's `SFTTrainer` does
     (the chat template for conversations; prompt + completion + EOS for plain text); `weights.token_weights` places
     the weights. Returns the full (untruncated) sequence."""
+    text, encoded, messages, first_turn = _render(example, tokenizer, chat_template)
+    # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
+    records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
+    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records, lookahead=lookahead)
+
+
+def example_response_mask(example: dict, tokenizer, chat_template: str | None = None) -> tuple[list[int], list[int]]:
+    """The token ids of one conversational example and 1 for each token of its trained assistant turns (every
+    assistant message not marked `"train": False`), 0 elsewhere (`weights.response_mask`)."""
+    text, encoded, messages, _ = _render(example, tokenizer, chat_template)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True) is not False]
+    # Special tokens: the named ones and every added token marked special (Llama 3's <|eot_id|> is only the latter).
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special = [i in specials for i in encoded["input_ids"]]
+    return encoded["input_ids"], response_mask(text, encoded["offset_mapping"], messages, turns, special)
+
+
+def _render(example: dict, tokenizer, chat_template: str | None):
+    """(text, its tokens with offsets, the messages rendered, where the completion starts among them), as TRL's
+    `SFTTrainer` renders and tokenizes the example."""
     if "messages" in example:
         messages, first_turn = example["messages"], 0
     elif isinstance(example["prompt"], list):
@@ -57,8 +77,6 @@ def example_star_weights(
             [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": completion}],
             1,
         )
-    # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
-    records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
     if "messages" in example or isinstance(example["prompt"], list):
         tools = example.get("tools")  # TRL reads a JSON string as its list of tools (trl 1.16 `tokenize_fn`)
         text = tokenizer.apply_chat_template(
@@ -71,7 +89,7 @@ def example_star_weights(
     else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
         text = messages[0]["content"] + messages[1]["content"]
         encoded = tokenizer(text=text, return_offsets_mapping=True)
-    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records, lookahead=lookahead)
+    return text, encoded, messages, first_turn
 
 
 @dataclass(frozen=True)
@@ -268,6 +286,24 @@ class STARLossMixin:
     def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
         raise NotImplementedError("A trainer using STARLossMixin says where its metrics go.")
 
+    _eval_prefix = "eval"  # the `metric_key_prefix` of the evaluation running now
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # The Trainer evaluates each of a dict of eval datasets under `eval_<name>` (its `eval_<name>_loss`): the
+        # STAR metrics of that pass carry the same prefix (`eval_metric_name`), so named sets do not overwrite each
+        # other's in trackers (issue 33).
+        previous, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(
+                eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
+        finally:
+            self._eval_prefix = previous
+
+    def eval_metric_name(self, key: str) -> str:
+        """The logged name of an evaluation metric: `eval_kl`, or `eval_<name>_kl` for the eval set `<name>`."""
+        return f"{self._eval_prefix}_{key}"
+
     @torch.no_grad()
     def _sft_metrics(self, entropy, top1, aux_loss, mask) -> dict[str, float]:
         """What SFTTrainer logs of its forward: `entropy` and `mean_token_accuracy` over trained tokens, `aux_loss`."""
@@ -448,9 +484,17 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"untokenized scored dataset (with its `{STAR_COLUMN}` column) and let the trainer tokenize it."
             )
         if not tokenized and uses_scores and STAR_COLUMN not in columns:
+            # Start-up scoring (`guardrail=`) scores the train dataset only (issue 33): an eval set is scored apart.
+            fix = (
+                "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
+                if dataset_name == "train"
+                else "`guardrail=` scores the train dataset only: score this one too (`star-dss score --output DIR`, "
+                "or `score_dataset` in Python) and pass the scored dataset (`datasets.load_from_disk('DIR/dataset')`) "
+                "as eval_dataset."
+            )
             raise STARDSSError(
                 f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
-                "Score it with `star-dss score` first (or set `guardrail=` to score the train dataset at start-up)."
+                + fix
             )
         if not tokenized and uses_scores and dataset_name != "train":  # the train dataset was checked in __init__
             check_star_dataset(dataset)
@@ -464,6 +508,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
             prepared = self._truncate_token_columns(prepared, args, dataset_name)
         elif args.shaping == "star_dss":
             prepared = self._attach_star_weights(prepared, processing_class, args, dataset_name)
+        if not tokenized and args.assistant_only_loss is None and "messages" in prepared.column_names:
+            prepared = self._train_responses_only(prepared, processing_class, args, dataset_name)
         if self._defer_packing:
             self._deferred_packing[dataset_name] = packing
         elif packing:
@@ -553,6 +599,27 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
         return prepared.map(attach, desc=f"Attaching STAR weights to {dataset_name} dataset")
 
+    def _train_responses_only(self, prepared, processing_class, args, dataset_name):
+        """`assistant_only_loss=None`, this trainer's default: only the assistant responses of a `messages` dataset are
+        trained, as in the paper and in Axolotl (`train_on_inputs: false`), so one dataset gets one objective in both
+        front ends (issue 33). The responses are found as the STAR weights are (`weights.response_mask`), which needs
+        no `{% generation %}` markers in the chat template; every other label becomes -100."""
+
+        def mask(example):
+            ids, keep = example_response_mask(example, processing_class, self.chat_template)
+            n = len(example["input_ids"])
+            if self._keep(ids, n, args) != example["input_ids"]:
+                raise STARDSSError(
+                    f"Re-tokenizing an example of the {dataset_name} dataset with offsets gives other tokens than "
+                    "TRL's tokenization, so its responses cannot be found among its tokens. Set "
+                    "assistant_only_loss=True (a chat template with `{% generation %}` markers) or False (train every "
+                    "token); please report it with the template."
+                )
+            keep = self._keep(keep, n, args)
+            return {"labels": [label if k else -100 for label, k in zip(example["labels"], keep)]}
+
+        return prepared.map(mask, desc=f"Masking all but the responses of {dataset_name} dataset")
+
     @torch.no_grad()
     def _with_ref_logps(self, dataset, dataset_name: str):
         """The reference log-probs of every token, then the packing that waited for them (whole examples first)."""
@@ -564,6 +631,8 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     # -- loss (`STARLossMixin.compute_loss`) -------------------------------------------------------------------------
 
     def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
+        if mode == "eval":  # `SFTTrainer.log` writes "eval_" before each key
+            metrics = {self.eval_metric_name(key).removeprefix("eval_"): value for key, value in metrics.items()}
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if mode == "train":  # SFTTrainer's `num_tokens`: every token seen, padding excluded (trl 1.16)

@@ -137,6 +137,35 @@ def token_weights(
     return region_weights(offsets, regions, by_turn, calls, lookahead)
 
 
+def response_mask(
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    messages: Sequence[dict],
+    turns: Sequence[int],
+    special: Sequence[bool],
+) -> list[int]:
+    """1 for every token of the response `turns` and the end-of-turn token that closes each (the first `special`
+    token after its text: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`), 0 for the rest: system and user
+    messages, tool results and the template's headers, the next turn's included. A turn that calls tools keeps its
+    whole region (`response_regions`), where the template writes the calls in its own syntax. The responses-only
+    objective of the paper (docs/training.md, "What is trained")."""
+    spans = message_spans(text, messages)
+    mask = [0] * len(offsets)
+    for turn in turns:
+        start, end = spans[turn]
+        stop = spans[turn + 1][0] if turn + 1 < len(spans) else len(text)
+        whole = bool(messages[turn].get("tool_calls"))
+        for t, (a, b) in enumerate(offsets):
+            if b <= a or b <= start or a >= stop:
+                continue
+            if a < end or whole:
+                mask[t] = 1
+            elif special[t]:
+                mask[t] = 1
+                break
+    return mask
+
+
 def rejected(records: Sequence[dict], threshold: float) -> bool:
     """Rejection sampling (docs/method.md 1.3): an example is dropped whole when any of its scored responses has a
     whole-response score (its last chunk's) below `threshold`."""

@@ -15,7 +15,7 @@ import typing
 import warnings
 from dataclasses import asdict, fields
 
-from pydantic import BaseModel, Field, create_model, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model, model_validator
 
 from trl_star_dss.config import SCORED_SHAPINGS, STARArguments, check_sharding, check_star_settings
 from trl_star_dss.errors import STARDSSError
@@ -36,18 +36,35 @@ FIELDS = {key(f.name): f.name for f in fields(STARArguments) if f.name not in NO
 NAMES = {name: k for k, name in FIELDS.items()}  # field -> key, for errors that name what the user wrote
 # Keys of the plugin alone (no `STARDSSConfig` field: TRL users pass a dataset that has its `star` column).
 SCORES_PATH = "star_dss_scores_path"
-# Set by the plugin's validator from `star_dss_scores_path` (so the prepared data's hash follows the scores),
-# never by users: declared, not suggested.
+# Set by the plugin's validator from `star_dss_scores_path`, or from what the guard is (so the prepared data's hash
+# follows the scores), never by users: declared, not suggested.
 SCORES_FINGERPRINT = "star_dss_scores_fingerprint"
 # Keys of release 0.2 whose names the rule changed: accepted, with a warning, until the next release.
 RENAMED = {"star_dss_precompute_ref": key("precompute_ref_log_probs")}
+
+
+# The boolean fields: read by `read_bool` wherever the raw config is read (issue 33).
+BOOL_FIELDS = {f.name for f in fields(STARArguments) if f.type in (bool, "bool")}
+
+
+def read_bool(value, key: str) -> bool:
+    """A boolean key as the validated config reads it: pydantic's `bool`, the rule Axolotl's schema applies to every
+    key (`"false"`, `"no"`, `"0"`, `"off"` read False; `"true"`, `"yes"`, `"1"`, `"on"` True). `register` and the
+    validator's own checks see the raw YAML, where a quoted `"false"` is a string (and `bool("false")` True): read
+    this way, they agree with the config Axolotl trains by. Any other value is refused."""
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        raise STARDSSError(
+            f"{key}={value!r} is not a boolean. Write true or false (without quotes in YAML)."
+        ) from None
 
 
 def star_dss_enabled(cfg) -> bool:
     """On with `star_dss: true`, or when the plugin is listed under `plugins:` (unless `star_dss: false`)."""
     flag = cfg.get("star_dss")
     if flag is not None:
-        return bool(flag)
+        return read_bool(flag, "star_dss")
     listed = {name.replace(":", ".") for name in cfg.get("plugins") or []}
     return PLUGIN_NAME in listed
 
@@ -55,6 +72,8 @@ def star_dss_enabled(cfg) -> bool:
 def settings(cfg) -> STARArguments:
     """The `STARArguments` of a config: its `star_dss_*` keys, the dataclass's defaults for the unset ones."""
     values = {name: cfg.get(k) for k, name in FIELDS.items() if cfg.get(k) is not None}
+    for name in BOOL_FIELDS & values.keys():
+        values[name] = read_bool(values[name], NAMES[name])
     if isinstance(values.get("guardrail"), str):
         values["guardrail"] = [values["guardrail"]]
     return STARArguments(**values)
@@ -176,7 +195,22 @@ def _check(data):
     check_sharding(values, sharded, has_reference=bool(data.get("adapter")), names=NAMES)
     if scores_path:
         data[SCORES_FINGERPRINT] = scores_fingerprint(scores_path)
+    elif values["guardrail"] and shaping in SCORED_SHAPINGS:
+        # What the guard is (its files, hub commit or code; issue 33) joins the prepared data's hash, so a guard
+        # changed under the same name prepares (and scores) the data again instead of reusing the old weights.
+        data[SCORES_FINGERPRINT] = guard_fingerprint(values)
     return data
+
+
+def guard_fingerprint(values: dict) -> str:
+    from trl_star_dss.scoring.families import guard_options, guardrail_id
+
+    return guardrail_id(
+        values["guardrail"],
+        values["guardrail_family"],
+        values["guardrail_temperature"],
+        **guard_options(values["guardrail_controversial"]),
+    )
 
 
 def _pydantic_type(annotation):

@@ -27,7 +27,7 @@ from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 from trl_star_dss.collator import TOKEN_COLUMNS
 from trl_star_dss.config import SCORED_SHAPINGS
 from trl_star_dss.errors import STARDSSError
-from trl_star_dss.formats import STAR_COLUMN, check_star_example
+from trl_star_dss.formats import STAR_COLUMN, check_star_example, dataset_format
 from trl_star_dss.scoring.startup import score_for_training
 from trl_star_dss.special_tokens import content_special_token_rule
 from trl_star_dss.weights import rejected, rejection_report, token_weights
@@ -226,6 +226,19 @@ def _load_scored(path: str):
     return load_from_disk(scored_dataset_path(path) if os.path.isdir(scored_dataset_path(path)) else path)
 
 
+def scored_messages(row: dict, fmt: str) -> tuple[list[dict], int]:
+    """A scored row as one list of messages, and where its `star` turns start in it: `messages` as they are; a
+    prompt/completion row as its prompt then its completion, plain strings (the Alpaca output of `star-dss score
+    --prompt-column instruction --input-column input --completion-column output`) as one user and one assistant
+    message, as the plugin reads an `alpaca` dataset (`conversation_reader`)."""
+    if fmt == "messages":
+        return row["messages"], 0
+    prompt, completion = row["prompt"], row["completion"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    return prompt + completion, len(prompt)
+
+
 def _look_up(conversations: list, path: str) -> list:
     """Each conversation's scores from a `star-dss score` output, matched by content (not by position, which
     Axolotl's shuffling, sharding and subsampling change), turn numbers moved to this conversation's turns."""
@@ -234,10 +247,10 @@ def _look_up(conversations: list, path: str) -> list:
         raise STARDSSError(
             f"star_dss_scores_path={path!r} has no `{STAR_COLUMN}` column. Make it with `star-dss score`."
         )
+    fmt = dataset_format(scored.column_names)
     table = {}
     for row in scored:
-        messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
-        offset = 0 if "messages" in row else len(row["prompt"])
+        messages, offset = scored_messages(row, fmt)
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         table[_key(messages)] = [(assistant.index(offset + r["turn"]), r) for r in row[STAR_COLUMN]]
     records, missing = [], 0

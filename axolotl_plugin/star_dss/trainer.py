@@ -73,7 +73,8 @@ class STARDSSAxolotlTrainer(STARLossMixin, AxolotlTrainer):
 
     def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
         # Axolotl logs what is stored for "eval" under the stored names, beside its own `eval_loss`: evaluation
-        # metrics get the `eval_` prefix here, the rule of TRL's `SFTTrainer.log` that the TRL trainer logs by.
+        # metrics get the evaluation's prefix here (`eval_`, or `eval_<name>` for a named eval set), as the TRL
+        # trainer logs them.
         if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+            metrics = {self.eval_metric_name(key): value for key, value in metrics.items()}
         self.store_metrics(metrics, train_eval=mode)

@@ -14,6 +14,7 @@ map back exactly to the policy tokenizer's chunks when it is the tokenizer used 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from ..errors import STARDSSError
 from ..formats import STAR_COLUMN, dataset_format, example_columns, example_hash, response_turns
 from ..storage import save_dataset_atomic, write_text_atomic
 from .audit import AUDIT_VERSION, Auditor, count_findings
+from .fingerprint import completes_id
 from .guardrail import Guardrail, PrefixQuery
 
 
@@ -218,38 +220,15 @@ def score_dataset(
     start_time = time.perf_counter()
     fmt = dataset_format(dataset.column_names)
     check_chunking(chunk_size, unit, tokenizer)
-    aliases = ()
-    if isinstance(guardrail, Guardrail):
-        if guardrail_id is None:
-            guardrail_id = guardrail.id
-            # What this function named a guard object's scores before guards carried an id (issue 25): such a cache
-            # is read as this guard's and its settings file rewritten with the id above.
-            aliases = (
-                f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}"
-                + (f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else ""),
-            )
-    elif guardrail_id is None:
-        raise STARDSSError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
-    tokenizer_id = _tokenizer_id(tokenizer) if tokenizer is not None else None
-    settings = {
-        "guardrail": guardrail_id,
-        "chunk_size": chunk_size,
-        "unit": unit,
-        "policy_tokenizer": tokenizer_id if unit == "token" else None,
-        "format": fmt,
-        "num_examples": len(dataset),
-        # The audit's findings depend on its rules, the guard (named above) and the policy tokenizer's specials.
-        "audit": {"version": AUDIT_VERSION, "policy_tokenizer": tokenizer_id} if audit else None,
-    }
+    guardrail_id, aliases = _cache_id(guardrail, guardrail_id)
+    settings = _settings(dataset, fmt, guardrail_id, tokenizer, chunk_size, unit, audit)
     rank, world, barrier = _distributed() if distributed else (0, 1, lambda: None)
     if world > 1 and output_dir is None:
         raise STARDSSError(
             f"Scoring under {world} processes needs output_dir: the processes share their work through it. "
             "Pass output_dir (`--output`), or run one process."
         )
-    shard_dir = None
     if output_dir is not None:
-        shard_dir = os.path.join(output_dir, "shards")
         _check_settings(
             output_dir,
             settings,
@@ -259,71 +238,145 @@ def score_dataset(
             aliases=aliases,
             output_name=output_name,
         )
+    run = _Run(dataset, fmt, settings, output_dir, output_name, shard_size, rank, world)
+    scorer = functools.partial(_scorer, run, guardrail, tokenizer, method, audit)
+    records, work = _score_shards(run, scorer, batch_size, progress and rank == 0)
+    if world > 1:
+        records, work = _merge_processes(run, work, barrier)
+    flat = [record for s in sorted(records) for record in records[s]]
+    summary = _summarize(flat, time.perf_counter() - start_time, audit=audit, **work)
+    scored = dataset.remove_columns([STAR_COLUMN]) if STAR_COLUMN in dataset.column_names else dataset
+    scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
+    if output_dir is not None and rank == 0:
+        _save_outputs(output_dir, scored, summary, audit)
+    if world > 1:
+        barrier()
+    return scored, summary
 
-    num_shards = (len(dataset) + shard_size - 1) // shard_size
-    mine = [s for s in range(num_shards) if s % world == rank]
-    scorer = None
+
+def _cache_id(guardrail, guardrail_id: str | None) -> tuple[str, tuple[str, ...]]:
+    """The id that names the cache (`guardrail_id` when given, else the guard's `id`) and the earlier names of the
+    same guard's scores that are read as its own."""
+    if not isinstance(guardrail, Guardrail):
+        if guardrail_id is None:
+            raise STARDSSError("guardrail_id is required when `guardrail` is a function that builds the guardrail.")
+        return guardrail_id, ()
+    if guardrail_id is not None:
+        return guardrail_id, ()
+    # What this function named a guard object's scores before guards carried an id (issue 25): such a cache is read
+    # as this guard's and its settings file rewritten with its id.
+    alias = f"{guardrail.name}|T={getattr(guardrail, 'temperature', None)}" + (
+        f"|controversial={guardrail.controversial}" if hasattr(guardrail, "controversial") else ""
+    )
+    return guardrail.id, (alias,)
+
+
+def _settings(dataset, fmt: str, guardrail_id: str, tokenizer, chunk_size: int, unit: str, audit: bool) -> dict:
+    """What the cached scores depend on: a cache made with other settings is never mixed in (`_check_settings`)."""
+    tokenizer_id = _tokenizer_id(tokenizer) if tokenizer is not None else None
+    return {
+        "guardrail": guardrail_id,
+        "chunk_size": chunk_size,
+        "unit": unit,
+        "policy_tokenizer": tokenizer_id if unit == "token" else None,
+        "format": fmt,
+        "num_examples": len(dataset),
+        # The audit's findings depend on its rules, the guard (named above) and the policy tokenizer's specials.
+        "audit": {"version": AUDIT_VERSION, "policy_tokenizer": tokenizer_id} if audit else None,
+    }
+
+
+@dataclass
+class _Run:
+    """One scoring run: the data, its settings, where shards go, and which shards this process scores."""
+
+    dataset: object
+    fmt: str
+    settings: dict
+    output_dir: str | None
+    output_name: str
+    shard_size: int
+    rank: int
+    world: int
+
+    @property
+    def shard_dir(self) -> str | None:
+        return None if self.output_dir is None else os.path.join(self.output_dir, "shards")
+
+    @property
+    def num_shards(self) -> int:
+        return (len(self.dataset) + self.shard_size - 1) // self.shard_size
+
+    def bounds(self, s: int) -> tuple[int, int]:
+        return s * self.shard_size, min((s + 1) * self.shard_size, len(self.dataset))
+
+
+def _scorer(run: _Run, guardrail, tokenizer, method: str, audit: bool) -> STARScorer:
+    """The scorer, built when the first shard needs it (a fully cached run never loads the guard)."""
+    guard = guardrail if isinstance(guardrail, Guardrail) else guardrail()
+    if run.output_dir is not None and guard.id != run.settings["guardrail"]:
+        if completes_id(run.settings["guardrail"], guard.id):
+            # A hub guard downloaded just now: its id names the commit it was loaded at, and so do these scores.
+            run.settings["guardrail"] = guard.id
+            write_text_atomic(os.path.join(run.output_dir, _SETTINGS_FILE), json.dumps(run.settings, indent=2))
+    return STARScorer(guard, tokenizer, run.settings["chunk_size"], run.settings["unit"], method, audit)
+
+
+def _score_shards(run: _Run, make_scorer, batch_size: int, progress: bool) -> tuple[dict[int, list[dict]], dict]:
+    """This process's shards: read from the cache where they are (checked against the data), scored otherwise (and
+    saved as each finishes). Returns the records by shard and what this process did in this run."""
     records: dict[int, list[dict]] = {}
     todo = []
-    for s in mine:
-        cached = _read_shard(shard_dir, s) if shard_dir else None
+    for s in range(run.rank, run.num_shards, run.world):
+        cached = _read_shard(run.shard_dir, s) if run.shard_dir else None
         if cached is not None:
-            _check_hashes(cached, dataset, fmt, output_dir, output_name)
+            _check_hashes(cached, run.dataset, run.fmt, run.output_dir, run.output_name)
             records[s] = cached
         else:
             todo.append(s)
-    work = {"scored_now": 0, "guard_tokens": 0, "audit_seconds": 0.0}  # what this process did in this run
-    bar = _progress(sum(min(shard_size, len(dataset) - s * shard_size) for s in todo), progress and rank == 0)
+    work = {"scored_now": 0, "guard_tokens": 0, "audit_seconds": 0.0}
+    bar = _progress(sum(hi - lo for lo, hi in map(run.bounds, todo)), progress)
+    scorer = None
     for s in todo:
-        if scorer is None:
-            scorer = STARScorer(
-                guardrail if isinstance(guardrail, Guardrail) else guardrail(),
-                tokenizer,
-                chunk_size,
-                unit,
-                method,
-                audit,
-            )
-        shard = []
-        for lo in range(s * shard_size, min((s + 1) * shard_size, len(dataset)), batch_size):
-            hi = min(lo + batch_size, (s + 1) * shard_size, len(dataset))
-            shard += scorer.score_examples(list(dataset.select(range(lo, hi))), fmt, range(lo, hi))
+        scorer = scorer or make_scorer()
+        shard, (first, last) = [], run.bounds(s)
+        for lo in range(first, last, batch_size):
+            hi = min(lo + batch_size, last)
+            shard += scorer.score_examples(list(run.dataset.select(range(lo, hi))), run.fmt, range(lo, hi))
             if bar is not None:
                 bar.update(hi - lo)
-        if shard_dir:
+        if run.shard_dir:
             lines = "".join(json.dumps(r) + "\n" for r in shard)
-            write_text_atomic(os.path.join(shard_dir, f"shard-{s:06d}.jsonl"), lines)
+            write_text_atomic(os.path.join(run.shard_dir, f"shard-{s:06d}.jsonl"), lines)
         records[s] = shard
         work["scored_now"] += len(shard)
         work["guard_tokens"] += sum(record["guard_tokens"] for record in shard)
         work["audit_seconds"] += sum(record.get("audit_seconds", 0.0) for record in shard)
     if bar is not None:
         bar.close()
+    return records, work
 
-    if world > 1:
-        # Every shard is on disk: the main process merges them, and the work counts of all processes.
-        write_text_atomic(os.path.join(shard_dir, f"work-{rank}.json"), json.dumps(work))
-        barrier()
-        records = {s: _read_shard(shard_dir, s) for s in range(num_shards)}
-        work = dict.fromkeys(work, 0)
-        for r in range(world):
-            with open(os.path.join(shard_dir, f"work-{r}.json")) as handle:
-                for key, value in json.load(handle).items():
-                    work[key] += value
-    flat = [record for s in sorted(records) for record in records[s]]
-    summary = _summarize(flat, time.perf_counter() - start_time, audit=audit, **work)
-    scored = dataset.remove_columns([STAR_COLUMN]) if STAR_COLUMN in dataset.column_names else dataset
-    scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
-    if output_dir is not None and rank == 0:
-        save_dataset_atomic(scored, scored_dataset_path(output_dir))
-        if audit:
-            lines = "".join(json.dumps(finding, ensure_ascii=False) + "\n" for finding in summary.findings)
-            write_text_atomic(os.path.join(output_dir, AUDIT_FILE), lines)
-        saved = {k: v for k, v in asdict(summary).items() if k != "findings"}
-        write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(saved, indent=2))
-    if world > 1:
-        barrier()
-    return scored, summary
+
+def _merge_processes(run: _Run, work: dict, barrier) -> tuple[dict[int, list[dict]], dict]:
+    """Every shard is on disk: the main process merges them, and the work counts of all processes."""
+    write_text_atomic(os.path.join(run.shard_dir, f"work-{run.rank}.json"), json.dumps(work))
+    barrier()
+    records = {s: _read_shard(run.shard_dir, s) for s in range(run.num_shards)}
+    total = dict.fromkeys(work, 0)
+    for r in range(run.world):
+        with open(os.path.join(run.shard_dir, f"work-{r}.json")) as handle:
+            for key, value in json.load(handle).items():
+                total[key] += value
+    return records, total
+
+
+def _save_outputs(output_dir: str, scored, summary: ScoringSummary, audit: bool) -> None:
+    save_dataset_atomic(scored, scored_dataset_path(output_dir))
+    if audit:
+        lines = "".join(json.dumps(finding, ensure_ascii=False) + "\n" for finding in summary.findings)
+        write_text_atomic(os.path.join(output_dir, AUDIT_FILE), lines)
+    saved = {k: v for k, v in asdict(summary).items() if k != "findings"}
+    write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(saved, indent=2))
 
 
 def _tokenizer_id(tokenizer) -> str:
@@ -376,6 +429,8 @@ def _check_settings(
                 "an id: run that `score_dataset` call again with the same guard (it reads the scores without "
                 "a guard forward and records the guard's id), then this."
             )
+        elif "guardrail" in changed:
+            earlier = _guard_change(path, existing["guardrail"], settings["guardrail"])
         raise STARDSSError(
             f"{_named(output_name, output_dir)} holds STAR scores made with other settings ({changed}, as (stored, "
             f"now)).{earlier} Scores made with different settings are never mixed: choose another {output_name}, or "
@@ -391,6 +446,31 @@ def _check_settings(
         if existing != settings or renamed:
             write_text_atomic(path, json.dumps(settings, indent=2))
     barrier()
+
+
+def _guard_change(path: str, stored: str, now: str) -> str:
+    """What the error adds when the stored scores name the same guard spec with another fingerprint (issue 33), or
+    with none (an id of an earlier release, written before ids said what the guard is)."""
+    try:
+        before, after = json.loads(stored), json.loads(now)
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return ""
+    strip = ("fingerprint",)
+    if {k: v for k, v in before.items() if k not in strip} != {k: v for k, v in after.items() if k not in strip}:
+        return ""
+    if "fingerprint" not in before:
+        return (
+            " Those scores were made by an earlier release, whose guard ids did not yet say what the guard is (its "
+            "files, hub commit or code), so it cannot be told whether this guard made them. If the guard has not "
+            f"changed since, keep them by writing the id above as the `guardrail` entry of {path!r}; otherwise "
+            "score again."
+        )
+    return (
+        f" The guard {after.get('guardrail')} has changed since those scores were made (its files, hub commit or "
+        "code differ), so they are not its scores."
+    )
 
 
 def _read_shard(shard_dir: str, s: int) -> list[dict] | None:

@@ -9,9 +9,7 @@ a message, never scored with another version's rule. `guardrail_id` names a guar
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import re
 from collections.abc import Sequence
 
@@ -19,6 +17,7 @@ from ..choices import FAMILIES  # the families' names, read by `star-dss --help`
 from ..errors import STARDSSError
 from ..formats import Conversation
 from .causal_lm import CausalLMGuardrail, one_token_after
+from .fingerprint import is_python_rule, python_rule, spec_fingerprint
 from .guardrail import (
     EnsembleGuardrail,
     Guardrail,
@@ -377,14 +376,19 @@ def load_guardrail(
     """
     if isinstance(spec, Guardrail):
         return spec
-    # The id of this spec and these settings, the one `deferred_guardrail` gives start-up scoring (issue 25).
-    cache_id = guardrail_id(spec, family, temperature, **kwargs)
+    # The id of this spec and these settings, the one `deferred_guardrail` gives start-up scoring (issue 25), taken
+    # once the guard is loaded: a hub guard downloaded just now is then named by its commit (issue 33).
+    given_family, options = family, dict(kwargs)  # as given: `family` is recognised below
+
+    def cache_id() -> str:
+        return guardrail_id(spec, given_family, temperature, **options)
+
     if not isinstance(spec, str):
         guards = [load_guardrail(s, family, temperature, dtype, device_map, trust_remote_code, **kwargs) for s in spec]
         return _with_id(guards[0] if len(guards) == 1 else EnsembleGuardrail(guards), cache_id)
     if family is not None and family not in (*FAMILIES, "generic"):
         raise STARDSSError(f"family={family!r} is not known. Use one of {(*FAMILIES, 'generic')} or leave it unset.")
-    if not os.path.exists(spec) and ":" in spec:
+    if is_python_rule(spec):
         return _with_id(_python_guardrail(spec), cache_id)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -430,8 +434,8 @@ def load_guardrail(
     return _with_id(cls(model, tokenizer, temperature=temperature, name=spec, **kwargs), cache_id)
 
 
-def _with_id(guard: Guardrail, cache_id: str) -> Guardrail:
-    guard.id = cache_id
+def _with_id(guard: Guardrail, cache_id) -> Guardrail:
+    guard.id = cache_id()
     return guard
 
 
@@ -489,12 +493,25 @@ def guardrail_id(
 ) -> str:
     """What identifies a guard's scores in a scoring cache: the same guard and settings give the same id whether
     `star-dss score`, `STARDSSTrainer` or the Axolotl plugin scores (so none of them scores the data twice). Options
-    left at their defaults add nothing, so ids of earlier releases stay valid."""
+    left at their defaults add nothing. `fingerprint` says what each guard is now (`fingerprint.spec_fingerprint`:
+    its files, hub commit or code; issue 33), so a guard changed under the same name gets another id."""
     specs = [spec] if isinstance(spec, str) else [s if isinstance(s, str) else s.name for s in spec]
     given = {key: options[key] for key in sorted(options) if key in SCORE_OPTIONS and options[key] is not None}
+    fingerprints = [spec_fingerprint(s) if isinstance(s, str) else {"id": s.id} for s in spec_list(spec)]
     return json.dumps(
-        {"guardrail": specs, "family": family, "temperature": float(temperature), "max_length": max_length, **given}
+        {
+            "guardrail": specs,
+            "family": family,
+            "temperature": float(temperature),
+            "max_length": max_length,
+            **given,
+            "fingerprint": fingerprints,
+        }
     )
+
+
+def spec_list(spec) -> list:
+    return [spec] if isinstance(spec, str) else list(spec)
 
 
 def guard_options(controversial: str | None = None) -> dict:
@@ -515,14 +532,7 @@ def deferred_guardrail(spec, family: str | None = None, temperature: float = 1.0
 
 
 def _python_guardrail(spec: str) -> Guardrail:
-    module_name, _, attribute = spec.partition(":")
-    try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise STARDSSError(
-            f"Guardrail {spec!r} is neither an existing path nor an importable `module:function` ({error}). "
-            "Give a hub id or local model path, or `package.module:function` for a Python rule."
-        ) from error
+    target = python_rule(spec)
     if isinstance(target, Guardrail):
         return target
     if isinstance(target, type) and issubclass(target, Guardrail):

@@ -13,6 +13,7 @@ from ..choices import CONTROVERSIAL, SCORING_METHODS
 from ..errors import STARDSSError
 from ..formats import Conversation
 from .audit import TemplateMarkers
+from .fingerprint import code_fingerprint
 
 
 @dataclass
@@ -108,10 +109,14 @@ class PythonGuardrail(Guardrail):
 
     def score_settings(self) -> dict:
         # A `name` given is the rule's identity (a run resumed with a fixed copy of the rule keeps its scores);
-        # without one, the function's module joins its qualified name.
+        # without one, the function's module joins its qualified name, and its code (issue 33: an edited rule under
+        # the same name scores anew).
         if self._given_name:
             return {}
-        return {"function": f"{getattr(self.fn, '__module__', '')}:{getattr(self.fn, '__qualname__', repr(self.fn))}"}
+        return {
+            "function": f"{getattr(self.fn, '__module__', '')}:{getattr(self.fn, '__qualname__', repr(self.fn))}",
+            "code": code_fingerprint(self.fn),
+        }
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         scores = []
