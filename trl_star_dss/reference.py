@@ -66,6 +66,23 @@ def ref_logps_column(
     return dataset.add_column("ref_logps", load_from_disk(path)["ref_logps"])
 
 
+def _whole_weights(model):
+    """A context in which a model whose weights DeepSpeed ZeRO-3 partitioned across processes holds them whole.
+
+    The pass runs while the trainer is built, before the DeepSpeed engine that fetches each layer's weights for its
+    forward exists, so its forward would read empty partitions. Gathering them costs the full weights on every process
+    for the pass (no gradients, no optimizer state). Nothing to do for an unsharded model, or for FSDP, whose sharding
+    starts when training does."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_status")]  # set by ZeRO-3 only
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    return deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned))
+
+
 def _rows(
     accelerator, reference, dataset, batch_size: int, disable_adapters: bool, progress: bool
 ) -> list[tuple[int, list[float]]]:
@@ -76,7 +93,11 @@ def _rows(
     was_training = reference.training
     reference.eval()
     rows = []
-    with accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as mine, disabled:
+    with (
+        accelerator.split_between_processes(list(range(len(dataset))), apply_padding=True) as mine,
+        disabled,
+        _whole_weights(reference),
+    ):
         bar = tqdm(
             total=len(mine),
             desc="Precomputing reference log-probs",
