@@ -7,7 +7,8 @@
 OUT holds `model` and `ref_model` (tiny Llamas saved with their tokenizer) and `data` (a scored dataset). CASE is a
 way users take the reference under a sharding engine (docs/training.md, "DeepSpeed ZeRO-3 and FSDP"):
 `precompute` (a full finetune with `precompute_ref_log_probs`), `lora` (adapters off) and `ref_model` (a separate
-reference, another model). It writes `OUT/ENGINE/CASE/result.json` (the logged steps) and saves the model with
+reference, another model). It writes `OUT/ENGINE/CASE/result.json` (the logged steps, the number of processes and the share of
+the weights each holds) and saves the model with
 `trainer.save_model` to `OUT/ENGINE/CASE/model`. One case a process: Accelerate allows one DeepSpeed configuration a
 process.
 """
@@ -39,7 +40,35 @@ def configure(engine: str) -> dict:
                 "gradient_accumulation_steps": "auto",
             },
         }
+    if engine == "fsdp2":
+        from accelerate.utils import DistributedType
+
+        state = PartialState(backend="gloo")
+        # Accelerate turns FSDP on only over GPU-like process types; the gloo group of CPU processes stands in.
+        state.distributed_type = DistributedType.MULTI_GPU
+        return {
+            "accelerator_config": {"use_configured_state": True},
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "reshard_after_forward": True,
+            },
+        }
     raise SystemExit(f"unknown engine {engine!r}")
+
+
+def local_share(model) -> float:
+    """The share of the model's weights that this process holds: 1 unsharded, about 1/2 sharded over 2 processes."""
+    local = full = 0
+    for parameter in model.parameters():
+        if hasattr(parameter, "ds_tensor"):  # ZeRO-3: this process's partition of a flattened weight
+            local, full = local + parameter.ds_tensor.numel(), full + parameter.ds_numel
+        elif hasattr(parameter, "to_local"):  # FSDP2: a DTensor sharded along its first dimension
+            local, full = local + parameter.to_local().numel(), full + parameter.numel()
+        else:
+            local, full = local + parameter.numel(), full + parameter.numel()
+    return local / full
 
 
 def main(out: str, engine: str, batch: int, case: str) -> None:
@@ -79,10 +108,12 @@ def main(out: str, engine: str, batch: int, case: str) -> None:
         peft_config=lora if case == "lora" else None,
     )
     trainer.train()
+    share = local_share(trainer.model_wrapped)
     trainer.save_model(os.path.join(directory, "model"))
     if trainer.accelerator.is_main_process:
         with open(os.path.join(directory, "result.json"), "w") as f:
-            json.dump([h for h in trainer.state.log_history if "loss" in h], f)
+            steps = [h for h in trainer.state.log_history if "loss" in h]
+            json.dump({"steps": steps, "processes": trainer.accelerator.num_processes, "local_share": share}, f)
     trainer.accelerator.wait_for_everyone()
 
 
