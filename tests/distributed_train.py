@@ -5,12 +5,11 @@
     torchrun --nproc_per_node 2 tests/distributed_train.py OUT fsdp2 BATCH CASE
 
 OUT holds `model` and `ref_model` (tiny Llamas saved with their tokenizer) and `data` (a scored dataset). CASE is a
-way users take the reference under a sharding engine (docs/training.md, "DeepSpeed ZeRO-3 and FSDP"):
-`precompute` (a full finetune with `precompute_ref_log_probs`), `lora` (adapters off) and `ref_model` (a separate
-reference, another model). It writes `OUT/ENGINE/CASE/result.json` (the logged steps, the number of processes and the share of
-the weights each holds) and saves the model with
-`trainer.save_model` to `OUT/ENGINE/CASE/model`. One case a process: Accelerate allows one DeepSpeed configuration a
-process.
+way users take the reference under a sharding engine (docs/training.md, "DeepSpeed ZeRO-3 and FSDP"): `precompute`
+(a full finetune with `precompute_ref_log_probs`), `lora` (adapters off) or `ref_model` (a separate reference,
+another model). It writes `OUT/ENGINE/CASE/result.json` (the logged steps, the number of processes, the share of
+the weights each holds, the keys of the precomputed reference's cache) and saves the model with `trainer.save_model`
+to `OUT/ENGINE/CASE/model`. One case a process: Accelerate allows one DeepSpeed configuration a process.
 """
 
 import json
@@ -113,7 +112,10 @@ def main(out: str, engine: str, batch: int, case: str) -> None:
     if trainer.accelerator.is_main_process:
         with open(os.path.join(directory, "result.json"), "w") as f:
             steps = [h for h in trainer.state.log_history if "loss" in h]
-            json.dump({"steps": steps, "processes": trainer.accelerator.num_processes, "local_share": share}, f)
+            cache = os.path.join(directory, "ref_logps")  # one entry, named by `reference.reference_key`
+            keys = sorted(os.listdir(cache)) if os.path.isdir(cache) else []
+            result = {"steps": steps, "processes": trainer.accelerator.num_processes, "local_share": share}
+            json.dump({**result, "ref_logps_keys": keys}, f)
     trainer.accelerator.wait_for_everyone()
 
 

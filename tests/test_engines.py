@@ -74,6 +74,9 @@ def test_sharded_run_equals_one_process(work, one_process, engine, case):
     assert result["processes"] == 2
     assert result["local_share"] == pytest.approx(0.5, abs=0.02)
     assert expected["processes"] == 1 and expected["local_share"] == 1
+    # The precomputed log-probs are cached under a key that samples every weight: the same key as one process's.
+    assert result["ref_logps_keys"] == expected["ref_logps_keys"]
+    assert len(result["ref_logps_keys"]) == (case == "precompute")
     steps, expected_steps = result["steps"], expected["steps"]
     assert len(steps) == len(expected_steps) == 2
     for step, expected_step in zip(steps, expected_steps):
