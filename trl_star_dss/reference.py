@@ -52,9 +52,11 @@ def ref_logps_column(
     from accelerate.utils import gather_object
     from datasets import Dataset, load_from_disk
 
-    path = os.path.join(cache_dir, reference_key(reference, dataset, disable_adapters))
-    if not os.path.exists(path):
-        rows = _rows(accelerator, reference, dataset, batch_size, disable_adapters, progress)
+    with _whole_weights(reference):  # the key samples every weight, and the pass reads them all
+        path = os.path.join(cache_dir, reference_key(reference, dataset, disable_adapters))
+        cached = os.path.exists(path)
+        rows = None if cached else _rows(accelerator, reference, dataset, batch_size, disable_adapters, progress)
+    if not cached:
         column = [None] * len(dataset)
         for index, values in gather_object(rows):
             column[index] = values
@@ -64,6 +66,24 @@ def ref_logps_column(
     else:
         logger.info(f"Reference log-probs of {len(dataset)} examples read from the cache {path}")
     return dataset.add_column("ref_logps", load_from_disk(path)["ref_logps"])
+
+
+def _whole_weights(model):
+    """A context in which a model whose weights DeepSpeed ZeRO-3 partitioned across processes holds them whole.
+
+    The pass runs while the trainer is built, before the DeepSpeed engine that fetches each layer's weights for its
+    forward exists: its forward would read empty partitions, and `reference_key` would sample none of the weights (so
+    two references of one architecture would share a cache entry). Gathering them costs the full weights on every
+    process for the pass (no gradients, no optimizer state). Nothing to do for an unsharded model, or for FSDP, whose
+    sharding starts when training does."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_status")]  # set by ZeRO-3 only
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    return deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned))
 
 
 def _rows(

@@ -164,7 +164,14 @@ class STARLossMixin:
             if full:
                 add_hidden_state_output(ref_model)
                 check_output_head(ref_model, "reference")
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            if self.is_deepspeed_enabled:
+                # ZeRO-3 partitions a reference loaded under it, and nothing would gather its weights for a forward:
+                # TRL's inference engine does, layer by layer (docs/training.md, "DeepSpeed ZeRO-3 and FSDP").
+                from trl.models.utils import prepare_deepspeed
+
+                self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
+            else:
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
