@@ -39,6 +39,7 @@ from .demo import (
 from .evaluation import DecodingConfig, evaluate_capability, evaluate_safety, load_policy, load_prompts
 from .guard_eval import DRIFT_FILE, FIGURES_FILE, evaluate_guard, format_figures, load_prefix_truth
 from .loading import load_dataset_arg, response_columns
+from .prefilling import check_prefill_arguments, load_prefill_answers
 
 
 SCORE_EXAMPLES = """\
@@ -275,6 +276,22 @@ def _build_parser() -> argparse.ArgumentParser:
         default="",
         help='Harmful prefilling attack: force the answer to start with this text (e.g. "Sure, here is").',
     )
+    # Prefilling attack as Qi et al. 2024 measure it (issue 37; docs/evaluation.md, "Prefilling attacks").
+    safety.add_argument(
+        "--prefill-column",
+        metavar="COLUMN",
+        help="Prefilling attack (Qi et al. 2024): the column of --prompts that holds a harmful answer for each row; "
+        "each answer starts with that answer's first K tokens in the model's tokenizer, for every K of "
+        "--prefill-tokens. Not with --prefill.",
+    )
+    safety.add_argument(
+        "--prefill-tokens",
+        metavar="K",
+        type=int,
+        nargs="+",
+        help="With --prefill-column: how many tokens to prefill, one run per K (e.g. 0 5 10 20 40; 0 = no "
+        "prefill). Each record says its K; the summary gives the share judged safe with its 95%% CI per K.",
+    )
     safety.add_argument("--trigger", default="", help="Backdoor attack: append this text to every prompt.")
     safety.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
     safety.add_argument("--temperature", type=float, default=0.2, help="Sampling temperature (paper: 0.2).")
@@ -423,6 +440,16 @@ def eval_safety_command(args) -> None:
     if not 0 < args.top_p <= 1:
         raise STARDSSError(f"--top-p {args.top_p} must lie in (0, 1]. Use e.g. 0.9 (the paper's); 1.0 turns it off.")
     prompts, categories = load_prompts(args.prompts, args.prompt_column, args.split)
+    answers = None
+    if args.prefill_column is not None or args.prefill_tokens is not None:
+        if args.prefill_column is None or args.prefill_tokens is None:
+            raise STARDSSError(
+                "--prefill-column and --prefill-tokens go together (the column of harmful answers and the Ks to cut "
+                "from them). Give both, e.g. --prefill-column harmful_answer --prefill-tokens 0 5 10."
+            )
+        answers = load_prefill_answers(args.prompts, args.prefill_column, args.split)
+        # Refused before any model is loaded; each row's length is checked once the model's tokenizer is.
+        check_prefill_arguments(len(prompts), args.prefill, answers, args.prefill_tokens, args.prefill_column)
     device = args.device or str(PartialState().device)
     guardrail = load_guardrail(args.guardrail, family=args.family, device_map=device)
     model, tokenizer = load_policy(args.model, args.adapter, args.dtype, device)
@@ -448,8 +475,12 @@ def eval_safety_command(args) -> None:
         args.resume,
         {"model": args.model, "adapter": args.adapter, "prompts": args.prompts},
         progress=not args.no_progress,
+        prefill_answers=answers,
+        prefill_tokens=args.prefill_tokens,
+        prefill_column=args.prefill_column,
     )
-    print(report.format())
+    for one in report.values() if isinstance(report, dict) else [report]:  # one report per K of --prefill-tokens
+        print(one.format())
     print(f"records: {args.output}")
 
 
@@ -735,6 +766,9 @@ FLAGS = {
     "prefix_truth=": "--prefix-truth ",
     "output_dir=": "--output ",
     "resume=True": "--resume",
+    "prefill_column=": "--prefill-column ",
+    "prefill_tokens=": "--prefill-tokens ",
+    "prefill=": "--prefill ",
 }
 _ARGUMENT = re.compile(r"\b(" + "|".join(map(re.escape, FLAGS)) + ")")
 
