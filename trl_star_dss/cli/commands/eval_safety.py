@@ -7,7 +7,7 @@ import argparse
 
 from ...errors import STARDSSError
 from ..options import Parents
-from ..rules import positive
+from ..rules import Rule, positive
 
 
 NAME = "safety"
@@ -18,6 +18,20 @@ HELP = (
 RULES = (
     positive("batch_size", "Use e.g. 8 (the default)."),
     positive("max_new_tokens", "Use e.g. 500 (the paper's)."),
+    Rule(
+        "prefill_column",
+        "requires",
+        "prefill_tokens",
+        "{flag} needs --prefill-tokens (how many tokens of each answer to prefill). Give both, e.g. "
+        "--prefill-column harmful_answer --prefill-tokens 0 5 10.",
+    ),
+    Rule(
+        "prefill_tokens",
+        "requires",
+        "prefill_column",
+        "{flag} needs --prefill-column (the column of harmful answers to cut the K tokens from). Give both, e.g. "
+        "--prefill-column harmful_answer --prefill-tokens 0 5 10.",
+    ),
 )
 
 
@@ -35,6 +49,24 @@ def register(subparsers, parents: Parents) -> None:
         "--prefill",
         default="",
         help='Harmful prefilling attack: force the answer to start with this text (e.g. "Sure, here is").',
+    )
+    # The prefilling attack as Qi et al. 2024 measure it (issue 37; docs/evaluation.md, "Prefilling attacks").
+    parser.add_argument(
+        "--prefill-column",
+        metavar="COLUMN",
+        dest="prefill_column",
+        help="Prefilling attack (Qi et al. 2024): the column of --prompts that holds a harmful answer for each row; "
+        "each answer starts with that answer's first K tokens in the model's tokenizer, for every K of "
+        "--prefill-tokens. Not with --prefill.",
+    )
+    parser.add_argument(
+        "--prefill-tokens",
+        metavar="K",
+        type=int,
+        nargs="+",
+        dest="prefill_tokens",
+        help="With --prefill-column: how many tokens to prefill, one run per K (e.g. 0 5 10 20 40; 0 = no "
+        "prefill). Each record says its K; the summary gives the share judged safe with its 95%% CI per K.",
     )
     parser.add_argument("--trigger", default="", help="Backdoor attack: append this text to every prompt.")
     # Decoding: the defaults are the paper's (`tools/evaluation.py`).
@@ -63,9 +95,15 @@ def run(args: argparse.Namespace) -> None:
     from ...scoring.families import load_guardrail
     from ...tools.evaluation import DecodingConfig, evaluate_safety, load_policy, load_prompts
     from ...tools.loading import default_device
+    from ...tools.prefilling import check_prefill_arguments, load_prefill_answers
 
     _check_decoding(args)
     prompts, categories = load_prompts(args.prompts, args.prompt_column, args.split)
+    answers = None
+    if args.prefill_column is not None:
+        answers = load_prefill_answers(args.prompts, args.prefill_column, args.split)
+        # Refused before any model is loaded; each row's length is checked once the model's tokenizer is.
+        check_prefill_arguments(len(prompts), args.prefill, answers, args.prefill_tokens, args.prefill_column)
     device = args.device or default_device()
     guardrail = load_guardrail(args.guardrail, family=args.family, device_map=device)
     model, tokenizer = load_policy(args.model, args.adapter, args.dtype, device)
@@ -91,6 +129,10 @@ def run(args: argparse.Namespace) -> None:
         args.resume,
         {"model": args.model, "adapter": args.adapter, "prompts": args.prompts},
         progress=not args.no_progress,
+        prefill_answers=answers,
+        prefill_tokens=args.prefill_tokens,
+        prefill_column=args.prefill_column,
     )
-    print(report.format())
+    for one in report.values() if isinstance(report, dict) else [report]:  # one report per K of --prefill-tokens
+        print(one.format())
     print(f"records: {args.output}")
