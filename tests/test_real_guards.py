@@ -3,7 +3,7 @@ that renders its published prompt, saved to disk as a tiny random backbone of th
 a user loads it: `load_guardrail(path)`, the family detected, not forced (issue 24). Each test checks the verdict is
 read at the position and over the token ids the authors' own code reads, P(safe) against a step-by-step run of the
 authors' procedure (one full forward on the rendered prompt), and the fast path against the naive one on prefixes.
-What was checked on real files and what only on stand-ins is in the README's guard table."""
+What was checked on real files and what only on stand-ins is in docs/guards.md, "What was verified, guard by guard"."""
 
 from pathlib import Path
 
