@@ -25,6 +25,9 @@ CORE = {
     "reference",
     "storage",
     "trainer",
+    "contract",
+    "loss_mixin",
+    "tokenized",
 }
 TOOLS = {"tools", "cli"}  # the command line and what it drives
 # The one way the core reaches scoring: the trainer's start-up scoring and report (`scoring.startup`).
@@ -140,3 +143,17 @@ def test_every_help_prints_only_help():
         )
         assert result.returncode == 0 and result.stderr == "", (command, result.stderr)
         assert result.stdout.strip().splitlines()[-2:] == ["demo []", "[]"], (command, result.stdout[-300:])
+
+
+def test_the_axolotl_plugin_reads_the_loss_from_its_own_module():
+    # The loss mixin and its settings live apart from the SFTTrainer subclass (issue 36), so the plugin never imports
+    # `trl_star_dss.trainer` (TRL's SFTTrainer and everything it pulls in) for them.
+    plugin = os.path.join(os.path.dirname(PACKAGE), "axolotl_plugin", "star_dss")
+    for file in sorted(os.listdir(plugin)):
+        if file.endswith(".py"):
+            tree = ast.parse(open(os.path.join(plugin, file), encoding="utf-8").read())
+            modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert "trl_star_dss.trainer" not in modules, file
+    code = "import sys, trl_star_dss.loss_mixin; print('trl_star_dss.trainer' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -11,9 +11,11 @@ __version__ = "0.2.0"  # the one place the version is stated (pyproject.toml rea
 
 # Each public name and the module that defines it: the training core at the top level, scoring in `scoring`.
 _MODULES = {
-    "config": ["STARDSSConfig"],
+    "config": ["STARDSSConfig", "STARSettings"],
     "errors": ["STARDSSError"],
-    "trainer": ["STARDSSTrainer", "STARLossMixin", "STARSettings"],
+    "trainer": ["STARDSSTrainer"],
+    "loss_mixin": ["STARLossMixin"],
+    "tokenized": ["star_weights_column"],
     "collator": ["DataCollatorForSTAR"],
     "heads": ["OutputHead"],
     "loss": ["deep_token_loss", "full_kl", "star_dss_loss", "token_kl"],

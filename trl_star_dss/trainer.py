@@ -2,360 +2,110 @@
 
 Data flows one way: scored dataset (`star` column) -> TRL tokenization -> per-token `star_weights` (and, optionally,
 precomputed `ref_logps`) -> truncation / packing / collation, aligned with `labels` -> the loss in `loss.py`.
+
+The `SFTConfig` options each shaping honours or refuses: `contract.py`. The members of `SFTTrainer` that are not
+public API and are read or overridden here, each with why: docs/training.md, "Where the trainer touches TRL's
+internals".
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoTokenizer
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
-from trl.trainer.utils import add_fused_lm_head
 
 from .choices import REFERENCE_SHAPINGS, SCORED_SHAPINGS
 from .collator import TOKEN_COLUMNS, DataCollatorForSTAR
-from .config import STARDSSConfig, check_sharding
+from .config import STARDSSConfig, STARSettings
+from .contract import check_context_parallel, check_loss_options, check_peft_method
 from .errors import STARDSSError
 from .formats import STAR_COLUMN, check_star_dataset, dataset_format, example_columns
-from .heads import add_hidden_state_output, check_output_head, output_head
-from .loss import deep_token_loss, full_kl, star_dss_loss, token_kl
-from .reference import ref_logps_column
+from .loss_mixin import STARLossMixin, _is_peft_model
 from .special_tokens import content_special_token_rule
-from .weights import rejected, rejection_report, response_mask, token_weights
+from .tokenized import (  # noqa: F401 (example_star_weights and star_weights_column: importable from here too)
+    check_star_weights_column,
+    example_response_mask,
+    example_star_weights,
+    star_weights_column,
+)
+from .weights import rejected, rejection_report
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+    from peft import PeftConfig, PeftModel
+    from transformers import (
+        BitsAndBytesConfig,
+        DataCollator,
+        EvalPrediction,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        ProcessorMixin,
+        TrainerCallback,
+    )
 
 
 logger = logging.getLogger(__name__)
 
 
-def _is_peft_model(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
-
-def example_star_weights(
-    example: dict, tokenizer, chat_template: str | None = None, lookahead: int = 0
-) -> tuple[list[int], list[float]]:
-    """The token ids and STAR weights of one scored example, rendered and tokenized as TRL's `SFTTrainer` does
-    (the chat template for conversations; prompt + completion + EOS for plain text); `weights.token_weights` places
-    the weights. Returns the full (untruncated) sequence."""
-    text, encoded, messages, first_turn = _render(example, tokenizer, chat_template)
-    # Each scored turn, by its index in the rendered message list (the completion follows the prompt).
-    records = [{**record, "turn": first_turn + record["turn"]} for record in example[STAR_COLUMN]]
-    return encoded["input_ids"], token_weights(text, encoded["offset_mapping"], messages, records, lookahead=lookahead)
-
-
-def example_response_mask(example: dict, tokenizer, chat_template: str | None = None) -> tuple[list[int], list[int]]:
-    """The token ids of one conversational example and 1 for each token of its trained assistant turns (every
-    assistant message not marked `"train": False`), 0 elsewhere (`weights.response_mask`)."""
-    text, encoded, messages, _ = _render(example, tokenizer, chat_template)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True) is not False]
-    # Special tokens: the named ones and every added token marked special (Llama 3's <|eot_id|> is only the latter).
-    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    special = [i in specials for i in encoded["input_ids"]]
-    return encoded["input_ids"], response_mask(text, encoded["offset_mapping"], messages, turns, special)
-
-
-def _render(example: dict, tokenizer, chat_template: str | None):
-    """(text, its tokens with offsets, the messages rendered, where the completion starts among them), as TRL's
-    `SFTTrainer` renders and tokenizes the example."""
-    if "messages" in example:
-        messages, first_turn = example["messages"], 0
-    elif isinstance(example["prompt"], list):
-        messages, first_turn = example["prompt"] + example["completion"], len(example["prompt"])
-    else:
-        completion = example["completion"]
-        if not completion.endswith(tokenizer.eos_token or "\0"):
-            completion += tokenizer.eos_token or ""
-        messages, first_turn = (
-            [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": completion}],
-            1,
-        )
-    if "messages" in example or isinstance(example["prompt"], list):
-        tools = example.get("tools")  # TRL reads a JSON string as its list of tools (trl 1.16 `tokenize_fn`)
-        text = tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            chat_template=chat_template,
-            tools=json.loads(tools) if isinstance(tools, str) else tools,
-        )
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    else:  # standard prompt/completion: TRL tokenizes prompt + completion (+ EOS) as plain text
-        text = messages[0]["content"] + messages[1]["content"]
-        encoded = tokenizer(text=text, return_offsets_mapping=True)
-    return text, encoded, messages, first_turn
-
-
-@dataclass(frozen=True)
-class STARSettings:
-    """What `STARLossMixin` reads of its host's configuration (`STARDSSConfig` fields of the same names)."""
-
-    shaping: str = "star_dss"
-    kl_coef: float = 0.5
-    kl_estimator: str = "k2"
-    full_kl_chunk_size: int = 1024
-    precompute_ref_log_probs: bool = False
-
-    @classmethod
-    def of(cls, values) -> STARSettings:
-        """From a `STARDSSConfig` (or any object with these attributes) or a dict with these keys."""
-        get = values.get if isinstance(values, dict) else functools.partial(getattr, values)
-        return cls(**{f.name: get(f.name) for f in fields(cls)})
-
-
-class STARLossMixin:
-    """The STAR-DSS and Deep Token losses for a `transformers.Trainer` subclass: the reference model, optional
-    precomputed reference log-probs, the loss and its metrics. `STARDSSTrainer` and the Axolotl plugin's trainer
-    both use it, so the training maths are written once (on top of `loss.py`).
-
-    The contract with the host: it sets `self.star_settings` (a `STARSettings`), gives its model TRL's fused LM head
-    (`add_fused_lm_head` with `entropy` and `is_top1`), calls `_init_reference` after `Trainer.__init__` and
-    implements `_store_star_metrics`. `compute_loss` sends STAR-DSS and Deep Token to `star_loss` and the other
-    shapings to the host's own cross-entropy.
-    """
-
-    star_settings: STARSettings | None = None
-
-    @staticmethod
-    def _inner_model(model):
-        return model.get_base_model() if _is_peft_model(model) else model
-
-    def _init_reference(self, ref_model=None) -> None:
-        """pi_ref (docs/method.md 1.2), in order: precomputed log-probs (of `ref_model` when given, else of the model
-        with its adapters disabled; nothing held while training), `ref_model`, the model with its PEFT adapters
-        disabled, or a frozen copy of the model taken now, before any update."""
-        settings = self.star_settings
-        self.ref_model = None
-        self._precompute_reference = None  # the explicit reference of the precompute pass, dropped after it
-        needs_reference = settings.shaping in REFERENCE_SHAPINGS
-        full = settings.shaping == "star_dss" and settings.kl_estimator == "full"
-        if full:
-            add_hidden_state_output(self._inner_model(self.model))
-            check_output_head(self._inner_model(self.model), "policy")
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        check_sharding(
-            asdict(settings),
-            sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
-            has_reference=ref_model is not None or _is_peft_model(self.model),
-        )
-        if not needs_reference:
-            return
-        if settings.precompute_ref_log_probs:
-            if ref_model is not None:
-                add_fused_lm_head(ref_model)
-                self._precompute_reference = self.accelerator.prepare_model(
-                    ref_model.requires_grad_(False).eval(), evaluation_mode=True
-                )
-            return
-        if ref_model is None and not _is_peft_model(self.model):
-            ref_model = copy.deepcopy(self._inner_model(self.model))
-            # The copy would keep the forward that TRL patched onto the original (bound to its closure).
-            ref_model.__dict__.pop("forward", None)
-        if ref_model is not None:
-            ref_model.requires_grad_(False).eval()
-            add_fused_lm_head(ref_model)
-            if full:
-                add_hidden_state_output(ref_model)
-                check_output_head(ref_model, "reference")
-            if self.is_deepspeed_enabled:
-                # ZeRO-3 partitions a reference loaded under it, and nothing would gather its weights for a forward:
-                # TRL's inference engine does, layer by layer (docs/training.md, "DeepSpeed ZeRO-3 and FSDP").
-                from trl.models.utils import prepare_deepspeed
-
-                self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
-            else:
-                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TOKEN_COLUMNS]))
-
-    def _ref_logps_column(self, dataset, batch_size: int):
-        """`ref_logps` of every token of a tokenized dataset from one pass of the reference before any update: the
-        explicit `ref_model`, else the model with its PEFT adapters disabled (docs/method.md 1.2); cached in
-        `<output_dir>/ref_logps/` (`reference.ref_logps_column`)."""
-        reference = self._precompute_reference or self.accelerator.unwrap_model(self.model)
-        # The policy itself serves as pi_ref with its PEFT adapters disabled (docs/method.md 1.2).
-        disable_adapters = self._precompute_reference is None and _is_peft_model(
-            self.accelerator.unwrap_model(reference)
-        )
-        return ref_logps_column(
-            self.accelerator,
-            reference,
-            dataset,
-            batch_size,
-            disable_adapters,
-            os.path.join(self.args.output_dir, "ref_logps"),
-            progress=not self.args.disable_tqdm,
-        )
-
-    def _reference(self, model):
-        """A context in which `ref(**inputs, ...)` runs pi_ref: the explicit/frozen reference or disabled adapters."""
-        if self.ref_model is not None:
-            return self.ref_model, contextlib.nullcontext()
-        return model, self.accelerator.unwrap_model(model).disable_adapter()
-
-    def token_mean(self, total: torch.Tensor, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        """A summed per-token loss as a token mean, normalised as SFTTrainer normalises its cross-entropy (trl 1.16
-        `SFTTrainer.compute_loss`; `test_all_safe_star_dss_equals_trl_sft` holds the two together): over
-        `num_items_in_batch` (every rank's trained tokens, so gradient accumulation is exact), times the data-parallel
-        size when `average_tokens_across_devices` (DDP averages the gradients; tensor-parallel ranks share a batch)."""
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = total / torch.as_tensor(num_tokens).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss
-
-    def star_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        """The STAR-DSS (or Deep Token) loss of one batch, normalised like the Trainer's cross-entropy, with the MoE
-        load-balancing loss where the model has one (as SFTTrainer adds it)."""
-        settings = self.star_settings
-        star_weights = inputs.pop("star_weights", None)
-        ref_logps = inputs.pop("ref_logps", None)
-        inputs["use_cache"] = False
-        aux_enabled = getattr(self, "aux_loss_enabled", False)
-        if aux_enabled:
-            inputs["output_router_logits"] = True
-        labels = inputs["labels"][:, 1:]
-        mask = labels != -100
-        kl = aux_loss = None
-        if settings.kl_estimator == "full" and settings.shaping == "star_dss":
-            if aux_enabled:
-                raise STARDSSError(
-                    "kl_estimator='full' reads hidden states, without the router logits of this Mixture-of-Experts "
-                    "model, so its load-balancing loss would be lost. Use kl_estimator='k2', or set "
-                    "router_aux_loss_coef=0.0."
-                )
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            ref, context = self._reference(model)
-            with torch.no_grad(), context:
-                ref_hidden = ref(**model_inputs, star_hidden_states=True)[:, :-1]
-            hidden = model(**model_inputs, star_hidden_states=True)[:, :-1]
-            kl, logps, entropy, top1 = full_kl(
-                hidden,
-                output_head(self.accelerator.unwrap_model(model)),
-                ref_hidden,
-                output_head(self.accelerator.unwrap_model(ref)),
-                labels.clamp(min=0),
-                mask,
-                settings.full_kl_chunk_size,
-                return_metrics=True,
-            )
-            ref_logps = None
-        else:
-            if ref_logps is None:
-                ref, context = self._reference(model)
-                with torch.no_grad(), context:
-                    ref_logps = ref(**inputs, fused_lm_head=True).log_probs
-            else:
-                ref_logps = ref_logps[:, 1:]
-            outputs = model(**inputs, fused_lm_head=True)
-            logps, entropy, top1, aux_loss = outputs.log_probs, outputs.entropy, outputs.is_top1, outputs.aux_loss
-        if settings.shaping == "star_dss":
-            weights = star_weights[:, 1:].to(logps.dtype)
-            per_token = star_dss_loss(
-                logps, ref_logps, weights, mask, settings.kl_coef, settings.kl_estimator, "none", kl=kl
-            )
-        else:
-            per_token = deep_token_loss(logps, ref_logps, mask, "none")
-        loss = self.token_mean(per_token.sum(), mask, num_items_in_batch)
-        if aux_loss is not None:
-            # A per-micro-batch mean: with `num_items_in_batch` the Trainer leaves accumulation to the loss.
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.router_aux_loss_coef * aux_loss / steps
-        metrics = self._star_metrics(logps, ref_logps, kl, star_weights, mask)
-        metrics |= self._sft_metrics(entropy, top1, aux_loss, mask)
-        self._store_star_metrics(metrics, "train" if self.model.training else "eval", inputs)
-        return loss
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.star_settings.shaping not in REFERENCE_SHAPINGS:
-            # The host's own cross-entropy; rejection sampling already dropped the rejected examples in the data.
-            for key in TOKEN_COLUMNS:
-                inputs.pop(key, None)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.star_loss(model, inputs, num_items_in_batch)
-        if not return_outputs:
-            return loss
-        # `predict` / `compute_metrics` want logits, which the fused forwards never build: one more forward, as
-        # SFTTrainer does.
-        with torch.no_grad():
-            outputs = model(**{k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")})
-        return loss, outputs
-
-    def _store_star_metrics(self, metrics: dict[str, float], mode: str, inputs: dict) -> None:
-        raise NotImplementedError("A trainer using STARLossMixin says where its metrics go.")
-
-    _eval_prefix = "eval"  # the `metric_key_prefix` of the evaluation running now
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        # The Trainer evaluates each of a dict of eval datasets under `eval_<name>` (its `eval_<name>_loss`): the
-        # STAR metrics of that pass carry the same prefix (`eval_metric_name`), so named sets do not overwrite each
-        # other's in trackers (issue 33).
-        previous, self._eval_prefix = self._eval_prefix, metric_key_prefix
-        try:
-            return super().evaluate(
-                eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-            )
-        finally:
-            self._eval_prefix = previous
-
-    def eval_metric_name(self, key: str) -> str:
-        """The logged name of an evaluation metric: `eval_kl`, or `eval_<name>_kl` for the eval set `<name>`."""
-        return f"{self._eval_prefix}_{key}"
-
-    @torch.no_grad()
-    def _sft_metrics(self, entropy, top1, aux_loss, mask) -> dict[str, float]:
-        """What SFTTrainer logs of its forward: `entropy` and `mean_token_accuracy` over trained tokens, `aux_loss`."""
-        gather = self.accelerator.gather_for_metrics
-        n = gather(mask.sum()).sum()
-        metrics = {}
-        if entropy is not None:
-            metrics["entropy"] = (gather(entropy.detach().float().sum()).sum() / n).item() if n > 0 else 0.0
-        if top1 is not None:
-            metrics["mean_token_accuracy"] = (gather(top1.float().sum()).sum() / n).item() if n > 0 else 0.0
-        if aux_loss is not None:
-            metrics["aux_loss"] = gather(aux_loss.detach()).mean().item()
-        return metrics
-
-    @torch.no_grad()
-    def _star_metrics(self, logps, ref_logps, kl, star_weights, mask) -> dict[str, float]:
-        settings = self.star_settings
-        gather = self.accelerator.gather_for_metrics
-        mask_f = mask.float()
-        n = gather(mask_f.sum()).sum().clamp(min=1)
-
-        def mean(values):
-            return (gather((values.float() * mask_f).sum()).sum() / n).item()
-
-        if kl is None:  # what the loss used; Deep Token logs the configured token estimator for comparison
-            kl = token_kl(
-                logps.float(), ref_logps.float(), "k2" if settings.kl_estimator == "full" else settings.kl_estimator
-            )
-        metrics = {"kl": mean(kl)}
-        if star_weights is not None and settings.shaping == "star_dss":
-            weights = star_weights[:, 1:]
-            metrics["star/weight_mean"] = mean(weights)
-            metrics["star/kl_share"] = mean(weights < 0.5)
-            metrics["loss/ce"] = mean(weights * -logps)
-            metrics["loss/kl"] = mean((1 - weights) * settings.kl_coef * kl)
-        return metrics
-
-
 class STARDSSTrainer(STARLossMixin, SFTTrainer):
-    """Finetune with STAR-DSS: `SFTTrainer`'s signature plus `ref_model`.
+    """Trainer for STAR-DSS, safety-shaped supervised finetuning (`SFTTrainer` plus a reference model).
 
-    The train dataset is either scored already (`star-dss score`, a `star` column) or scored at start-up with
-    `args.guardrail`. The reference pi_ref is, in order: precomputed log-probs (`args.precompute_ref_log_probs`),
-    an explicit `ref_model`, the same model with its PEFT adapters disabled, or a frozen copy of the model taken
-    before training.
+    For details on STAR-DSS, see the paper: [Shape it Up! Restoring LLM Safety during
+    Finetuning](https://huggingface.co/papers/2505.17196), and docs/method.md. The paper's baselines (plain SFT,
+    rejection sampling, Deep Token) are `args.shaping` values of the same trainer.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or `str`):
+            Model to be trained, or the string identifier of the model to be instantiated from a pretrained model.
+        args ([`STARDSSConfig`], *optional*):
+            Training arguments: `SFTConfig`'s and the STAR-DSS settings. The `SFTConfig` options a shaping cannot
+            honour are refused when the trainer is built (docs/training.md).
+        data_collator ([`~transformers.DataCollator`], *optional*):
+            Data collator to batch samples from the dataset. It defaults to a [`DataCollatorForSTAR`]: TRL's
+            language-modeling collator with the same choices (padding-free, pad token) that also carries the
+            per-token `star_weights` and `ref_logps`. A collator of your own must carry them too.
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Dataset for training: scored (a `star` column from `star-dss score`), unscored with `args.guardrail` set
+            (scored at start-up), or tokenized with a `star_weights` column ([`star_weights_column`]).
+        eval_dataset ([`~datasets.Dataset`] or `dict` of [`~datasets.Dataset`], *optional*):
+            Dataset for evaluation, in the same forms as `train_dataset` (scored already: it is not scored here).
+        processing_class ([`~transformers.PreTrainedTokenizerBase`] or [`~transformers.ProcessorMixin`], *optional*):
+            Class to process the data. Required for a model built in code (it has no name to load one from).
+        compute_loss_func (`Callable`, *optional*):
+            As in `SFTTrainer` (deprecated there); refused with the `star_dss` and `deep_token` shapings, which train
+            their own loss.
+        compute_metrics (`Callable`, *optional*):
+            Function to compute metrics at evaluation. Must take in an [`~transformers.EvalPrediction`] and return a
+            dictionary string to float.
+        callbacks (`list` of [`~transformers.TrainerCallback`], *optional*):
+            Callbacks to use during training.
+        optimizers (`tuple` of `torch.optim.Optimizer` and `torch.optim.lr_scheduler.LambdaLR`, *optional*, defaults to `(None, None)`):
+            Tuple containing the optimizer and the learning rate scheduler to use for training.
+        optimizer_cls_and_kwargs (`tuple[type[torch.optim.Optimizer], dict[str, Any]]`, *optional*):
+            Optimizer class and its keyword arguments, instead of `optimizers`.
+        preprocess_logits_for_metrics (`Callable`, *optional*):
+            Function to preprocess the logits before computing the metrics. Must take in the `logits` and `labels` and
+            return the logits to be used for metrics computation.
+        quantization_config ([`~transformers.BitsAndBytesConfig`], *optional*):
+            Quantization of a model given by name (QLoRA).
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            PEFT configuration. An adapter method (LoRA, ...) gives the reference for free: the same model with its
+            adapters disabled. Prompt tuning and p-tuning work too; prefix tuning is refused (docs/training.md).
+        formatting_func (`Callable`, *optional*):
+            Function to format the dataset. Must take in an example and return an example.
+        ref_model ([`~transformers.PreTrainedModel`], *optional*):
+            The reference pi_ref. Without it the reference is, in order: precomputed log-probs
+            (`args.precompute_ref_log_probs`, of `ref_model` when given), the same model with its PEFT adapters
+            disabled, or a frozen copy of the model taken before training.
     """
 
     _tag_names = ["trl", "sft", "star-dss"]
@@ -377,15 +127,90 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     def __init__(
         self,
-        model,
+        model: str | PreTrainedModel | PeftModel,
         args: STARDSSConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        ref_model=None,
-        **kwargs,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: BitsAndBytesConfig | None = None,
+        peft_config: PeftConfig | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
+        ref_model: PreTrainedModel | None = None,
     ):
+        args = self._check_arguments(model, args, processing_class, compute_loss_func, peft_config)
+        uses_scores = args.shaping in SCORED_SHAPINGS
+        columns = (train_dataset.column_names or []) if train_dataset is not None else []
+        if uses_scores and "input_ids" not in columns and STAR_COLUMN not in columns and train_dataset is not None:
+            if not args.guardrail:
+                raise STARDSSError(
+                    f"shaping={args.shaping!r} needs STAR scores, but the train dataset has no `{STAR_COLUMN}` column "
+                    "and `guardrail` is not set. Score it first (`star-dss score ... --output DIR`, then "
+                    "`datasets.load_from_disk('DIR/dataset')`), or set `guardrail=` to score it at start-up."
+                )
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(
+                    model if isinstance(model, str) else model.config._name_or_path
+                )
+            train_dataset = self._score_at_start(train_dataset, processing_class, args)
+        # The eval datasets are checked as TRL prepares them (`_prepare_dataset`), unless it skips that.
+        named_eval = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
+        skip_prepare = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+        for name, dataset in {"train": train_dataset, **(named_eval if skip_prepare else {})}.items():
+            self._check_dataset(dataset, args, name)
+        if args.star_report and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
+            self._write_star_report(train_dataset, os.path.join(args.output_dir, "star_report"))
+        # With precomputed reference log-probs, packing waits until they exist (the reference runs on whole examples).
+        self._defer_packing = args.precompute_ref_log_probs and args.shaping in REFERENCE_SHAPINGS
+        self._deferred_packing: dict[str, bool] = {}
+        self._rejection_metrics: dict[str, dict[str, int]] = {}  # `_reject`'s counts, for the first logged step
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        check_context_parallel(args.shaping, self.accelerator.parallelism_config)
+        for mode, counts in self._rejection_metrics.items():
+            self._metrics[mode].update({key: [value] for key, value in counts.items()})
+        if data_collator is None:
+            # TRL's own collator, with its choices (padding-free, pad token, multiple), that also carries
+            # star_weights / ref_logps. Made here, after `SFTTrainer.__init__`, because TRL 1.16 refuses any collator
+            # passed in when padding-free (and BFD packing is padding-free): "Passing a custom data collator is not
+            # supported when using padding-free."
+            self.data_collator = DataCollatorForSTAR(**asdict(self.data_collator))
+
+        self.star_settings = STARSettings.of(args)
+        self._init_reference(ref_model)
+        if self._defer_packing:
+            self.train_dataset = self._with_ref_logps(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._with_ref_logps(v, k) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._with_ref_logps(self.eval_dataset, "eval")
+            self._precompute_reference = None  # not held during training
+
+    @staticmethod
+    def _check_arguments(model, args, processing_class, compute_loss_func, peft_config) -> STARDSSConfig:
+        """The arguments checked before anything is loaded: a tokenizer to read, a `STARDSSConfig` (made when None),
+        and the host options and PEFT method this shaping cannot honour (`contract.py`)."""
         named = isinstance(model, str) or getattr(getattr(model, "config", None), "_name_or_path", "")
         if processing_class is None and not named:
             # TRL would load the tokenizer from the model's name, which a model built in code does not have, and fail
@@ -402,51 +227,35 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"args is a {type(args).__name__}; STARDSSTrainer needs a STARDSSConfig. Build one with the same "
                 "fields: STARDSSConfig(**your_config.to_dict()) plus the STAR-DSS fields."
             )
-        uses_scores = args.shaping in SCORED_SHAPINGS
-        columns = train_dataset.column_names if train_dataset is not None else []
-        if uses_scores and STAR_COLUMN not in columns and "star_weights" not in columns and train_dataset is not None:
-            if not args.guardrail:
-                raise STARDSSError(
-                    f"shaping={args.shaping!r} needs STAR scores, but the train dataset has no `{STAR_COLUMN}` column "
-                    "and `guardrail` is not set. Score it first (`star-dss score ... --output DIR`, then "
-                    "`datasets.load_from_disk('DIR/dataset')`), or set `guardrail=` to score it at start-up."
-                )
-            if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(
-                    model if isinstance(model, str) else model.config._name_or_path
-                )
-            train_dataset = self._score_at_start(train_dataset, processing_class, args)
-        if uses_scores and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
-            check_star_dataset(train_dataset)  # the column is input: checked before anything reads it (issue 25)
-        if args.star_report and train_dataset is not None and STAR_COLUMN in train_dataset.column_names:
-            self._write_star_report(train_dataset, os.path.join(args.output_dir, "star_report"))
-        # With precomputed reference log-probs, packing waits until they exist (the reference runs on whole examples).
-        self._defer_packing = args.precompute_ref_log_probs and args.shaping in REFERENCE_SHAPINGS
-        self._deferred_packing: dict[str, bool] = {}
-        self._rejection_metrics: dict[str, dict[str, int]] = {}  # `_reject`'s counts, for the first logged step
-        super().__init__(
-            model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
+        check_loss_options(
+            args.shaping, args.loss_type, args.label_smoothing_factor, args.neftune_noise_alpha, compute_loss_func
         )
-        for mode, counts in self._rejection_metrics.items():
-            self._metrics[mode].update({key: [value] for key, value in counts.items()})
-        if data_collator is None:  # carry star_weights / ref_logps through TRL's own collation choices
-            self.data_collator = DataCollatorForSTAR(**asdict(self.data_collator))
+        check_context_parallel(args.shaping, args.parallelism_config)
+        if peft_config is not None:
+            peft_type = peft_config.peft_type
+        elif _is_peft_model(model):
+            peft_type = model.peft_config[model.active_adapter].peft_type
+        else:
+            peft_type = None
+        check_peft_method(args.shaping, getattr(peft_type, "value", peft_type))
+        return args
 
-        self.star_settings = STARSettings.of(args)
-        self._init_reference(ref_model)
-        if self._defer_packing:
-            self.train_dataset = self._with_ref_logps(self.train_dataset, "train")
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self._with_ref_logps(v, k) for k, v in self.eval_dataset.items()}
-            elif self.eval_dataset is not None:
-                self.eval_dataset = self._with_ref_logps(self.eval_dataset, "eval")
-            self._precompute_reference = None  # not held during training
+    @staticmethod
+    def _check_dataset(dataset, args: STARDSSConfig, dataset_name: str) -> None:
+        """What a shaping needs of a dataset, checked before anything reads it (issue 25): the `star` column of a scored
+        dataset, the `star_weights` column of a tokenized one (`tokenized.check_star_weights_column`)."""
+        if dataset is None or args.shaping not in SCORED_SHAPINGS:
+            return
+        columns = dataset.column_names or []
+        if "input_ids" in columns and args.shaping == "rejection_sampling":
+            raise STARDSSError(
+                f"shaping='rejection_sampling' needs each response's whole-response score, which a tokenized "
+                f"{dataset_name} dataset no longer has. Pass the untokenized scored dataset (its `{STAR_COLUMN}` column)."
+            )
+        if "input_ids" in columns:
+            check_star_weights_column(dataset, dataset_name)
+        elif STAR_COLUMN in columns:
+            check_star_dataset(dataset)
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -480,16 +289,6 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         columns = dataset.column_names
         uses_scores = args.shaping in SCORED_SHAPINGS
         tokenized = "input_ids" in columns
-        if tokenized and args.shaping == "rejection_sampling":
-            raise STARDSSError(
-                f"shaping='rejection_sampling' needs each response's whole-response score, which a tokenized "
-                f"{dataset_name} dataset no longer has. Pass the untokenized scored dataset (its `{STAR_COLUMN}` column)."
-            )
-        if tokenized and uses_scores and "star_weights" not in columns:
-            raise STARDSSError(
-                f"The {dataset_name} dataset is already tokenized but has no `star_weights` column. Pass the "
-                f"untokenized scored dataset (with its `{STAR_COLUMN}` column) and let the trainer tokenize it."
-            )
         if not tokenized and uses_scores and STAR_COLUMN not in columns:
             # Start-up scoring (`guardrail=`) scores the train dataset only (issue 33): an eval set is scored apart.
             fix = (
@@ -503,14 +302,22 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
                 f"The {dataset_name} dataset has no `{STAR_COLUMN}` column, so shaping={args.shaping!r} has no scores. "
                 + fix
             )
-        if not tokenized and uses_scores and dataset_name != "train":  # the train dataset was checked in __init__
-            check_star_dataset(dataset)
+        if dataset_name != "train":  # the train dataset was checked in `__init__`
+            self._check_dataset(dataset, args, dataset_name)
         if not tokenized:
             dataset = self._apply_content_rule(dataset, processing_class, args, dataset_name)
         if args.shaping == "rejection_sampling":
             dataset = self._reject(dataset, args, dataset_name)
         # Tokenize (unless done), build labels and truncate with TRL; pack later, once the per-token columns exist.
-        prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        # Data to pack is not truncated, as in TRL: packing cuts to max_length itself (`bfd` truncates each sequence,
+        # `bfd_split` and `wrapped` carry the overflow into other rows).
+        prepare_args = args
+        if packing:
+            prepare_args = copy.copy(args)
+            prepare_args.max_length = None
+        prepared = super()._prepare_dataset(
+            dataset, processing_class, prepare_args, False, formatting_func, dataset_name
+        )
         if tokenized:
             prepared = self._truncate_token_columns(prepared, args, dataset_name)
         elif args.shaping == "star_dss":

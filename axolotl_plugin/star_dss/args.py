@@ -32,7 +32,14 @@ def key(field: str) -> str:
 
 # `star_report` draws pictures with the project's tools, which the plugin does not load (use `star-dss show`).
 NOT_IN_AXOLOTL = ("star_report",)
-FIELDS = {key(f.name): f.name for f in fields(STARArguments) if f.name not in NOT_IN_AXOLOTL}  # key -> field
+
+
+def axolotl_fields(settings_type: type = STARArguments) -> dict[str, str]:
+    """Key -> field, for every field of `settings_type` (`STARArguments`, or a subclass) that Axolotl takes."""
+    return {key(f.name): f.name for f in fields(settings_type) if f.name not in NOT_IN_AXOLOTL}
+
+
+FIELDS = axolotl_fields()
 NAMES = {name: k for k, name in FIELDS.items()}  # field -> key, for errors that name what the user wrote
 # Keys of the plugin alone (no `STARDSSConfig` field: TRL users pass a dataset that has its `star` column).
 SCORES_PATH = "star_dss_scores_path"
@@ -44,7 +51,8 @@ RENAMED = {"star_dss_precompute_ref": key("precompute_ref_log_probs")}
 
 
 # The boolean fields: read by `read_bool` wherever the raw config is read (issue 33).
-BOOL_FIELDS = {f.name for f in fields(STARArguments) if f.type in (bool, "bool")}
+# Read from the resolved annotations: a field's raw `type` is the annotation's text (`Annotated[bool, Setting(...)]`).
+BOOL_FIELDS = {name for name, hint in typing.get_type_hints(STARArguments).items() if hint is bool}
 
 
 def read_bool(value, key: str) -> bool:
@@ -220,10 +228,6 @@ def _pydantic_type(annotation):
     return annotation | None
 
 
-_HINTS = typing.get_type_hints(STARArguments)
-_FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(STARArguments)}
-
-
 class _Checked(BaseModel):
     @model_validator(mode="before")
     @classmethod
@@ -231,26 +235,38 @@ class _Checked(BaseModel):
         return _check(data)
 
 
-# The pydantic model Axolotl merges into its config schema, made from the dataclass by the rule above.
-StarDSSArgs = create_model(
-    "StarDSSArgs",
-    __base__=_Checked,
-    __doc__="STAR-DSS (arXiv 2505.17196) for supervised finetuning: `star_dss: true` plus a guardrail or scores.",
-    star_dss=(bool | None, Field(default=None, description="Turn STAR-DSS on (the plugin does nothing otherwise).")),
-    **{
-        k: (_pydantic_type(_HINTS[name]), Field(default=None, description=f"`{name}`: {_FIELD_HELP[name]}"))
-        for k, name in FIELDS.items()
-    },
-    **{
-        SCORES_PATH: (
-            str | None,
-            Field(
-                default=None,
-                description="Scores made by `star-dss score --output DIR` (DIR, or "
-                "DIR/dataset) for the same conversations, instead of scoring here.",
-            ),
+def input_model(settings_type: type = STARArguments) -> type[BaseModel]:
+    """The pydantic model Axolotl merges into its config schema: a `star_dss_*` key (by the rule above) for each field
+    of `settings_type`, with the field's type and help, plus the plugin's own keys."""
+    # The bare types: a field's `Setting` is for our checks, not pydantic's.
+    hints = typing.get_type_hints(settings_type)
+    helps = {f.name: f.metadata.get("help", "") for f in fields(settings_type)}
+    model = create_model(
+        "StarDSSArgs",
+        __base__=_Checked,
+        __doc__="STAR-DSS (arXiv 2505.17196) for supervised finetuning: `star_dss: true` plus a guardrail or scores.",
+        star_dss=(
+            bool | None,
+            Field(default=None, description="Turn STAR-DSS on (the plugin does nothing otherwise)."),
         ),
-        SCORES_FINGERPRINT: (str | None, Field(default=None)),
-    },
-)
-StarDSSArgs.__module__ = __name__
+        **{
+            k: (_pydantic_type(hints[name]), Field(default=None, description=f"`{name}`: {helps[name]}"))
+            for k, name in axolotl_fields(settings_type).items()
+        },
+        **{
+            SCORES_PATH: (
+                str | None,
+                Field(
+                    default=None,
+                    description="Scores made by `star-dss score --output DIR` (DIR, or "
+                    "DIR/dataset) for the same conversations, instead of scoring here.",
+                ),
+            ),
+            SCORES_FINGERPRINT: (str | None, Field(default=None)),
+        },
+    )
+    model.__module__ = __name__
+    return model
+
+
+StarDSSArgs = input_model()

@@ -20,27 +20,27 @@ from dataclasses import asdict
 
 from axolotl.integrations.base import BasePlugin
 
-from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS
+from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARArguments, data_fields
 from trl_star_dss.errors import STARDSSError
 
-from .args import FIELDS, SCORES_FINGERPRINT, SCORES_PATH, check_keys, settings, star_dss_enabled
+from .args import SCORES_FINGERPRINT, SCORES_PATH, axolotl_fields, check_keys, settings, star_dss_enabled
 
 
 LOG = logging.getLogger("axolotl.integrations.star_dss")
 
 # Dataset types the plugin wraps, and the type each becomes (a module of this package with a `load`).
 WRAPPED_TYPES = {"chat_template": "star_dss.chat_template", "alpaca": "star_dss.alpaca"}
-# Config keys that change the prepared data (the scores, the weights, the examples kept).
-HASH_FIELDS = (
-    "star_dss",
-    *(
-        k
-        for k, name in FIELDS.items()
-        if name not in ("kl_coef", "kl_estimator", "precompute_ref_log_probs", "full_kl_chunk_size", "star_scores_dir")
-    ),
-    SCORES_PATH,
-    SCORES_FINGERPRINT,
-)
+
+
+def hash_fields(settings_type: type = STARArguments) -> tuple[str, ...]:
+    """Config keys that change the prepared data (the scores, the weights, the examples kept): the switch, the keys of
+    the fields whose `Setting` says `data=True`, and the scores the plugin reads."""
+    keys = axolotl_fields(settings_type)
+    changing = set(data_fields(settings_type))
+    return ("star_dss", *(k for k, name in keys.items() if name in changing), SCORES_PATH, SCORES_FINGERPRINT)
+
+
+HASH_FIELDS = hash_fields()
 
 
 def add_hash_fields() -> None:

@@ -8,9 +8,9 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_star_dss.collator import TOKEN_COLUMNS
-from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS
+from trl_star_dss.config import REFERENCE_SHAPINGS, SCORED_SHAPINGS, STARSettings
 from trl_star_dss.errors import STARDSSError
-from trl_star_dss.trainer import STARLossMixin, STARSettings
+from trl_star_dss.loss_mixin import STARLossMixin
 from trl_star_dss.weights import rejection_report
 
 from .data import LOG, rejection_counts
