@@ -1,4 +1,5 @@
-"""STAR-DSS trained on probe scores against exact scores, in the demo world (issue 38; docs/demo.md, "Probe").
+"""STAR-DSS on probe scores against exact scores, in the demo world (issue 38; docs/demo.md, "STAR-DSS on probe
+scores against exact scores").
 
     python benchmarks/bench_probe_demo.py --seeds 0 1 2 3 4
 
