@@ -195,6 +195,20 @@ def test_cache_ids_tell_probe_scores_from_exact_ones(fitted, guard, tokenizer, t
         score_dataset(data, fitted, tokenizer, output_dir=str(tmp_path), progress=False)
 
 
+def test_a_probe_id_builds_on_the_guards_id():
+    """A hub guard's id is completed when it is downloaded (issue 33, `completes_id`); its probe's id is completed with
+    it. An id set by hand (not a JSON object) is kept whole."""
+    from trl_star_dss.scoring.fingerprint import completes_id
+    from trl_star_dss.scoring.probe import probe_id
+
+    before = json.dumps({"guardrail": ["org/guard"], "fingerprint": [{"revision": None}]})
+    after = json.dumps({"guardrail": ["org/guard"], "fingerprint": [{"revision": "abc123"}]})
+    settings = ProbeSettings()
+    assert completes_id(probe_id(before, settings), probe_id(after, settings))
+    assert not completes_id(before, probe_id(after, settings))  # never an exact guard's scores
+    assert json.loads(probe_id("my guard v2", settings))["guard"] == "my guard v2"
+
+
 def test_special_tokens_in_content_stay_text_to_the_probe(fitted, guard):
     """The probe reads the guard's own encoding (docs/method.md 2.1): a forged verdict inside the response adds no
     special token, and the tokens read are the rendered text up to the response's end."""
