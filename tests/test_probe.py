@@ -167,17 +167,6 @@ def test_probe_settings_are_checked_by_name():
         ProbeSettings(min_auroc=1.5)
 
 
-def test_probe_settings_defaults_are_the_configs():
-    from dataclasses import fields
-
-    from trl_star_dss.config import STARArguments
-
-    defaults = {f.name: f.default for f in fields(STARArguments)}
-    settings = ProbeSettings()
-    for key in ("sample", "min_auroc", "max_mae", "allow_disagreement"):
-        assert getattr(settings, key) == defaults[f"star_probe_{key}"]
-
-
 def test_only_one_generative_guard_takes_a_probe(tokenizer):
     rule = PythonGuardrail(lambda conversation: 0.9, name="rule")
     with pytest.raises(STARDSSError, match=r"A probe reads the hidden states of one generative guard, but got"):

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from ..arguments import check_star_settings
+from ..arguments import STARArguments, check_star_settings
 from ..errors import STARDSSError
 from ..formats import Conversation, dataset_format, response_turns
 from .guardrail import Guardrail, PrefixQuery, PrefixScores, _check_method
@@ -34,6 +34,11 @@ L2 = (1e-5, 1e-3)
 MAX_CANDIDATE_LAYERS = 8
 
 
+def _default(name: str):
+    """A setting's default, as `STARArguments` declares it (written once)."""
+    return next(f.default for f in fields(STARArguments) if f.name == name)
+
+
 @dataclass
 class ProbeSettings:
     """How a probe is fitted and what agreement it must reach (the `star_probe_*` fields of `STARArguments`).
@@ -43,18 +48,17 @@ class ProbeSettings:
     floor anyway. `names`: how the caller's user spells each setting, for errors (default: the `STARArguments`
     field, `star_probe_sample`; the Axolotl plugin's keys `star_dss_probe_sample`)."""
 
-    sample: int = 200
-    min_auroc: float = 0.95
-    max_mae: float = 0.1
-    allow_disagreement: bool = False
+    sample: int = _default("star_probe_sample")
+    min_auroc: float = _default("star_probe_min_auroc")
+    max_mae: float = _default("star_probe_max_mae")
+    allow_disagreement: bool = _default("star_probe_allow_disagreement")
     seed: int = 0
     names: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        fields = ("sample", "min_auroc", "max_mae", "allow_disagreement")
+        keys = ("sample", "min_auroc", "max_mae", "allow_disagreement")
         check_star_settings(
-            {f"star_probe_{k}": getattr(self, k) for k in fields},
-            names={f"star_probe_{k}": self.name(k) for k in fields},
+            {f"star_probe_{k}": getattr(self, k) for k in keys}, names={f"star_probe_{k}": self.name(k) for k in keys}
         )
 
     def name(self, setting: str) -> str:
