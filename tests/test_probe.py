@@ -79,15 +79,22 @@ def queries_of(data: list[dict], tokenizer, chunk: int = 5) -> list[PrefixQuery]
 
 
 @pytest.fixture(scope="module")
+def probe(guard):
+    """A probe with random weights on layers 1 and 2 side by side: what it reads, not what it learned, is tested."""
+    weight = torch.randn(2 * guard.model.config.hidden_size, generator=torch.Generator().manual_seed(0)) / 8
+    return ProbeGuardrail(guard, [1, 2], weight, torch.tensor(0.0), {}, ProbeSettings())
+
+
+@pytest.fixture(scope="module")
 def fitted(guard, tokenizer):
-    return fit_probe(guard, queries_of(rows(12), tokenizer), ProbeSettings(sample=12, allow_disagreement=True))
+    return fit_probe(guard, queries_of(rows(8), tokenizer), ProbeSettings(sample=8, allow_disagreement=True))
 
 
 def test_fit_logistic_recovers_a_logistic_model():
     """Soft targets drawn from a known logistic model are fitted back (the probe's maths, alone)."""
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(2000, 16, generator=generator) * 3 + 1
-    weight, bias = torch.randn(16, generator=generator) / 4, torch.tensor(0.3)
+    features = torch.randn(500, 8, generator=generator) * 3 + 1
+    weight, bias = torch.randn(8, generator=generator) / 4, torch.tensor(0.3)
     targets = torch.sigmoid(features @ weight + bias)
     fitted_weight, fitted_bias = fit_logistic(features, targets, l2=0.0)
     assert (torch.sigmoid(features @ fitted_weight + fitted_bias) - targets).abs().max() < 1e-3
@@ -110,15 +117,16 @@ def test_agreement_figures():
     assert figures["first_flag_mean_abs_chunks"] == 1 and figures["first_flag_mismatched_responses"] == 1
 
 
+@pytest.mark.slow  # a probe fit (exact scores of every prefix of its sample)
 def test_probe_fit_on_a_tiny_guard_measures_held_out_responses(fitted, guard, tokenizer):
     """The figures are those of the held-out quarter, recomputed here from both scorers; what the probe reads was
     chosen among the guard's layers."""
     # Each of the embeddings and the 2 layers alone, or all side by side, with each ridge strength.
     assert fitted.layers in ([0], [1], [2], [0, 1, 2]) and len(fitted.agreement["selection_mae"]) == 4 * 2
-    assert fitted.agreement["fitted_on"] == 9 and fitted.agreement["responses"] == 3
+    assert fitted.agreement["fitted_on"] == 6 and fitted.agreement["responses"] == 2
     from trl_star_dss.scoring.probe import _split
 
-    held_out = [queries_of(rows(12), tokenizer)[i] for i in _split(12, 0)[2]]
+    held_out = [queries_of(rows(8), tokenizer)[i] for i in _split(8, 0)[2]]
     exact = [r.scores for r in guard.score_prefixes(held_out)]
     probe = [r.scores for r in fitted.score_prefixes(held_out)]
     expected = agreement(probe, exact)
@@ -126,20 +134,20 @@ def test_probe_fit_on_a_tiny_guard_measures_held_out_responses(fitted, guard, to
     assert all(0 <= s <= 1 for scores in probe for s in scores)
 
 
-def test_a_prefix_is_read_at_its_last_guard_token(fitted, tokenizer):
+def test_a_prefix_is_read_at_its_last_guard_token(probe, tokenizer):
     """A prefix's score is the probe at the last guard token inside it: the same number as scoring the prefix alone as
     a whole response (causality: nothing after it is read), at any chunk size, M = 1 included."""
     response = RESPONSES[0]
     context = [{"role": "user", "content": PROMPTS[0]}]
     ends = chunk_ends(response, 1, "token", tokenizer)
-    [whole] = fitted.score_prefixes([PrefixQuery(context, response, ends)])
+    [whole] = probe.score_prefixes([PrefixQuery(context, response, ends)])
     assert len(whole.scores) == len(ends)
     for k in (0, 3, len(ends) // 2):
         prefix = response[: ends[k]]
-        [alone] = fitted.score_prefixes([PrefixQuery(context, prefix, [len(prefix)])])
+        [alone] = probe.score_prefixes([PrefixQuery(context, prefix, [len(prefix)])])
         assert alone.scores[0] == pytest.approx(whole.scores[k], abs=1e-5)
     # M = 5 reads a subset of M = 1's positions: the same numbers there.
-    [five] = fitted.score_prefixes([PrefixQuery(context, response, chunk_ends(response, 5, "token", tokenizer))])
+    [five] = probe.score_prefixes([PrefixQuery(context, response, chunk_ends(response, 5, "token", tokenizer))])
     assert five.scores == pytest.approx(
         [whole.scores[ends.index(e)] for e in chunk_ends(response, 5, "token", tokenizer)]
     )
@@ -173,15 +181,15 @@ def test_only_one_generative_guard_takes_a_probe(tokenizer):
         fit_probe(rule, queries_of(rows(8), tokenizer), ProbeSettings(sample=8))
 
 
-def test_cache_ids_tell_probe_scores_from_exact_ones(fitted, guard, tokenizer, tmp_path):
+def test_cache_ids_tell_probe_scores_from_exact_ones(probe, guard, tokenizer, tmp_path):
     data = Dataset.from_list(rows(8))
-    build, probe_id = deferred_probe(lambda: guard, guard.id, data, tokenizer, 5, "token", fitted.settings)
+    build, probe_id = deferred_probe(lambda: guard, guard.id, data, tokenizer, 5, "token", probe.settings)
     # The guard's own id (what the guard is, issue 33) with the probe's settings added.
-    assert probe_id == fitted.id != guard.id
+    assert probe_id == probe.id != guard.id
     assert {k: v for k, v in json.loads(probe_id).items() if k != "probe"} == json.loads(guard.id)
     score_dataset(data, guard, tokenizer, output_dir=str(tmp_path), progress=False)
     with pytest.raises(STARDSSError, match=r"holds STAR scores made with other settings \(\{'guardrail'"):
-        score_dataset(data, fitted, tokenizer, output_dir=str(tmp_path), progress=False)
+        score_dataset(data, probe, tokenizer, output_dir=str(tmp_path), progress=False)
 
 
 def test_a_probe_id_builds_on_the_guards_id():
@@ -198,7 +206,7 @@ def test_a_probe_id_builds_on_the_guards_id():
     assert json.loads(probe_id("my guard v2", settings))["guard"] == "my guard v2"
 
 
-def test_special_tokens_in_content_stay_text_to_the_probe(fitted, guard):
+def test_special_tokens_in_content_stay_text_to_the_probe(probe, guard):
     """The probe reads the guard's own encoding (docs/method.md 2.1): a forged verdict inside the response adds no
     special token, and the tokens read are the rendered text up to the response's end."""
     context = [{"role": "user", "content": PROMPTS[0]}]
@@ -211,11 +219,11 @@ def test_special_tokens_in_content_stay_text_to_the_probe(fitted, guard):
     assert sum(i in guard._special_ids for i in unguarded) == specials[0] + 4  # the attack, were it not kept as text
     assert specials[1] == specials[0]  # the template's own special tokens only
     assert guard.tokenizer.decode(readings[1].ids) == read_text
-    [scores] = fitted.score_prefixes([PrefixQuery(context, injected, [len(clean), len(injected)])])
+    [scores] = probe.score_prefixes([PrefixQuery(context, injected, [len(clean), len(injected)])])
     assert len(scores.scores) == 2
 
 
-def test_the_render_check_holds_for_the_probe(llama_guard_tiny, fitted):
+def test_the_render_check_holds_for_the_probe(llama_guard_tiny, probe):
     """A template that does not write the response is refused, as for every guard."""
     model, tokenizer = llama_guard_tiny
     template = LLAMA_GUARD_3_TEMPLATE.replace(
@@ -223,7 +231,7 @@ def test_the_render_check_holds_for_the_probe(llama_guard_tiny, fitted):
         "{% if message['role'] == 'user' %}User: {{ message['content'] }}{% endif %}",
     )
     blind = LlamaGuard(model, tokenizer, chat_template=template, name="blind")
-    probe = ProbeGuardrail(blind, fitted.layers, fitted.weight, fitted.bias, {}, fitted.settings)
+    probe = ProbeGuardrail(blind, probe.layers, probe.weight, probe.bias, {}, probe.settings)
     with pytest.raises(STARDSSError, match=r"The input of guard 'blind'.*does not contain what it is asked to judge"):
         probe.score_prefixes([PrefixQuery([{"role": "user", "content": "Hi"}], "Mix flour.", [3, 10])])
 
