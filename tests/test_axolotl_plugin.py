@@ -230,6 +230,10 @@ def test_star_dss_is_on_by_key_or_by_listing_the_plugin():
             r"star_dss_full_kl_chunk_size=0 must be a positive whole number",
         ),
         (
+            {"star_dss": True, "star_dss_guardrail": "g", "star_dss_probe": True, "star_dss_probe_sample": 3},
+            r"star_dss_probe_sample=3 must be a whole number of examples >= 8",
+        ),
+        (
             {"star_dss": True, "star_dss_guardrail": "g", "star_dss_guardrail_controversial": "strict"},
             r"star_dss_guardrail_controversial='strict' is not known",
         ),
@@ -303,6 +307,10 @@ def test_keys_follow_one_rule_and_the_dataclass_defaults():
     assert {f.name for f in fields(STARArguments)} <= {f.name for f in fields(STARDSSConfig)}
     assert settings({"star_dss_chunk_size": 3, "star_dss_guardrail": "g"}) == STARArguments(
         star_chunk_size=3, guardrail=["g"]
+    )
+    # The probe's settings (issue 38) follow the rule like every field.
+    assert settings({"star_dss_probe": True, "star_dss_probe_sample": 50}) == STARArguments(
+        star_probe=True, star_probe_sample=50
     )
     assert "_get_train_sampler" not in vars(STARDSSAxolotlTrainer)
 

@@ -148,6 +148,43 @@ class STARArguments:
         default=None,
         metadata={"help": "Where start-up scoring caches its scores (default: `<output_dir>/star_scores`)."},
     )
+    # A probe instead of the exact engine (docs/method.md, "Probe"; issue 38): one guard forward per response.
+    star_probe: Annotated[bool, Setting(_boolean, "must be True or False.", data=True)] = field(
+        default=False,
+        metadata={
+            "help": "Score with a probe on the guard's hidden states (one guard forward per response, any chunk size) "
+            "fitted on the guard's exact scores of a sample of the dataset; refused unless it agrees with them on "
+            "held-out responses (`star_probe_min_auroc`, `star_probe_max_mae`). Off: exact scoring."
+        },
+    )
+    star_probe_sample: Annotated[
+        int,
+        Setting(
+            _count(at_least=8),
+            "must be a whole number of examples >= 8 (half fit the probe, a quarter choose what it reads, a quarter "
+            "judge it). Use e.g. 200.",
+            data=True,
+        ),
+    ] = field(
+        default=200,
+        metadata={"help": "Examples scored exactly to fit the probe (half), choose what it reads and judge it."},
+    )
+    star_probe_min_auroc: Annotated[
+        float, Setting(_number(at_least=0, at_most=1), "must be a number in [0, 1]. Use e.g. 0.95.")
+    ] = field(
+        default=0.95,
+        metadata={"help": "Least AUROC of flagged prefixes (exact STAR < 0.5) the probe must reach on held-out data."},
+    )
+    star_probe_max_mae: Annotated[
+        float, Setting(_number(at_least=0, at_most=1), "must be a number in [0, 1]. Use e.g. 0.1.")
+    ] = field(
+        default=0.1,
+        metadata={"help": "Largest mean absolute error of P(safe) against exact scores allowed on held-out data."},
+    )
+    star_probe_allow_disagreement: Annotated[bool, Setting(_boolean, "must be True or False.")] = field(
+        default=False,
+        metadata={"help": "Score with a probe below the floor anyway (its figures are still logged and saved)."},
+    )
     rejection_threshold: Annotated[
         float,
         Setting(

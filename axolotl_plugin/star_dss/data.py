@@ -188,6 +188,11 @@ def _score(conversations: list, tokenizer, cfg) -> list:
             values.star_chunk_size,
             values.star_unit,
             tokenizer.name_or_path,
+            *(
+                [values.star_probe, values.star_probe_sample]  # probe scores are cached apart from exact ones
+                if values.star_probe
+                else []
+            ),
         ],
         sort_keys=True,
     )
@@ -201,6 +206,7 @@ def _score(conversations: list, tokenizer, cfg) -> list:
         output_name=NAMES["star_scores_dir"],
         distributed=False,
         log=False,
+        names=NAMES,
     )
     LOG.info(f"STAR scoring: {summary.format()}")  # in Axolotl's log namespace
     if summary.audited_examples:

@@ -22,6 +22,7 @@ from .families import (
     load_guardrail,
 )
 from .guardrail import EnsembleGuardrail, Guardrail, PrefixQuery, PrefixScores, PythonGuardrail
+from .probe import ProbeGuardrail, ProbeSettings, fit_probe
 from .template import TemplatedGuardrail
 from .token_level import TokenLevelGuardrail
 
@@ -38,6 +39,8 @@ __all__ = [
     "LlamaGuard4",
     "PrefixQuery",
     "PrefixScores",
+    "ProbeGuardrail",
+    "ProbeSettings",
     "PythonGuardrail",
     "Qwen3GuardGen",
     "STARScorer",
@@ -48,6 +51,7 @@ __all__ = [
     "WildGuard",
     "chunk_ends",
     "detect_family",
+    "fit_probe",
     "guardrail_id",
     "load_guardrail",
     "score_dataset",

@@ -31,6 +31,7 @@ from ..storage import save_dataset_atomic, write_text_atomic
 from .audit import AUDIT_VERSION, Auditor, count_findings
 from .fingerprint import completes_id
 from .guardrail import Guardrail, PrefixQuery
+from .probe import PROBE_FILE, format_agreement
 
 
 _SETTINGS_FILE = "star_settings.json"
@@ -94,6 +95,7 @@ class ScoringSummary:
     audited_examples: int = 0  # examples with at least one finding
     audit_seconds: float = 0.0  # spent auditing in this run
     findings: list[dict] = field(default_factory=list, repr=False)  # written to `audit.jsonl`, not summary.json
+    probe: dict | None = None  # a probe's agreement with exact scores (`probe.fit_probe`), also in `probe.json`
 
     @property
     def below_half_share(self) -> float:
@@ -105,7 +107,9 @@ class ScoringSummary:
             f"turns {self.turns} | chunks {self.chunks} | guard tokens {self.guard_tokens} | "
             f"response units with STAR < 0.5: {100 * self.below_half_share:.1f}% | "
             f"flagged examples (min STAR < 0.5): {self.flagged} | context cut: {self.context_cut} | "
-            f"time {self.seconds:.1f}s" + ("" if self.audit is None else f"\n{self.format_audit()}")
+            f"time {self.seconds:.1f}s"
+            + ("" if self.audit is None else f"\n{self.format_audit()}")
+            + ("" if self.probe is None else f"\n{format_agreement(self.probe)}")
         )
 
     def format_audit(self) -> str:
@@ -245,6 +249,7 @@ def score_dataset(
         records, work = _merge_processes(run, work, barrier)
     flat = [record for s in sorted(records) for record in records[s]]
     summary = _summarize(flat, time.perf_counter() - start_time, audit=audit, **work)
+    summary.probe = run.probe or _read_probe(output_dir)
     scored = dataset.remove_columns([STAR_COLUMN]) if STAR_COLUMN in dataset.column_names else dataset
     scored = scored.add_column(STAR_COLUMN, [record["star"] for record in flat])
     if output_dir is not None and rank == 0:
@@ -252,6 +257,15 @@ def score_dataset(
     if world > 1:
         barrier()
     return scored, summary
+
+
+def _read_probe(output_dir: str | None) -> dict | None:
+    """The agreement figures of the probe whose scores are cached in `output_dir` (a run that scored nothing now)."""
+    path = None if output_dir is None else os.path.join(output_dir, PROBE_FILE)
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def _cache_id(guardrail, guardrail_id: str | None) -> tuple[str, tuple[str, ...]]:
@@ -298,6 +312,7 @@ class _Run:
     shard_size: int
     rank: int
     world: int
+    probe: dict | None = None  # a probe's agreement figures, once its guard is built (`_scorer`)
 
     @property
     def shard_dir(self) -> str | None:
@@ -319,6 +334,10 @@ def _scorer(run: _Run, guardrail, tokenizer, method: str, audit: bool) -> STARSc
             # A hub guard downloaded just now: its id names the commit it was loaded at, and so do these scores.
             run.settings["guardrail"] = guard.id
             write_text_atomic(os.path.join(run.output_dir, _SETTINGS_FILE), json.dumps(run.settings, indent=2))
+    # A probe's agreement figures are saved with its scores (issue 38; docs/method.md, "Probe").
+    run.probe = getattr(guard, "agreement", None)
+    if run.probe is not None and run.output_dir is not None:
+        write_text_atomic(os.path.join(run.output_dir, PROBE_FILE), json.dumps(run.probe, indent=2))
     return STARScorer(guard, tokenizer, run.settings["chunk_size"], run.settings["unit"], method, audit)
 
 
@@ -442,6 +461,8 @@ def _check_settings(
     if is_main:
         if overwrite and existing is not None:
             shutil.rmtree(os.path.join(output_dir, "shards"), ignore_errors=True)
+            if os.path.exists(os.path.join(output_dir, PROBE_FILE)):  # figures of the scores just deleted
+                os.remove(os.path.join(output_dir, PROBE_FILE))
         os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
         if existing != settings or renamed:
             write_text_atomic(path, json.dumps(settings, indent=2))

@@ -224,6 +224,34 @@ class TemplatedGuardrail(Guardrail):
             position = end + len(literal)
         return spans if position == len(text) else None
 
+    def _response_span(self, text: str, conversation: Conversation) -> tuple[int, int, int]:
+        """Where the response (the last message) lies in `text`, its rendering: `(start, stop, lead)`, with `lead` the
+        characters the template stripped from the response's front."""
+        spans = self.content_spans(conversation, text)
+        if spans is None:
+            raise STARDSSError(
+                f"The chat template of guard {self.name!r} does not write the response verbatim, so its tokens cannot "
+                "be matched to the prefixes' characters (a token-level guard or a probe reads each prefix at a guard "
+                "token). Pass a `chat_template=` that does."
+            )
+        start, stop = spans[-1]
+        return start, stop, conversation[-1]["content"].find(text[start:stop])
+
+    def response_positions(self, text: str, offsets, conversation: Conversation, ends: Sequence[int]) -> list[int]:
+        """The guard token at which each prefix `response[:end]` is read, for guards that read every prefix from one
+        forward (token-level guards, probes; docs/method.md, "The scoring engine"): the last token that ends at or
+        before the cut (a token straddling the cut holds text after it, so it is not inside the prefix); before the
+        first whole token, the token before the response. `text` and `offsets` are `encode_with_offsets`'s."""
+        start, stop, lead = self._response_span(text, conversation)
+        token_ends = [b for _, b in offsets]
+        return [bisect.bisect_right(token_ends, start + min(max(end - lead, 0), stop - start)) - 1 for end in ends]
+
+    def response_token_ends(self, text: str, offsets, conversation: Conversation) -> list[int]:
+        """The end, as a character offset in the response, of each guard token that lies wholly inside the response
+        and ends after its first character: the prefixes a guard token closes."""
+        start, stop, lead = self._response_span(text, conversation)
+        return sorted({b - start + lead for a, b in offsets if start <= a and b <= stop and b > start})
+
     def _checked_renders(self, conversations: Sequence[Conversation]) -> list[str]:
         """Each conversation rendered, refused unless the guard input holds what the guard is asked to judge
         (docs/method.md 1.1, "What the guard reads"): the last message (the response, or the prefix of it, being

@@ -3,7 +3,6 @@ any chunk size costs one forward (docs/method.md 3)."""
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
 from ..errors import STARDSSError
@@ -64,21 +63,6 @@ class TokenLevelGuardrail(TemplatedGuardrail):
             )
         self._safe_classes = [0, 2] if controversial == "safe" else [0]
 
-    def _positions(self, text: str, offsets, conversation: Conversation, ends: Sequence[int]) -> list[int]:
-        """The guard token at which each prefix `response[:end]` is read (the response is the last message)."""
-        spans = self.content_spans(conversation, text)
-        if spans is None:
-            raise STARDSSError(
-                f"The chat template of token-level guard {self.name!r} does not write the response verbatim, so its "
-                "tokens cannot be matched to the prefixes' characters. Pass a `chat_template=` that does."
-            )
-        start, stop = spans[-1]
-        response = conversation[-1]["content"]
-        lead = response.find(text[start:stop])  # what the template stripped from the front
-        token_ends = [b for _, b in offsets]
-        # The last token that ends at or before the cut; a token straddling the cut is not inside the prefix.
-        return [bisect.bisect_right(token_ends, start + min(max(end - lead, 0), stop - start)) - 1 for end in ends]
-
     def _risk_scores(self, ids: list[int], positions: list[int]) -> list[float]:
         import torch
 
@@ -96,7 +80,7 @@ class TokenLevelGuardrail(TemplatedGuardrail):
         scores, tokens = [], 0
         for conversation, (text, ids, offsets) in zip(conversations, self.encode_with_offsets(conversations)):
             end = len(conversation[-1]["content"])
-            scores += self._risk_scores(ids, self._positions(text, offsets, conversation, [end]))
+            scores += self._risk_scores(ids, self.response_positions(text, offsets, conversation, [end]))
             tokens += len(ids)
         return scores, tokens
 
@@ -115,7 +99,7 @@ class TokenLevelGuardrail(TemplatedGuardrail):
             else:
                 conversation = context + [{"role": "assistant", "content": query.response}]
                 [(text, ids, offsets)] = self.encode_with_offsets([conversation])
-                scores = self._risk_scores(ids, self._positions(text, offsets, conversation, query.ends))
+                scores = self._risk_scores(ids, self.response_positions(text, offsets, conversation, query.ends))
                 tokens = len(ids)
             results.append(PrefixScores(scores, context_cut=cut, guard_tokens=tokens))
         return results

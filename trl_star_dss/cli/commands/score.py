@@ -27,6 +27,7 @@ examples:
 
 then: star-dss show --dataset runs/toy-sample --output runs/toy-sample/pictures
 """
+PROBE_FIX = "Add --probe, or leave it out for exact scoring."
 # Checked before the dataset or a guard loads (rules.py); scoring's own checks name its Python arguments.
 RULES = (
     positive("chunk_size", "Use e.g. 5 (the paper's M); 1 scores after every unit."),
@@ -46,6 +47,16 @@ RULES = (
         "--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
         "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, or count "
         "words with --unit word.",
+    ),
+    # The probe's settings mean nothing without it.
+    *(
+        Rule(dest, "requires", "star_probe", f"{{flag}} sets the probe, but --probe was not given. {PROBE_FIX}")
+        for dest in (
+            "star_probe_sample",
+            "star_probe_min_auroc",
+            "star_probe_max_mae",
+            "star_probe_allow_disagreement",
+        )
     ),
 )
 
@@ -95,6 +106,25 @@ def register(subparsers, parents: Parents) -> None:
         help="Skip the audit of message contents (special-token strings, invisible characters, imitation of the "
         "guard's template; written to OUTPUT/audit.jsonl by default).",
     )
+    # A probe instead of the exact engine (docs/method.md, "Probe"; issue 38): the `star_probe*` settings. Their `dest`
+    # is the setting, so the library's errors (which name it) are told as these flags.
+    probe = parser.add_argument_group("probe (one guard forward per response; refused where it disagrees)")
+    probe.add_argument(
+        "--probe",
+        dest="star_probe",
+        **setting(
+            "star_probe",
+            help="Score with a probe on the guard's hidden states, fitted on its exact scores of a sample of the "
+            "dataset (one guard forward per response, any chunk size); refused unless it agrees with exact scores on "
+            "held-out responses. The figures are printed and saved in OUTPUT/probe.json.",
+        ),
+    )
+    for flag in ("sample", "min_auroc", "max_mae"):  # None when not given: the setting's default then applies
+        name = f"star_probe_{flag}"
+        probe.add_argument(f"--probe-{flag.replace('_', '-')}", dest=name, **setting(name, default=None))
+    probe.add_argument(
+        "--probe-allow-disagreement", dest="star_probe_allow_disagreement", **setting("star_probe_allow_disagreement")
+    )
     parser.set_defaults(run=run, rules=RULES, command_parser=parser)
 
 
@@ -116,6 +146,19 @@ def run(args: argparse.Namespace) -> None:
         **({"max_length": args.max_length} if args.max_length else {}),
         **({"controversial": args.controversial} if args.controversial else {}),
     )
+    if args.star_probe:
+        from ...scoring.probe import ProbeSettings, deferred_probe
+
+        given = {k: getattr(args, f"star_probe_{k}") for k in ("sample", "min_auroc", "max_mae", "allow_disagreement")}
+        build_guardrail, guardrail_id = deferred_probe(
+            build_guardrail,
+            guardrail_id,
+            dataset,
+            tokenizer,
+            args.chunk_size,
+            args.unit,
+            ProbeSettings(**{k: v for k, v in given.items() if v is not None}),
+        )
     _, summary = score_dataset(
         dataset,
         build_guardrail,
