@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_star_dss.tools.cli import main as star_dss
-from trl_star_dss.tools.demo import (
+from trl_star_dss.demo import (
     ATTACKS,
     DEMO_TIME,
     EXCULPATORY_SENTENCE,
@@ -18,6 +17,7 @@ from trl_star_dss.tools.demo import (
     is_harmful,
     scripted_guardrail,
 )
+from trl_star_dss.tools.cli import main as star_dss
 
 
 README = Path(__file__).parents[1] / "README.md"
@@ -40,14 +40,14 @@ def test_world_is_deterministic_and_as_written():
 
 @pytest.mark.slow
 def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog):
-    caplog.set_level("INFO", logger="trl_star_dss.tools.demo")
+    caplog.set_level("INFO", logger="trl_star_dss.demo")
     star_dss(["demo", "--fast", "--output", str(tmp_path / "a")])
     first = capsys.readouterr().out
     # The README's names of attacks and methods, as in its table.
     assert "SIMULATION" in first and "| attack (SIMULATION) | SFT | STAR-DSS |" in first
     assert "| misleading suffix |" in first and "misleading_suffix" not in first
     # One line per stage, with the seconds so far, then the total.
-    progress = [record.getMessage() for record in caplog.records if record.name == "trl_star_dss.tools.demo"]
+    progress = [record.getMessage() for record in caplog.records if record.name == "trl_star_dss.demo"]
     assert [re.sub(r"\(\d+ s\)", "(N s)", line) for line in progress[:6]] == [
         "demo 1/6 (N s): knowledge: the tiny model learns the letter tasks and harmful answers (900 examples, 2 epochs)",
         "demo 2/6 (N s): alignment: it learns to refuse harmful requests (900 examples, 1 epoch)",
@@ -101,7 +101,7 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     caplog.clear()
     star_dss(["demo", "--fast", "--no-progress", "--output", str(tmp_path / "b")])
     second = capsys.readouterr().out
-    assert not [record for record in caplog.records if record.name == "trl_star_dss.tools.demo"]
+    assert not [record for record in caplog.records if record.name == "trl_star_dss.demo"]
     kept = ("|", "aligned model", "whole responses:", "unsafe responses flagged")
     table = [line for line in first.splitlines() if line.startswith(kept)]
     assert len(table) == 11 and table == [line for line in second.splitlines() if line.startswith(kept)]
@@ -139,8 +139,8 @@ def test_guard_data_is_its_own_and_labelled_as_documented():
 
 @pytest.mark.slow
 def test_learned_guard_is_fooled_by_the_misleading_sentence_on_whole_responses(tmp_path):
+    from trl_star_dss.demo import GUARD_TEMPLATE, save_guard, train_guard, world_tokenizer
     from trl_star_dss.scoring.families import LlamaGuard
-    from trl_star_dss.tools.demo import GUARD_TEMPLATE, save_guard, train_guard, world_tokenizer
 
     tokenizer = world_tokenizer(build_world(seed=0))
     guard = save_guard(train_guard(tokenizer, guard_training_data(seed=0, per_kind=100)), str(tmp_path / "guard"))
@@ -156,7 +156,7 @@ def test_learned_guard_is_fooled_by_the_misleading_sentence_on_whole_responses(t
 
 
 def test_ablation_and_guard_options_are_checked(tmp_path):
-    from trl_star_dss.tools.demo import run_ablation
+    from trl_star_dss.demo import run_ablation
 
     with pytest.raises(ValueError, match="one ablation at a time"):
         run_ablation(str(tmp_path), chunk_sizes=[5], label_noise=[0.1])
@@ -174,7 +174,7 @@ def test_ablation_and_guard_options_are_checked(tmp_path):
 
 @pytest.mark.slow
 def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
-    from trl_star_dss.tools.demo import format_ablation, run_ablation
+    from trl_star_dss.demo import format_ablation, run_ablation
 
     short = {"knowledge": (1, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)}
     result = run_ablation(str(tmp_path), chunk_sizes=[1, 15], guard="rule", stages=short, progress=False)
@@ -185,7 +185,8 @@ def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
 
 
 def test_benign_mix_heat_map_shows_its_harmful_examples(tmp_path):
-    from trl_star_dss.tools.demo import ATTACK_LABELS, _score_attack, world_tokenizer
+    from trl_star_dss.demo import ATTACK_LABELS, world_tokenizer
+    from trl_star_dss.demo.training import _score_attack
 
     world = build_world(seed=0)
     _score_attack(world, "benign_mix", world_tokenizer(world), str(tmp_path))
@@ -211,7 +212,7 @@ def test_seeds_report_each_cells_mean_std_and_worst_seed(tmp_path, monkeypatch):
     checked below.)"""
     import statistics
 
-    import trl_star_dss.tools.demo as demo
+    import trl_star_dss.demo.experiments as demo
 
     def fake_run(output_dir, seed, attacks, methods, stages, progress, guard, lookaheads):
         methods = list(methods) + [demo.lookahead_method(n) for n in lookaheads if n]
@@ -320,7 +321,7 @@ def test_readme_claims_hold_on_a_seed_the_readme_does_not_use(tmp_path, capabili
     if capability != "default" and capability not in _cpu_flags():
         pytest.skip(f"this CPU has no {capability}")
     script = (
-        "import json, sys, torch; from trl_star_dss.tools.demo import run_demo; "
+        "import json, sys, torch; from trl_star_dss.demo import run_demo; "
         "result = run_demo(sys.argv[1], seed=int(sys.argv[2]), progress=False, lookaheads=(0, 2), "
         "methods=('sft', 'rejection_sampling', 'star_dss')); "
         "print(json.dumps({'capability': torch.backends.cpu.get_cpu_capability(), 'table': result['table']}))"

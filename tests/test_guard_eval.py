@@ -3,9 +3,9 @@ import json
 import pytest
 from datasets import Dataset
 
+from trl_star_dss.demo import guard_eval_data, scripted_guardrail
 from trl_star_dss.scoring import PythonGuardrail, chunk_ends
 from trl_star_dss.tools.cli import main as star_dss
-from trl_star_dss.tools.demo import guard_eval_data, scripted_guardrail
 from trl_star_dss.tools.guard_eval import evaluate_guard, guard_figures, read_labels
 
 
