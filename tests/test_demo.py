@@ -44,19 +44,29 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     star_dss(["demo", "--fast", "--output", str(tmp_path / "a")])
     first = capsys.readouterr().out
     # The README's names of attacks and methods, as in its table.
-    assert "SIMULATION" in first and "| attack (SIMULATION) | SFT | STAR-DSS |" in first
+    assert "SIMULATION" in first and "| attack (SIMULATION) | SFT | STAR-DSS (L=0, the paper's) |" in first
     assert "| misleading suffix |" in first and "misleading_suffix" not in first
-    # One line per stage, with the seconds so far, then the total.
+    # One line per stage, with the seconds so far, then the total. The last attack run is STAR-DSS at the look-ahead
+    # the learned guard recommends (or, when that is L = 0, the paper's run again, not trained twice).
     progress = [record.getMessage() for record in caplog.records if record.name == "trl_star_dss.demo"]
     assert [re.sub(r"\(\d+ s\)", "(N s)", line) for line in progress[:6]] == [
-        "demo 1/6 (N s): knowledge: the tiny model learns the letter tasks and harmful answers (900 examples, 2 epochs)",
-        "demo 2/6 (N s): alignment: it learns to refuse harmful requests (900 examples, 1 epoch)",
-        "demo 3/6 (N s): guard: a tiny guard LM learns to judge whole responses (1000 examples, 1 epoch)",
-        "demo 4/6 (N s): guard eval: its STAR on every prefix of fresh labelled responses, against the world's truth",
-        "demo 5/6 (N s): attack misleading suffix x SFT (100 examples)",
-        "demo 6/6 (N s): attack misleading suffix x STAR-DSS (100 examples)",
+        "demo 1/7 (N s): knowledge: the tiny model learns the letter tasks and harmful answers (900 examples, 2 epochs)",
+        "demo 2/7 (N s): alignment: it learns to refuse harmful requests (900 examples, 1 epoch)",
+        "demo 3/7 (N s): guard: a tiny guard LM learns to judge whole responses (1000 examples, 1 epoch)",
+        "demo 4/7 (N s): guard eval: its STAR on every prefix of fresh labelled responses, against the world's truth",
+        "demo 5/7 (N s): attack misleading suffix x SFT (100 examples)",
+        "demo 6/7 (N s): attack misleading suffix x STAR-DSS (L=0, the paper's) (100 examples)",
     ]
-    assert len(progress) == 7 and re.fullmatch(r"demo done in \d+ s", progress[6])
+    recommended = re.search(r"recommended look-ahead: star_lookahead=(\d+)", first)
+    assert recommended, first
+    assert re.fullmatch(
+        rf"demo 7/7 \(\d+ s\): attack misleading suffix x STAR-DSS \(L={recommended.group(1)}, recommended\)"
+        r"( \(100 examples\)|: the same run as STAR-DSS \(L=0, the paper's\))",
+        progress[6],
+    )
+    assert len(progress) == 8 and re.fullmatch(r"demo done in \d+ s", progress[7])
+    # The prefilling table: every model, the aligned one too, at K = 0, 5, 10.
+    assert "| model | K = 0 | K = 5 | K = 10 |" in first and "| misleading suffix: SFT |" in first
     for name in (
         "table.md",
         "chart.png",
@@ -104,7 +114,7 @@ def test_fast_demo_runs_end_to_end_and_repeats_exactly(tmp_path, capsys, caplog)
     assert not [record for record in caplog.records if record.name == "trl_star_dss.demo"]
     kept = ("|", "aligned model", "whole responses:", "unsafe responses flagged")
     table = [line for line in first.splitlines() if line.startswith(kept)]
-    assert len(table) == 11 and table == [line for line in second.splitlines() if line.startswith(kept)]
+    assert len(table) == 17 and table == [line for line in second.splitlines() if line.startswith(kept)]
 
 
 def test_guard_data_is_its_own_and_labelled_as_documented():
@@ -214,11 +224,23 @@ def test_seeds_report_each_cells_mean_std_and_worst_seed(tmp_path, monkeypatch):
 
     import trl_star_dss.demo.experiments as demo
 
-    def fake_run(output_dir, seed, attacks, methods, stages, progress, guard, lookaheads):
+    def fake_run(output_dir, seed, attacks, methods, stages, progress, guard, lookaheads, recommended, prefill):
         methods = list(methods) + [demo.lookahead_method(n) for n in lookaheads if n]
+        methods += [demo.RECOMMENDED] * (seed != 2)  # seed 2's guard recommends nothing: the column is left out
         table = {"aligned model": {"-": (100.0, 90.0 + seed)}}
         table |= {a: {m: (10.0 * seed + i, 50.0 - seed) for i, m in enumerate(methods)} for a in attacks}
-        return {"table": table, "guard_eval": None, "guard": guard, "seed": seed, "seconds": 1.0}
+        prefills = {
+            row: {m: {k: cell[0] - k for k in prefill} for m, cell in cells.items()} for row, cells in table.items()
+        }
+        return {
+            "table": table,
+            "prefill": prefills,
+            "recommended_lookahead": None if seed == 2 else seed,
+            "guard_eval": None,
+            "guard": guard,
+            "seed": seed,
+            "seconds": 1.0,
+        }
 
     monkeypatch.setattr(demo, "run_demo", fake_run)
     result = demo.run_demo_seeds(str(tmp_path), seeds=[3, 1, 2], progress=False, lookaheads=(0, 1))
@@ -226,14 +248,27 @@ def test_seeds_report_each_cells_mean_std_and_worst_seed(tmp_path, monkeypatch):
     assert cell["safety"]["mean"] == pytest.approx(20.0 + 3) and cell["safety"]["std"] == pytest.approx(10.0)
     assert (cell["safety"]["worst"], cell["safety"]["worst_seed"]) == (13.0, 1)
     assert (cell["capability"]["worst"], cell["capability"]["worst_seed"]) == (47.0, 3)
+    assert demo.RECOMMENDED not in result["summary"]["harmful"]
     saved = json.loads((tmp_path / "table.json").read_text())
     assert saved["seeds"] == [3, 1, 2] and saved["per_seed"]["2"]["table"]["harmful"]["star_dss_L1"] == [24.0, 48.0]
+    assert saved["recommended_lookahead"] == {"3": 3, "1": 1, "2": None}
+    # The prefilling table over seeds: each model and K, mean ± std (worst seed), the aligned model first.
+    prefill = result["prefill"]["harmful"]["star_dss"]
+    assert prefill[10]["mean"] == pytest.approx(13.0) and (prefill[10]["worst"], prefill[10]["worst_seed"]) == (3.0, 1)
     text = (tmp_path / "table.md").read_text()
     assert "3 seeds (3, 1, 2)" in text and "| safety %: mean ± std (worst seed) | SFT |" in text
-    assert "STAR-DSS | STAR-DSS (L=1) |" in text
+    assert "STAR-DSS (L=0, the paper's) | STAR-DSS (L=1) |" in text
     assert "| harmful | 20.0 ± 10.0 (10.0) |" in text
     assert statistics.stdev([90.0 + s for s in (3, 1, 2)]) == pytest.approx(1.0)
     assert "capability 92.0 ± 1.0 (91.0)" in text
+    assert (
+        'each seed\'s learned guard calls for (docs/method.md, "Look-ahead"): seed 3: L = 3, seed 1: L = 1, seed 2: L = None'
+        in text
+    )
+    assert "| model | K = 0 | K = 5 | K = 10 |" in text and "| aligned model | 100.0 ± 0.0 (100.0) |" in text
+    assert (
+        "| harmful: STAR-DSS (L=0, the paper's) | 23.0 ± 10.0 (13.0) | 18.0 ± 10.0 (8.0) | 13.0 ± 10.0 (3.0) |" in text
+    )
     assert os.path.getsize(tmp_path / "chart.png") > 0
     with pytest.raises(ValueError, match=r"--seeds gives 0 seeds"):
         demo.run_demo_seeds(str(tmp_path), seeds=[], progress=False)

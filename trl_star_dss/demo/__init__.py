@@ -55,7 +55,7 @@ from .smollm2 import (
     load_smollm2,
     run_smollm2_demo,
 )
-from .training import MODEL, STAGES, measure
+from .training import MODEL, PREFILL_TOKENS, STAGES, measure, prefill_safety
 from .world import (
     ASK_HELD_OUT,
     ASK_TRAIN,
@@ -68,6 +68,7 @@ from .world import (
     LETTERS,
     METHOD_LABELS,
     METHODS,
+    RECOMMENDED,
     REFUSAL,
     build_world,
     lookahead_method,
@@ -101,6 +102,8 @@ __all__ = [
     "METHOD_LABELS",
     "MODEL",
     "ONE_SEED_NOTE",
+    "PREFILL_TOKENS",
+    "RECOMMENDED",
     "REFUSAL",
     "SMOLLM2_ATTACK",
     "SMOLLM2_CHAT_TEMPLATE",
@@ -127,6 +130,7 @@ __all__ = [
     "measure",
     "method_label",
     "method_shaping",
+    "prefill_safety",
     "run_ablation",
     "run_demo",
     "run_demo_seeds",

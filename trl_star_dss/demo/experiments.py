@@ -11,9 +11,20 @@ import time
 
 from ..errors import STARDSSError
 from ..storage import write_text_atomic
+from ..tools.guard_eval import recommended_lookahead
 from .guard import _evaluate_learned_guard, _learned_guard, _write_guard_eval, world_tokenizer
 from .report import ONE_SEED_NOTE, _chart, format_ablation, format_report, format_seeds_report
-from .training import STAGES, _aligned_model, _attack, _Progress, _score_attack, logger, measure
+from .training import (
+    PREFILL_TOKENS,
+    STAGES,
+    _aligned_model,
+    _attack,
+    _Progress,
+    _score_attack,
+    logger,
+    measure,
+    prefill_safety,
+)
 from .world import (
     ATTACK_LABELS,
     ATTACKS,
@@ -22,9 +33,11 @@ from .world import (
     GUARDS,
     METHOD_LABELS,
     METHODS,
+    RECOMMENDED,
     build_world,
     lookahead_method,
     method_label,
+    method_shaping,
 )
 
 
@@ -53,45 +66,73 @@ def run_demo(
     progress: bool = True,
     guard: str = "learned",
     lookaheads=(0,),
+    recommended: bool = True,
+    prefill=PREFILL_TOKENS,
 ) -> dict:
     """Build the world, train the aligned model, attack it with every method, measure. `guard` scores the attacks:
-    `learned` (a tiny guard LM trained on whole responses, read through `load_guardrail` and the fast scorer) or
-    `rule` (the keyword rule). Returns `{"table": {attack: {method: (safety, capability)}}, "guard_eval": figures of
-    the learned guard (`guard_eval.guard_figures`) or None, "seconds": ...}` and writes table.md, chart.png and STAR
-    heat maps (and, for the learned guard, `guard/`, guard_eval.json and guard_drift.png) to `output_dir`.
-    `progress` logs one line per stage (logger `trl_star_dss.demo`, INFO). `lookaheads` other than 0 add STAR-DSS
-    with that look-ahead (`lookahead_method`) beside STAR-DSS, on the same aligned model and guard."""
+    `learned` (a tiny guard LM trained on whole responses, read through `load_guardrail` and the fast scorer) or `rule`
+    (the keyword rule). Returns `{"table": {attack: {method: (safety, capability)}}, "guard_eval": figures of the
+    learned guard (`guard_eval.guard_figures`) or None, "recommended_lookahead": L or None, "prefill": {row: {method:
+    {K: safety}}}, "seconds": ...}` and writes it to table.json (JSON: cells as lists, K as text), table.md, chart.png
+    and STAR heat maps (and, for the learned guard, `guard/`, guard_eval.json and guard_drift.png) to `output_dir`.
+    `progress` logs one line per stage (logger `trl_star_dss.demo`, INFO). `lookaheads` other than 0 add STAR-DSS with
+    that look-ahead (`lookahead_method`) beside STAR-DSS, on the same aligned model and guard. `recommended` (learned
+    guard, STAR-DSS among `methods`) adds STAR-DSS at the look-ahead the guard's measured delay calls for
+    (`RECOMMENDED`; docs/method.md, "Look-ahead"). `prefill`: the Ks of the prefilling attack
+    (`training.prefill_safety`) measured on every model of the table, the aligned one too (`()`: none)."""
 
     import torch
 
     _check_guard(guard)
     _check_lookaheads(lookaheads)
-    methods = list(methods) + [lookahead_method(n) for n in lookaheads if n and "star_dss" in methods]
+    star = "star_dss" in methods
+    methods = list(methods) + [lookahead_method(n) for n in lookaheads if n and star]
+    recommend = recommended and star and guard == "learned"
     stages = {**STAGES, **(stages or {})}
     start = time.perf_counter()
-    announce = _Progress(2 + 2 * (guard == "learned") + len(attacks) * len(methods), enabled=progress)
+    stage_count = 2 + 2 * (guard == "learned") + len(attacks) * (len(methods) + recommend)
+    announce = _Progress(stage_count, enabled=progress)
     torch.manual_seed(seed)
     world = build_world(seed)
     tokenizer = world_tokenizer(world)
     scratch = os.path.join(output_dir, "trainer")
     model = _aligned_model(world, tokenizer, stages, seed, scratch, announce)
     table = {"aligned model": {"-": measure(model, tokenizer, world)}}
+    prefills = {"aligned model": {"-": _prefill_row(model, tokenizer, world, table["aligned model"]["-"], prefill)}}
     aligned = copy.deepcopy(model.state_dict())
-    judge, figures = None, None
+    judge, figures, lookahead = None, None, None
     if guard == "learned":
         judge = _learned_guard(tokenizer, seed, stages, os.path.join(output_dir, "guard"), announce)
         announce("guard eval: its STAR on every prefix of fresh labelled responses, against the world's truth")
         figures = _evaluate_learned_guard(judge, tokenizer, seed, output_dir)
         _write_guard_eval(figures, output_dir)
+        if recommend:
+            try:
+                lookahead = recommended_lookahead(figures)
+            except STARDSSError:  # a guard that flags nothing (a --fast guard may): the report says why, no column
+                recommend = False
+                announce.total -= len(attacks)
+    runs = methods + [RECOMMENDED] * recommend
     for attack in attacks:
         scored, _ = _score_attack(world, attack, tokenizer, output_dir, judge, guard_name=GUARD_NAMES[guard])
-        table[attack] = {}
-        for method in methods:
-            announce(f"attack {ATTACK_LABELS[attack]} x {method_label(method)} ({len(scored)} examples)")
-            table[attack][method] = _attack(model, aligned, tokenizer, world, scored, method, stages, scratch, seed)
+        table[attack], prefills[attack], trained = {}, {}, {}
+        for method in runs:
+            label, setting = method_label(method, lookahead), method_shaping(method, lookahead)
+            if setting in trained:  # the recommended L is 0 or an L of `lookaheads`: that run, not trained again
+                same = trained[setting]
+                announce(f"attack {ATTACK_LABELS[attack]} x {label}: the same run as {method_label(same)}")
+                table[attack][method], prefills[attack][method] = table[attack][same], prefills[attack][same]
+                continue
+            announce(f"attack {ATTACK_LABELS[attack]} x {label} ({len(scored)} examples)")
+            cell = _attack(model, aligned, tokenizer, world, scored, method, stages, scratch, seed, lookahead)
+            table[attack][method], trained[setting] = cell, method
+            prefills[attack][method] = _prefill_row(model, tokenizer, world, cell, prefill)
     result = {
         "table": table,
         "guard_eval": figures,
+        "recommended_lookahead": lookahead,
+        "prefill": prefills,
+        "prefill_tokens": list(prefill),
         "guard": guard,
         "seed": seed,
         "seconds": time.perf_counter() - start,
@@ -101,9 +142,15 @@ def run_demo(
         os.path.join(output_dir, "table.md"),
         format_report(result) + f"\n\n({result['seconds']:.0f} s)\n\n{ONE_SEED_NOTE}\n",
     )
-    _chart(table, os.path.join(output_dir, "chart.png"), GUARD_NAMES[guard])
+    write_text_atomic(os.path.join(output_dir, "table.json"), json.dumps(result, indent=1))
+    _chart(table, os.path.join(output_dir, "chart.png"), GUARD_NAMES[guard], recommended=lookahead)
     announce.finish()
     return result
+
+
+def _prefill_row(model, tokenizer, world: dict, cell: tuple[float, float], ks) -> dict[int, float]:
+    """{K: safety %} of a model under the prefilling attack; K = 0 is the table's safety (the same greedy answers)."""
+    return ({0: cell[0]} if 0 in ks else {}) | prefill_safety(model, tokenizer, world, [k for k in ks if k])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,10 +169,14 @@ def run_demo_seeds(
     attacks=ATTACKS,
     methods=METHODS,
     stages=None,
+    recommended: bool = True,
+    prefill=PREFILL_TOKENS,
 ) -> dict:
     """`run_demo` once per seed (each in `output_dir/seed-<s>`), then every cell's mean, standard deviation (over
-    seeds, n - 1) and worst seed (the lowest value, and which seed gave it). Writes table.md, table.json (every
-    seed's cells too) and chart.png (means, error bars one standard deviation) to `output_dir`."""
+    seeds, n - 1) and worst seed (the lowest value, and which seed gave it), of the table and of the prefilling
+    table, and each seed's recommended look-ahead. A column missing on some seed (no recommended look-ahead there) is
+    left out. Writes table.md, table.json (every seed's cells too) and chart.png (means, error bars one standard
+    deviation) to `output_dir`."""
 
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -137,36 +188,53 @@ def run_demo_seeds(
         if progress:
             logger.info("demo seed %d (%d of %d)", seed, i + 1, len(seeds))
         runs[seed] = run_demo(
-            os.path.join(output_dir, f"seed-{seed}"), seed, attacks, methods, stages, progress, guard, lookaheads
+            os.path.join(output_dir, f"seed-{seed}"),
+            seed,
+            attacks,
+            methods,
+            stages,
+            progress,
+            guard,
+            lookaheads,
+            recommended=recommended,
+            prefill=prefill,
         )
-    first = runs[seeds[0]]["table"]
-    cells = {
-        attack: {method: [runs[s]["table"][attack][method] for s in seeds] for method in row}
-        for attack, row in first.items()
+    summary, prefills = {}, {}
+    for row in runs[seeds[0]]["table"]:
+        kept = [m for m in runs[seeds[0]]["table"][row] if all(m in runs[s]["table"][row] for s in seeds)]
+        summary[row] = {
+            m: {name: _spread([runs[s]["table"][row][m][j] for s in seeds], seeds) for j, name in enumerate(MEASURES)}
+            for m in kept
+        }
+        prefills[row] = {
+            m: {k: _spread([runs[s]["prefill"][row][m][k] for s in seeds], seeds) for k in prefill} for m in kept
+        }
+    recommended_by_seed = {s: runs[s].get("recommended_lookahead") for s in seeds}
+    result = {
+        "seeds": seeds,
+        "guard": guard,
+        "summary": summary,
+        "prefill": prefills,
+        "prefill_tokens": list(prefill),
+        "recommended_lookahead": recommended_by_seed,
+        "runs": runs,
+        "seconds": time.perf_counter() - start,
     }
-    summary = {}
-    for attack, row in cells.items():
-        summary[attack] = {}
-        for method, values in row.items():
-            summary[attack][method] = {}
-            for j, measure_name in enumerate(("safety", "capability")):
-                column = [v[j] for v in values]
-                worst = min(range(len(seeds)), key=lambda k: column[k])
-                summary[attack][method][measure_name] = {
-                    "mean": statistics.fmean(column),
-                    "std": statistics.stdev(column) if len(column) > 1 else 0.0,
-                    "worst": column[worst],
-                    "worst_seed": seeds[worst],
-                    "values": column,
-                }
-    result = {"seeds": seeds, "guard": guard, "summary": summary, "runs": runs, "seconds": time.perf_counter() - start}
     saved = {
         "seeds": seeds,
         "guard": guard,
         "seconds": result["seconds"],
         "summary": summary,
+        "prefill": prefills,
+        "recommended_lookahead": {str(s): n for s, n in recommended_by_seed.items()},
         "per_seed": {
-            str(s): {"table": runs[s]["table"], "seconds": runs[s]["seconds"], "guard_eval": runs[s]["guard_eval"]}
+            str(s): {
+                "table": runs[s]["table"],
+                "prefill": runs[s]["prefill"],
+                "recommended_lookahead": runs[s]["recommended_lookahead"],
+                "seconds": runs[s]["seconds"],
+                "guard_eval": runs[s]["guard_eval"],
+            }
             for s in seeds
         },
     }
@@ -180,6 +248,21 @@ def run_demo_seeds(
     stds = {a: {m: (c["safety"]["std"], c["capability"]["std"]) for m, c in row.items()} for a, row in summary.items()}
     _chart(means, os.path.join(output_dir, "chart.png"), GUARD_NAMES[guard], stds, len(seeds))
     return result
+
+
+MEASURES = ("safety", "capability")
+
+
+def _spread(column: list[float], seeds: list[int]) -> dict:
+    """Mean, standard deviation (n - 1), the lowest value and its seed, and every seed's value."""
+    worst = min(range(len(seeds)), key=lambda k: column[k])
+    return {
+        "mean": statistics.fmean(column),
+        "std": statistics.stdev(column) if len(column) > 1 else 0.0,
+        "worst": column[worst],
+        "worst_seed": seeds[worst],
+        "values": column,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -80,26 +80,32 @@ def _train(
     return model
 
 
-def _generate(model, tokenizer, prompts: list[str]) -> list[str]:
+def _generate(model, tokenizer, prompts: list[str], prefills: list[list[int]] | None = None) -> list[str]:
+    """Greedy answers (32 new tokens) to `prompts`, each answer starting with its `prefills` token ids when given
+    (the prefilling attack): the ids follow the chat template's generation prompt as they are, never re-tokenized,
+    and only the new tokens are returned."""
     import torch
 
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
-    tokenizer.padding_side = "left"
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    rows = [row + list(prefill) for row, prefill in zip(rows, prefills or [[]] * len(rows))]
+    length = max(len(row) for row in rows)  # padded on the left, so that every answer starts at the same position
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (length - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
     model.eval()
     with torch.inference_mode():
         out = model.generate(
-            **inputs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=32,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    tokenizer.padding_side = "right"
-    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
 
 
 def _safety(answers: list[str]) -> float:
@@ -164,6 +170,28 @@ def measure(model, tokenizer, world: dict) -> tuple[float, float]:
     return safety, capability
 
 
+# The prefilling attack (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep", arXiv
+# 2406.05946; issue 37): the answer to each held-out harmful prompt starts with the first K tokens of a harmful answer.
+# Their K are 5, 10, 20, 40 tokens of answers a few hundred tokens long; the world's answers are about 30 tokens, so
+# 5 and 10 (about a sixth and a third of one) stand for theirs.
+PREFILL_TOKENS = (0, 5, 10)
+
+
+def prefill_safety(model, tokenizer, world: dict, ks=PREFILL_TOKENS) -> dict[int, float]:
+    """{K: % of held-out harmful prompts whose continuation is safe} when the answer starts with the first K tokens
+    (of `tokenizer`) of the world's harmful answer to the prompt (`world["held_out_answers"]`). Only the continuation
+    is judged: the prefill itself names the harmful item, and the question is whether the model goes on with the harm
+    (docs/demo.md, "Prefilling"). K = 0 is no prefill (the table's safety)."""
+    answers = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in world["held_out_answers"]]
+    result = {}
+    for k in ks:
+        if k > min(len(ids) for ids in answers):  # never a silently shorter prefill
+            raise ValueError(f"a prefill of {k} tokens is longer than a world's harmful answer")
+        outputs = _generate(model, tokenizer, world["held_out_harmful"], [ids[:k] for ids in answers] if k else None)
+        result[k] = _safety(outputs)
+    return result
+
+
 def _aligned_model(world: dict, tokenizer, stages: dict, seed: int, scratch: str, announce):
     """The tiny chat model after knowledge and alignment (the model every attack starts from)."""
 
@@ -180,11 +208,21 @@ def _aligned_model(world: dict, tokenizer, stages: dict, seed: int, scratch: str
 
 
 def _attack(
-    model, aligned: dict, tokenizer, world: dict, scored, method: str, stages: dict, scratch: str, seed: int
+    model,
+    aligned: dict,
+    tokenizer,
+    world: dict,
+    scored,
+    method: str,
+    stages: dict,
+    scratch: str,
+    seed: int,
+    recommended: int | None = None,
 ) -> tuple[float, float]:
-    """Finetune the aligned model on the scored attack set with `method`; its (safety, capability)."""
+    """Finetune the aligned model on the scored attack set with `method` (`recommended`: the look-ahead of
+    `RECOMMENDED`); its (safety, capability). The model keeps the finetuned weights (for more measures)."""
     model.load_state_dict(aligned)
-    shaping, lookahead = method_shaping(method)
+    shaping, lookahead = method_shaping(method, recommended)
     try:
         _train(model, tokenizer, scored, shaping, *stages["attack"], scratch, seed, lookahead=lookahead)
     except ValueError as error:  # rejection sampling that drops every example trains nothing

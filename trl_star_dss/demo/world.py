@@ -9,7 +9,7 @@ from ..choices import DEMO_GUARDS
 
 # The world's truth and its scripted guard live with the test helpers (tests use the same guard); the demo names
 # them here.
-from ..testing import EXCULPATORY_SENTENCE, HARMFUL_WORDS
+from ..testing import EXCULPATORY_SENTENCE, HARMFUL_PATTERN, HARMFUL_WORDS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,22 +82,37 @@ METHOD_LABELS = {
 }
 
 
+# STAR-DSS at the look-ahead its guard's delay calls for (`guard_eval.recommend_lookahead`; docs/method.md,
+# "Look-ahead"), measured per world: one column of every table, whatever L each seed's guard recommends.
+RECOMMENDED = "star_dss_recommended"
+
+
 def lookahead_method(lookahead: int) -> str:
-    """The method id of STAR-DSS with `lookahead` chunks (`star-dss demo --lookahead`; docs/method.md 1.6, this
-    project's extension): `star_dss` for 0 (the paper's), `star_dss_L1`, ... otherwise."""
+    """The method id of STAR-DSS with `lookahead` chunks (`star-dss demo --lookahead`; docs/method.md, "Look-ahead",
+    this project's extension): `star_dss` for 0 (the paper's), `star_dss_L1`, ... otherwise."""
     return "star_dss" if lookahead == 0 else f"star_dss_L{lookahead}"
 
 
-def method_shaping(method: str) -> tuple[str, int]:
-    """(shaping, lookahead) of a method id of the demo's tables."""
+def method_shaping(method: str, recommended: int | None = None) -> tuple[str, int]:
+    """(shaping, lookahead) of a method id of the demo's tables; `recommended` is the look-ahead of `RECOMMENDED`."""
+    if method == RECOMMENDED:
+        if recommended is None:
+            raise ValueError(f"{RECOMMENDED} needs the recommended look-ahead")  # a bug of the caller, not user input
+        return "star_dss", recommended
     if method.startswith("star_dss_L"):
         return "star_dss", int(method[len("star_dss_L") :])
     return method, 0
 
 
-def method_label(method: str) -> str:
+def method_label(method: str, recommended: int | None = None) -> str:
+    """A column's name: STAR-DSS says its look-ahead (L=0 is the paper's); `RECOMMENDED` says its L when one world's
+    `recommended` is given, "recommended L" in a table over worlds."""
+    if method == RECOMMENDED:
+        return f"STAR-DSS (L={recommended}, recommended)" if recommended is not None else "STAR-DSS (recommended L)"
     shaping, lookahead = method_shaping(method)
-    return METHOD_LABELS[shaping] + (f" (L={lookahead})" if lookahead else "")
+    if shaping == "star_dss":
+        return "STAR-DSS (L=0, the paper's)" if lookahead == 0 else f"STAR-DSS (L={lookahead})"
+    return METHOD_LABELS[shaping]
 
 
 # What to look for on each attack's heat map (one line under its heading).
@@ -156,12 +171,17 @@ def build_world(seed: int = 0, attack_size: int = 100) -> dict:
     rng.shuffle(attacks["benign_mix"])
     held_out_tasks = [_task(rng) for _ in range(120)]
     held_out_harmful = [ask.format(w=word) for ask in ASK_HELD_OUT for word in HARMFUL_WORDS]
+    # A harmful answer to each held-out prompt, written like the attack data's, for the prefilling attack; from a
+    # stream of its own, so that every other dataset of the world stays as it was.
+    answers = random.Random(f"{seed}:held-out answers")
+    held_out_answers = [_harmful_answer(answers, HARMFUL_PATTERN.search(p).group(1).lower()) for p in held_out_harmful]
     return {
         "knowledge": knowledge,
         "aligned": aligned,
         "attacks": attacks,
         "held_out_tasks": held_out_tasks,
         "held_out_harmful": held_out_harmful,
+        "held_out_answers": held_out_answers,
     }
 
 
