@@ -114,7 +114,9 @@ def recommend_lookahead(delays: list[int | None], coverage: float = LOOKAHEAD_CO
     never flagged from its first harmful prefix on; no look-ahead helps those, so they are counted apart, not in the
     share). `lookahead` is None when no response is flagged. `covered[L]` is the share covered at look-ahead L."""
     if not 0 < coverage <= 1:
-        raise STARDSSError(f"coverage={coverage!r} is a share of responses; give one in (0, 1], e.g. 0.95.")
+        raise STARDSSError(
+            f"coverage={coverage!r} is a share of responses; give one in (0, 1], e.g. 0.95.", arguments=("coverage",)
+        )
     flagged = sorted(d for d in delays if d is not None)
     result = {
         "coverage": coverage,
@@ -145,7 +147,8 @@ def recommended_lookahead(figures: dict) -> int:
         why = NO_PREFIX_TRUTH if recommendation is None else "the guard flagged no unsafe response from its harm on"
         raise STARDSSError(
             f"These guard figures recommend no look-ahead: {why}. Evaluate the guard with a prefix truth on labelled "
-            "responses it flags, or set star_lookahead yourself."
+            "responses it flags, or set star_lookahead yourself.",
+            arguments=("figures",),
         )
     return recommendation["lookahead"]
 
