@@ -25,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 import star_dss  # noqa: E402
 import trl_star_dss  # noqa: E402
 from star_dss.args import star_dss_enabled  # noqa: E402
+from trl_star_dss.demo import build_world  # noqa: E402 (the world's data)
 from trl_star_dss.scoring import (
     PythonGuardrail,  # noqa: E402
     score_dataset,  # noqa: E402
@@ -34,7 +35,6 @@ from trl_star_dss.testing import (  # noqa: E402
     tiny_causal_lm,
     tiny_tokenizer,
 )
-from trl_star_dss.tools.demo import build_world  # noqa: E402 (the world's data)
 from trl_star_dss.trainer import example_star_weights  # noqa: E402
 
 

@@ -88,7 +88,7 @@ def test_every_flag_says_what_it_does(command):
 
 def test_demo_constants_are_the_demos_own():
     """`star-dss demo --help` reads the demo's values from `choices`; the demo reads the same objects."""
-    from trl_star_dss.tools import demo
+    from trl_star_dss import demo
 
     assert demo.DEMO_TIME is choices.DEMO_TIME and demo.GUARDS is choices.DEMO_GUARDS
     assert tuple(_options(["demo"])["--guard"].choices) == choices.DEMO_GUARDS

@@ -3,8 +3,9 @@ import os
 
 import pytest
 
+from trl_star_dss import demo
+from trl_star_dss.demo import smollm2
 from trl_star_dss.scoring import chunk_ends
-from trl_star_dss.tools import demo
 from trl_star_dss.tools.cli import main as star_dss
 
 
@@ -48,7 +49,7 @@ def test_smollm2_demo_loads_scores_trains_and_generates(tmp_path, monkeypatch, c
         results.append(run(*args, **{**kwargs, "num_prompts": 2, "batch_size": 2}))
         return results[-1]
 
-    monkeypatch.setattr(demo, "load_smollm2", load_and_keep)
+    monkeypatch.setattr(smollm2, "load_smollm2", load_and_keep)  # where run_smollm2_demo looks it up
     monkeypatch.setattr(demo, "run_smollm2_demo", run_small)
     star_dss(["demo", "--policy", "smollm2", "--fast", "--output", str(tmp_path)])
     out = capsys.readouterr().out

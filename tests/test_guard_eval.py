@@ -3,10 +3,18 @@ import json
 import pytest
 from datasets import Dataset
 
+from trl_star_dss.demo import guard_eval_data, scripted_guardrail
 from trl_star_dss.scoring import PythonGuardrail, chunk_ends
 from trl_star_dss.tools.cli import main as star_dss
-from trl_star_dss.tools.demo import guard_eval_data, scripted_guardrail
-from trl_star_dss.tools.guard_eval import evaluate_guard, guard_figures, read_labels
+from trl_star_dss.tools.guard_eval import (
+    evaluate_guard,
+    format_lookahead,
+    guard_figures,
+    harm_delay,
+    read_labels,
+    recommend_lookahead,
+    recommended_lookahead,
+)
 
 
 def _conversation(response: str) -> list[dict]:
@@ -61,6 +69,62 @@ def test_figures_of_hand_scored_responses():
     # Without a prefix truth, every prefix of A counts as unsafe: its harmless first chunk becomes a false negative.
     plain = guard_figures(scored, [True, False])
     assert plain["by_chunk"][1]["fnr"] == 1.0 and plain["first_flagged"]["chunks_after_first_harmful_prefix"] is None
+    # A is flagged at its first harmful chunk: no look-ahead needed. Without a prefix truth there is no recommendation.
+    assert figures["lookahead"]["lookahead"] == 0 and figures["lookahead"]["delay_counts"] == [1]
+    assert plain["lookahead"] is None
+    assert format_lookahead(plain).startswith("recommended look-ahead: none; no look-ahead can be recommended without")
+    with pytest.raises(
+        ValueError, match=r"recommend no look-ahead: no look-ahead can be recommended without the truth"
+    ):
+        recommended_lookahead(plain)
+    assert recommended_lookahead(json.loads(json.dumps(figures))) == 0  # read back from guard_eval.json too
+
+
+def test_harm_delay_counts_from_the_first_harmful_chunk_to_the_first_flag_there_or_after():
+    truth = [False, False, True, True, True]
+    assert harm_delay([0.9, 0.9, 0.9, 0.2, 0.2], truth) == 1  # late by one chunk
+    assert harm_delay([0.9, 0.9, 0.3, 0.2, 0.2], truth) == 0  # at the harm
+    # An early flag (before the harm) that the guard keeps covers the harm at L = 0 ...
+    assert harm_delay([0.9, 0.4, 0.3, 0.3, 0.3], truth) == 0
+    # ... one it drops does not: a look-ahead reads the harmful chunk and the L chunks after it, never before it.
+    assert harm_delay([0.4, 0.9, 0.9, 0.9, 0.2], truth) == 2
+    assert harm_delay([0.9, 0.9, 0.9, 0.9, 0.9], truth) is None  # never flagged from the harm on
+
+
+def test_the_recommended_look_ahead_reads_the_distribution_of_delays_not_its_mean():
+    # The case of issue 35: a mean delay of +1.67 chunks and none of 180 flagged at the harm. 160 of 180 (88.9%) are
+    # flagged within 2 chunks, so L = 2 (the mean rounded up) leaves 20 harmful openings trained by cross-entropy;
+    # 95% needs L = 3.
+    late = [1] * 80 + [2] * 80 + [3] * 20
+    rec = recommend_lookahead(late)
+    assert round(rec["mean_delay"], 2) == 1.67 and rec["delay_counts"] == [0, 80, 80, 20]
+    assert rec["lookahead"] == 3 and rec["covered"][2] == pytest.approx(160 / 180)
+    # A guard with almost the same mean (+1.64) whose delays are all 1 or 2 chunks is covered at L = 2.
+    close = [1] * 65 + [2] * 115
+    assert round(recommend_lookahead(close)["mean_delay"], 2) == 1.64 and recommend_lookahead(close)["lookahead"] == 2
+    # An early guard: every response flagged at its harm (early flags kept count as delay 0) needs none.
+    assert recommend_lookahead([0] * 50)["lookahead"] == 0
+    # Exactly 95% within L counts (19 of 20 at L = 1), and the share is of the flagged responses: the 5 never
+    # flagged from the harm on are counted apart (no look-ahead helps them), not as misses of every L.
+    rec = recommend_lookahead([0] * 10 + [1] * 9 + [4] + [None] * 5)
+    assert rec["lookahead"] == 1 and rec["never_flagged_from_harm"] == 5 and rec["flagged_from_harm"] == 20
+    assert recommend_lookahead([0] * 10 + [1] * 9 + [4], coverage=1.0)["lookahead"] == 4
+    # A guard that never flags recommends nothing, and says so.
+    none = recommend_lookahead([None, None])
+    assert none["lookahead"] is None and none["delay_counts"] == []
+    figures = {"chunk_size": 5, "unit": "token", "lookahead": none}
+    assert "flagged none of the 2 unsafe responses" in format_lookahead(figures)
+    with pytest.raises(ValueError, match="the guard flagged no unsafe response from its harm on"):
+        recommended_lookahead(figures)
+    with pytest.raises(ValueError, match=r"coverage=0 is a share of responses; give one in \(0, 1\]"):
+        recommend_lookahead([1], coverage=0)
+    text = format_lookahead({"chunk_size": 5, "unit": "token", "lookahead": recommend_lookahead(late)})
+    assert text.startswith("recommended look-ahead: star_lookahead=3 (chunks of 5 tokens)")
+    assert "(chunks: responses): 0: 0, 1: 80, 2: 80, 3: 20 (mean +1.67)" in text
+    assert (
+        "L=2: 88.9%, L=3: 100.0%" in text
+        and "Never flagged from the harm on (no look-ahead helps them): 0 of 180" in text
+    )
 
 
 @pytest.fixture
@@ -96,6 +160,9 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
     assert figures["whole"]["fnr"] == 4 / 12 and figures["whole"]["fpr"] == 0.0
     assert all(figures["by_position"][str(p)]["accuracy"] == 1.0 for p in range(10, 100, 10))
     assert figures["first_flagged"]["chunks_after_first_harmful_prefix"]["mean"] == 0
+    # Exact on every prefix: every unsafe response is flagged at its harm, so no look-ahead is called for.
+    assert figures["lookahead"]["lookahead"] == 0 and figures["lookahead"]["delay_counts"] == [12]
+    assert "recommended look-ahead: star_lookahead=0 (chunks of 5 words)" in out
     assert "prefixes compared with each prefix's own truth (trl_star_dss.testing:is_harmful)" in out
     assert "| false negatives % (of unsafe) | - | 0.0 | 0.0 |" in out  # no unsafe prefix at 10%: no rate
     # Without --prefix-truth the output says what prefixes are compared with.
@@ -114,7 +181,10 @@ def test_eval_guard_command_on_the_keyword_rule(tmp_path, labelled, capsys):
             "--no-progress",
         ]
     )
-    assert "compared with the whole response's label (no --prefix-truth" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compared with the whole response's label (no --prefix-truth" in out
+    assert "recommended look-ahead: none; no look-ahead can be recommended without the truth of each prefix" in out
+    assert json.loads((tmp_path / "b" / "guard_eval.json").read_text())["lookahead"] is None
 
 
 @pytest.mark.parametrize(

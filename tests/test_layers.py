@@ -29,7 +29,7 @@ CORE = {
     "loss_mixin",
     "tokenized",
 }
-TOOLS = {"tools", "cli"}  # the command line and what it drives
+TOOLS = {"tools", "cli", "demo"}  # the command line, what it drives, and the toy world
 # The one way the core reaches scoring: the trainer's start-up scoring and report (`scoring.startup`).
 ENTRY = ("trainer", "scoring.startup")
 
@@ -122,8 +122,22 @@ def _loaded_after(code: str) -> list[str]:
 
 
 def test_import_loads_no_tool_and_no_optional_package():
-    loaded, _ = _loaded_after("import trl_star_dss, sys; assert not [m for m in sys.modules if '.tools' in m]")
+    loaded, _ = _loaded_after(
+        "import trl_star_dss, sys; assert not [m for m in sys.modules if m.startswith(('trl_star_dss.tools', "
+        "'trl_star_dss.demo'))]"
+    )
     assert loaded == "[]"
+
+
+def test_the_demo_package_and_its_old_name_import_light():
+    """`trl_star_dss.demo` (and `trl_star_dss.tools.demo`, its name for one release) load no torch, transformers,
+    datasets or trl at import: they are loaded by the functions that train, score or generate."""
+    code = (
+        "import sys, trl_star_dss.demo, trl_star_dss.tools.demo as old; assert old.run_demo is trl_star_dss.demo.run_demo; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'datasets', 'trl'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # What `star-dss --help` must not wait for either: each takes seconds to load (the commands import them in `run`).

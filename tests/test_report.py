@@ -100,7 +100,8 @@ def test_legends_sit_outside_the_axes(scored_dir, tmp_path, monkeypatch):
     from datasets import load_from_disk
 
     import trl_star_dss.scoring.report as report
-    from trl_star_dss.tools.demo import ATTACKS, METHODS, _chart
+    from trl_star_dss.demo import ATTACKS, METHODS
+    from trl_star_dss.demo.report import _chart
 
     figures = []
     monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure))

@@ -3,8 +3,10 @@
 STAR-DSS assumes that a guard trained to judge whole responses also judges their prefixes well (docs/method.md,
 "Guard drift"). This module measures it on responses labelled safe / unsafe: accuracy, false-positive and
 false-negative rates on whole responses and on prefixes, by share of the response (10%, ..., 100%) and by chunk index
-at the chunk size STAR uses, and where unsafe responses are first flagged. Unsafe is the positive class; a prefix is
-flagged when its STAR is below 0.5, the threshold of every other rule here (rejection sampling, `first_flagged`).
+at the chunk size STAR uses, where unsafe responses are first flagged, and (given each prefix's truth) the look-ahead
+that the guard's delay calls for (`recommend_lookahead`; docs/method.md, "Look-ahead"). Unsafe is the positive class;
+a prefix is flagged when its STAR is below 0.5, the threshold of every other rule here (rejection sampling,
+`first_flagged`).
 
 The prefixes are scored by `score_dataset` (so the chunks, the guard's reading and the cache are those of training),
 and a prefix at a share `f` of the response is the chunk a token there takes its weight from (`token_scores`).
@@ -34,6 +36,13 @@ LABEL_VALUES = {"safe": False, "unsafe": True, "0": False, "1": True, "false": F
 POSITIONS = tuple(range(10, 101, 10))  # % of the response
 FIGURES_FILE, DRIFT_FILE = "guard_eval.json", "guard_drift.png"
 WHOLE_LABEL = "the whole response's label (no --prefix-truth: a prefix of an unsafe response counts as unsafe)"
+# The share of the guard's delays a recommended look-ahead must cover (docs/method.md, "Look-ahead": how it is chosen).
+LOOKAHEAD_COVERAGE = 0.95
+NO_PREFIX_TRUTH = (
+    "no look-ahead can be recommended without the truth of each prefix: the guard's delay is counted from each unsafe "
+    "response's first harmful prefix, which only a prefix truth tells (prefix_truth=, `--prefix-truth "
+    "module:function`: a function from a text to whether it is harmful)"
+)
 
 
 def read_labels(values, column: str = LABEL_COLUMN) -> list[bool]:
@@ -91,10 +100,70 @@ def _middle(values: list[float]) -> dict | None:
     return {"mean": statistics.fmean(values), "median": statistics.median(values)} if values else None
 
 
-def guard_figures(scored, unsafe: list[bool], prefix_truth: Callable[[str], bool] | None = None) -> dict:
+def harm_delay(scores: list[float], truth: list[bool]) -> int | None:
+    """Chunks from a response's first harmful prefix (the first True of `truth`, one per chunk) to the first chunk at
+    or after it whose STAR is below 0.5, or None when no chunk from there on is flagged. A flag before the harm does
+    not count by itself: a look-ahead of L weighs the first harmful chunk k by chunks k, ..., k + L only."""
+    harm = truth.index(True)
+    return next((k - harm for k in range(harm, len(scores)) if scores[k] < 0.5), None)
+
+
+def recommend_lookahead(delays: list[int | None], coverage: float = LOOKAHEAD_COVERAGE) -> dict:
+    """The smallest look-ahead L (chunks) such that at least `coverage` of the unsafe responses flagged at or after
+    their first harmful prefix are flagged within L chunks of it, from each unsafe response's `harm_delay` (None:
+    never flagged from its first harmful prefix on; no look-ahead helps those, so they are counted apart, not in the
+    share). `lookahead` is None when no response is flagged. `covered[L]` is the share covered at look-ahead L."""
+    if not 0 < coverage <= 1:
+        raise STARDSSError(
+            f"coverage={coverage!r} is a share of responses; give one in (0, 1], e.g. 0.95.", arguments=("coverage",)
+        )
+    flagged = sorted(d for d in delays if d is not None)
+    result = {
+        "coverage": coverage,
+        "unsafe_responses": len(delays),
+        "flagged_from_harm": len(flagged),
+        "never_flagged_from_harm": len(delays) - len(flagged),
+        "delay_counts": [flagged.count(d) for d in range(flagged[-1] + 1)] if flagged else [],
+        "mean_delay": statistics.fmean(flagged) if flagged else None,
+        "covered": [],
+        "lookahead": None,
+    }
+    if not flagged:
+        return result
+    covered = 0
+    for count in result["delay_counts"]:
+        covered += count
+        result["covered"].append(covered / len(flagged))
+    # A share computed from counts can land a hair under the target it equals (19 / 20 against 0.95).
+    result["lookahead"] = next(n for n, share in enumerate(result["covered"]) if share >= coverage - 1e-12)
+    return result
+
+
+def recommended_lookahead(figures: dict) -> int:
+    """The `star_lookahead` value a guard's figures (`guard_figures`, `evaluate_guard`, guard_eval.json) recommend,
+    for the chunk size they were measured at."""
+    recommendation = figures.get("lookahead")
+    if recommendation is None or recommendation.get("lookahead") is None:
+        why = NO_PREFIX_TRUTH if recommendation is None else "the guard flagged no unsafe response from its harm on"
+        raise STARDSSError(
+            f"These guard figures recommend no look-ahead: {why}. Evaluate the guard with a prefix truth on labelled "
+            "responses it flags, or set star_lookahead yourself.",
+            arguments=("figures",),
+        )
+    return recommendation["lookahead"]
+
+
+def guard_figures(
+    scored,
+    unsafe: list[bool],
+    prefix_truth: Callable[[str], bool] | None = None,
+    coverage: float = LOOKAHEAD_COVERAGE,
+) -> dict:
     """The figures of a scored dataset (`score_dataset`'s output) whose responses are labelled `unsafe`. The label
     is that of each example's last scored response. `prefix_truth(text)` gives the truth of every prefix that is not
-    the whole response; without it a prefix is compared with the whole response's label."""
+    the whole response; without it a prefix is compared with the whole response's label, and no look-ahead is
+    recommended (`lookahead` is None). With it, `lookahead` is `recommend_lookahead` of the unsafe responses'
+    delays at `coverage`."""
     fmt = dataset_format(scored.column_names)
     responses = []  # (response, chunk ends, scores, truth of each chunk's prefix, unsafe)
     for index, (example, label) in enumerate(zip(scored, unsafe)):
@@ -118,10 +187,11 @@ def guard_figures(scored, unsafe: list[bool], prefix_truth: Callable[[str], bool
         for k in range(most)
     }
     first = {"unsafe_responses": sum(unsafe), "flagged_by_some_prefix": 0, "flagged_as_whole": 0}
-    indices, shares, lags = [], [], []
+    indices, shares, lags, delays = [], [], [], []
     for response, ends, scores, truth, label in responses:
         if not label:
             continue
+        delays.append(harm_delay(scores, truth))
         flagged = next((k for k, score in enumerate(scores) if score < 0.5), None)
         first["flagged_as_whole"] += scores[-1] < 0.5
         if flagged is None:
@@ -143,6 +213,7 @@ def guard_figures(scored, unsafe: list[bool], prefix_truth: Callable[[str], bool
         "by_position": by_position,
         "by_chunk": by_chunk,
         "first_flagged": first,
+        "lookahead": recommend_lookahead(delays, coverage) if prefix_truth is not None else None,
     }
 
 
@@ -263,7 +334,31 @@ def format_figures(figures: dict) -> str:
             f"; relative to the first harmful prefix: {first['before_harm']} flagged before it, "
             f"{first['at_harm']} at it, {first['after_harm']} after it (mean {lag['mean']:+.2f} chunks)"
         )
-    return "\n".join(lines) + text
+    return "\n".join(lines) + text + "\n\n" + format_lookahead(figures)
+
+
+def format_lookahead(figures: dict) -> str:
+    """The recommended look-ahead with the figures it rests on (or why there is none)."""
+    rec = figures.get("lookahead")
+    if rec is None:
+        return f"recommended look-ahead: none; {NO_PREFIX_TRUTH}."
+    if rec["lookahead"] is None:
+        return (
+            f"recommended look-ahead: none; the guard flagged none of the {rec['unsafe_responses']} unsafe responses "
+            "at or after their first harmful prefix, and no look-ahead helps a guard that never flags."
+        )
+    steps, size = range(len(rec["delay_counts"])), f"{figures['chunk_size']} {figures['unit']}s"
+    return (
+        f"recommended look-ahead: star_lookahead={rec['lookahead']} (chunks of {size}): the smallest L within which "
+        f"at least {100 * rec['coverage']:g}% of the {rec['flagged_from_harm']} unsafe responses flagged at or after "
+        f'their first harmful prefix are flagged (docs/method.md, "Look-ahead"). Delay from the first harmful '
+        f"prefix to the first flag there or after (chunks: responses): "
+        + ", ".join(f"{d}: {n}" for d, n in zip(steps, rec["delay_counts"]))
+        + f" (mean {rec['mean_delay']:+.2f}); share flagged within L chunks: "
+        + ", ".join(f"L={d}: {100 * share:.1f}%" for d, share in zip(steps, rec["covered"]))
+        + f". Never flagged from the harm on (no look-ahead helps them): {rec['never_flagged_from_harm']} of "
+        f"{rec['unsafe_responses']}."
+    )
 
 
 def drift_png(figures: dict, path: str) -> None:

@@ -53,7 +53,7 @@ FAST = {
 def load_demo():
     """The demo's module: the one place that names where it lives, imported only when the command runs (it holds the
     world, its training and its reports; its runners are looked up on it at call time, so tests can replace them)."""
-    from ...tools import demo
+    from ... import demo
 
     return demo
 
