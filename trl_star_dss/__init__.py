@@ -7,7 +7,7 @@ Public names are loaded on first use (PEP 562, as TRL's own package does), so `i
 import importlib
 
 
-__version__ = "0.2.0"  # the one place the version is stated (pyproject.toml reads it; CHANGELOG.md)
+__version__ = "0.3.0"  # the one place the version is stated (pyproject.toml reads it; CHANGELOG.md)
 
 # Each public name and the module that defines it: the training core at the top level, scoring in `scoring`.
 _MODULES = {
