@@ -1,4 +1,4 @@
-"""Fast shared-prefix guard scoring vs the naive per-prefix scorer, side by side in one process (docs/method.md 3).
+"""Fast shared-prefix guard scoring vs the naive per-prefix scorer, side by side in one process (docs/method.md, "The scoring engine").
 
     python benchmarks/bench_scoring.py                       # CPU, small random Llama-Guard-3-shaped guard
     python benchmarks/bench_scoring.py --chunk-size 1 --num-responses 4      # score after every token
@@ -107,7 +107,7 @@ def build_token_level(args, tokenizer) -> TokenLevelGuardrail:
 
 
 def components(guard: LlamaGuard, query: PrefixQuery) -> tuple[int, int, int]:
-    """docs/method.md 3's P (template + prompt), L (response) and S (closing suffix) in guard tokens for one query."""
+    """docs/method.md, "The scoring engine"'s P (template + prompt), L (response) and S (closing suffix) in guard tokens for one query."""
     full = guard.encode([query.context + [{"role": "assistant", "content": query.response}]])[0]
     empty = guard.encode([query.context + [{"role": "assistant", "content": ""}]])[0]
     p = next((i for i, (a, b) in enumerate(zip(full, empty)) if a != b), len(empty))
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     n = len(queries)
     P, L, S = (sum(c[j] for c in parts) / n for j in range(3))
     K = sum(len(q.ends) for q in queries) / n
-    # docs/method.md 3 bound: naive sum_k (P + k*M + S) (the k-th prefix holds about k*L/K response tokens) vs P + L + K*S.
+    # docs/method.md, "The scoring engine" bound: naive sum_k (P + k*M + S) (the k-th prefix holds about k*L/K response tokens) vs P + L + K*S.
     formula = (K * (P + S) + L * (K + 1) / 2) / (P + L + K * S)
 
     params = sum(p.numel() for p in guard.model.parameters()) / 1e6

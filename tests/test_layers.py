@@ -1,4 +1,4 @@
-"""The package's layers (docs/method.md 4): the training core knows no guard, scoring knows no tool, and `import
+"""The package's layers (docs/method.md, "How the package is cut"): the training core knows no guard, scoring knows no tool, and `import
 trl_star_dss` loads neither the tools nor the heavy optional packages. Walks every import statement of the package,
 module level and inside functions, so a lazy import cannot hide a dependency."""
 

@@ -102,7 +102,7 @@ class STARArguments:
         default=0,
         metadata={
             "help": "L: a token's STAR weight is the minimum of its chunk's score and the next L chunks' "
-            "(this project's extension for guards that flag harm late, docs/method.md 1.6; 0 = the paper)."
+            "(this project's extension for guards that flag harm late, docs/method.md, 'Look-ahead'; 0 = the paper)."
         },
     )
     star_unit: Annotated[str, Setting(data=True)] = field(

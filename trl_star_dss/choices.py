@@ -5,11 +5,14 @@ TRL (whose import pulls in PEFT and bitsandbytes)."""
 SHAPINGS = ("star_dss", "deep_token", "rejection_sampling", "sft")
 SCORED_SHAPINGS = ("star_dss", "rejection_sampling")  # read the STAR scores
 REFERENCE_SHAPINGS = ("star_dss", "deep_token")  # pull toward pi_ref (`star_loss`); the others train plain CE
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")  # docs/method.md 1.2
-UNITS = ("token", "word")  # what `star_chunk_size` counts (docs/method.md 1.1)
-# How Qwen3Guard's third class counts: its "strict" and "loose" modes (docs/method.md 1.1).
+KL_ESTIMATORS = ("k1", "k2", "k3", "full")  # docs/method.md, "The loss and the reference"
+UNITS = (
+    "token",
+    "word",
+)  # what `star_chunk_size` counts (docs/method.md, "STAR: a safety score for every prefix of a response")
+# How Qwen3Guard's third class counts: its "strict" and "loose" modes (docs/method.md, "STAR: a safety score for every prefix of a response").
 CONTROVERSIAL = ("unsafe", "safe")
-# What the trainers do with content that holds the policy's special-token strings (docs/method.md 2.1).
+# What the trainers do with content that holds the policy's special-token strings (docs/method.md, "Adversarial data: the threat model is the uploader").
 CONTENT_SPECIAL_TOKENS = ("refuse", "drop", "keep")
 # The guard families scoring reads by name (`guardrail_family`, `--family`; `scoring.families` defines each).
 FAMILIES = (

@@ -1,4 +1,4 @@
-"""`STARDSSConfig`: `SFTConfig` plus the fields of STAR-DSS. Defaults are the paper's (docs/method.md 1)."""
+"""`STARDSSConfig`: `SFTConfig` plus the fields of STAR-DSS. Defaults are the paper's (docs/method.md, "The method")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dataset formats STAR reads (docs/method.md 1.5): which columns hold the conversation (TRL's `messages`, or
+"""The dataset formats STAR reads (docs/method.md, "What is read as text: content parts and tool calls"): which columns hold the conversation (TRL's `messages`, or
 `prompt` + `completion`), which turns are responses, how each message reads as text (text parts joined, tool calls
 as JSON), and the check of a scored dataset's `star` records. Shared by scoring and training, so both read an
 example the same way."""
@@ -13,7 +13,7 @@ from .errors import STARDSSError
 from .weights import check_star_records, content_text
 
 
-STAR_COLUMN = "star"  # the scored dataset's column of STAR records (docs/method.md 1.1, "How scores are stored")
+STAR_COLUMN = "star"  # the scored dataset's column of STAR records (docs/method.md, "STAR: a safety score for every prefix of a response", "How scores are stored")
 Conversation = list[dict[str, str]]
 
 
@@ -40,7 +40,7 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def _check_messages(messages, where: str) -> None:
-    """Refuse what STAR cannot read as text (docs/method.md 1.5): a message without a role, content that is not a
+    """Refuse what STAR cannot read as text (docs/method.md, "What is read as text: content parts and tool calls"): a message without a role, content that is not a
     string or text parts (images), a tool call not in TRL's format."""
     if not isinstance(messages, list):
         raise STARDSSError(
@@ -93,7 +93,7 @@ def _check_messages(messages, where: str) -> None:
 
 
 def tool_call_text(call: dict) -> str:
-    """A tool call as the guard reads it (docs/method.md 1.5): `{"name": ..., "arguments": {...}}` in JSON, the
+    """A tool call as the guard reads it (docs/method.md, "What is read as text: content parts and tool calls"): `{"name": ..., "arguments": {...}}` in JSON, the
     shape Hermes/Qwen-style templates write and TRL's tool-call parsers read back. Arguments given as a JSON string
     (OpenAI's format) are read, so both spellings of one call read the same."""
     function = call.get("function") or {}

@@ -1,4 +1,4 @@
-"""A causal LM's output layer as its forward applies it, read from the model (docs/method.md 1.2): what the
+"""A causal LM's output layer as its forward applies it, read from the model (docs/method.md, "The loss and the reference"): what the
 full-vocabulary KL (`loss.full_kl`) and the guards' label rows read. Model introspection lives here, apart from the
 pure losses of `loss.py`."""
 
@@ -15,7 +15,7 @@ from .errors import STARDSSError
 
 @dataclass(frozen=True)
 class OutputHead:
-    """A causal LM's output layer as its forward applies it (docs/method.md 1.2):
+    """A causal LM's output layer as its forward applies it (docs/method.md, "The loss and the reference"):
     `logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`, the softcap only where set.
 
     `logit_scale` and `softcap` cover Cohere's `logit_scale`, Granite's `logits_scaling` (as its inverse), output

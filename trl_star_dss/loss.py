@@ -1,4 +1,4 @@
-"""The losses of STAR-DSS and its baselines, as pure functions over tensors (docs/method.md 1.2, 1.3).
+"""The losses of STAR-DSS and its baselines, as pure functions over tensors (docs/method.md, "The loss and the reference", 1.3).
 
 Shapes: `B` batch rows, `T` label positions, `H` hidden size, `V` vocabulary. Every per-token input is already
 aligned with its label: `logps[b, t]` is log pi_theta of the label token at position t, `ref_logps[b, t]` the same

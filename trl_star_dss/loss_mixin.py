@@ -45,7 +45,7 @@ class STARLossMixin:
         return model.get_base_model() if _is_peft_model(model) else model
 
     def _init_reference(self, ref_model=None) -> None:
-        """pi_ref (docs/method.md 1.2), in order: precomputed log-probs (of `ref_model` when given, else of the model
+        """pi_ref (docs/method.md, "The loss and the reference"), in order: precomputed log-probs (of `ref_model` when given, else of the model
         with its adapters disabled; nothing held while training), `ref_model`, the model with its PEFT adapters
         disabled, or a frozen copy of the model taken now, before any update."""
         settings = self.star_settings
@@ -97,10 +97,10 @@ class STARLossMixin:
 
     def _ref_logps_column(self, dataset, batch_size: int):
         """`ref_logps` of every token of a tokenized dataset from one pass of the reference before any update: the
-        explicit `ref_model`, else the model with its PEFT adapters disabled (docs/method.md 1.2); cached in
+        explicit `ref_model`, else the model with its PEFT adapters disabled (docs/method.md, "The loss and the reference"); cached in
         `<output_dir>/ref_logps/` (`reference.ref_logps_column`)."""
         reference = self._precompute_reference or self.accelerator.unwrap_model(self.model)
-        # The policy itself serves as pi_ref with its PEFT adapters disabled (docs/method.md 1.2).
+        # The policy itself serves as pi_ref with its PEFT adapters disabled (docs/method.md, "The loss and the reference").
         disable_adapters = self._precompute_reference is None and _is_peft_model(
             self.accelerator.unwrap_model(reference)
         )

@@ -1,4 +1,4 @@
-"""Precomputed reference log-probs (docs/method.md 1.2, "Precomputed"): one pass of pi_ref over the tokenized dataset
+"""Precomputed reference log-probs (docs/method.md, "The loss and the reference", "Precomputed"): one pass of pi_ref over the tokenized dataset
 before training stores `log pi_ref(y_t)` of every dataset token, so training with a token-level KL estimator holds no
 reference model. The pass is split across processes and cached by what it depends on."""
 

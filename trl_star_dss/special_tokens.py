@@ -1,4 +1,4 @@
-"""Special-token strings inside message content (docs/method.md 2.1): a chat template turns such a string into a
+"""Special-token strings inside message content (docs/method.md, "Adversarial data: the threat model is the uploader"): a chat template turns such a string into a
 real special token (a turn boundary, a forged role). Guards keep content as text (`scoring.template`); the trainers
 refuse, drop or keep such examples (`content_special_tokens`)."""
 
@@ -41,7 +41,7 @@ def first_special_token(conversation: Sequence[dict], pattern: re.Pattern | None
 def content_special_token_rule(
     conversations: Sequence[Sequence[dict]], tokenizer, mode: str, setting: str, where: str = "training data"
 ) -> list[int]:
-    """The policy-side rule (docs/method.md 2.1): the indices of the conversations to train.
+    """The policy-side rule (docs/method.md, "Adversarial data: the threat model is the uploader"): the indices of the conversations to train.
 
     A message content that holds a special-token string of the policy `tokenizer` becomes a real special token
     (a turn boundary, a forged role) when the chat template is rendered and tokenized. `mode` is the user's choice,

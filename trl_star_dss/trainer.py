@@ -1,4 +1,4 @@
-"""`STARDSSTrainer`: TRL's `SFTTrainer` with the STAR-weighted loss and the paper's baselines (docs/method.md 1.2, 1.3).
+"""`STARDSSTrainer`: TRL's `SFTTrainer` with the STAR-weighted loss and the paper's baselines (docs/method.md, "The loss and the reference", 1.3).
 
 Data flows one way: scored dataset (`star` column) -> TRL tokenization -> per-token `star_weights` (and, optionally,
 precomputed `ref_logps`) -> truncation / packing / collation, aligned with `labels` -> the loss in `loss.py`.
@@ -263,7 +263,9 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     def _write_star_report(dataset, directory: str) -> None:
         from accelerate import PartialState
 
-        from .scoring.startup import write_star_report  # the core's one way into scoring (docs/method.md 4)
+        from .scoring.startup import (
+            write_star_report,  # the core's one way into scoring (docs/method.md, "How the package is cut")
+        )
 
         if PartialState().is_main_process:
             write_star_report(dataset, directory)
@@ -272,7 +274,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
     def _score_at_start(dataset, tokenizer, args: STARDSSConfig):
         from accelerate import PartialState
 
-        # The core's one way into scoring (docs/method.md 4): loaded only when a dataset needs scores.
+        # The core's one way into scoring (docs/method.md, "How the package is cut"): loaded only when a dataset needs scores.
         from .scoring.startup import score_for_training
 
         scored, _ = score_for_training(
@@ -331,7 +333,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
         return prepared
 
     def _reject(self, dataset, args, dataset_name):
-        """Rejection sampling (docs/method.md 1.3): examples with a response scored below the threshold are dropped
+        """Rejection sampling (docs/method.md, "Baselines in the same trainer"): examples with a response scored below the threshold are dropped
         whole, before tokenization; the rest train with plain cross-entropy. Says once what it kept (a log line, and
         the counts in the first logged metrics of the dataset's mode)."""
         total = len(dataset)
@@ -359,7 +361,7 @@ class STARDSSTrainer(STARLossMixin, SFTTrainer):
 
     @staticmethod
     def _apply_content_rule(dataset, processing_class, args, dataset_name):
-        """`content_special_tokens` (docs/method.md 2.1): message content that holds the policy tokenizer's
+        """`content_special_tokens` (docs/method.md, "Adversarial data: the threat model is the uploader"): message content that holds the policy tokenizer's
         special-token strings is refused, dropped or kept. Plain `text` data has no content to tell from a template."""
         fmt = dataset_format(dataset.column_names, required=False)
         if fmt is None or args.content_special_tokens == "keep":

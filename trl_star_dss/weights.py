@@ -1,4 +1,4 @@
-"""Where STAR weights land on tokens (docs/method.md 1.1, 1.3): from the scored records of an example, its rendered
+"""Where STAR weights land on tokens (docs/method.md, "STAR: a safety score for every prefix of a response", 1.3): from the scored records of an example, its rendered
 text and the character offsets of its tokens to one weight per token. It knows nothing of TRL or Axolotl: the TRL
 trainer and the Axolotl plugin render and tokenize in their own ways and hand the results here.
 
@@ -25,7 +25,7 @@ def token_scores(token_ends: Sequence[int], chunk_ends: Sequence[int], scores: S
 
 def content_text(message: dict) -> str:
     """A message's content as a chat template writes it: a string as it is; text parts joined with nothing between
-    them, as Qwen2-VL's and Llama 4's templates write them (docs/method.md 1.5); no content
+    them, as Qwen2-VL's and Llama 4's templates write them (docs/method.md, "What is read as text: content parts and tool calls"); no content
     (an assistant turn that only calls tools) as the empty string."""
     content = message.get("content")
     if content is None:
@@ -84,7 +84,7 @@ def response_regions(
 
 
 def look_ahead(scores: Sequence[float], lookahead: int) -> list[float]:
-    """Chunk scores seen `lookahead` chunks ahead (docs/method.md 1.6, this project's extension, not the paper's):
+    """Chunk scores seen `lookahead` chunks ahead (docs/method.md, "Look-ahead", this project's extension, not the paper's):
     chunk k takes min(s_k, ..., s_{k+L}). Scores are computed offline, so a token may weigh by what its response goes
     on to say: a guard that flags harm one chunk late then still pulls the chunk that names it toward the reference.
     0 is the paper's STAR (each chunk its own score)."""
@@ -101,7 +101,7 @@ def region_weights(
     """Per-token weights from token character `offsets` and, for each scored turn, its `region` in the text and its
     record (`chunk_ends` in characters from the region's start, `scores`). Tokens outside every region (prompt,
     template) weigh 1; a token past a response's last chunk (its end-of-turn tokens) takes the last score. Every
-    token of a turn in `whole_turns` (one that calls tools, docs/method.md 1.5) takes the turn's lowest score.
+    token of a turn in `whole_turns` (one that calls tools, docs/method.md, "What is read as text: content parts and tool calls") takes the turn's lowest score.
     `lookahead` chunks: see `look_ahead`."""
     weights = [1.0] * len(offsets)
     for turn, (start, stop) in regions.items():
@@ -131,7 +131,7 @@ def token_weights(
     `messages` it was rendered from and their scored `records`; `lookahead` chunks (`look_ahead`, 0: the paper's)."""
     by_turn = {record["turn"]: record for record in records}
     # The policy's template writes a tool call in its own syntax, so the scored text's character offsets do not map
-    # into it: such a turn is weighted whole (docs/method.md 1.5).
+    # into it: such a turn is weighted whole (docs/method.md, "What is read as text: content parts and tool calls").
     calls = [turn for turn in by_turn if messages[turn].get("tool_calls")]
     regions = response_regions(text, messages, list(by_turn), rewritten_prompt)
     return region_weights(offsets, regions, by_turn, calls, lookahead)
@@ -167,7 +167,7 @@ def response_mask(
 
 
 def rejected(records: Sequence[dict], threshold: float) -> bool:
-    """Rejection sampling (docs/method.md 1.3): an example is dropped whole when any of its scored responses has a
+    """Rejection sampling (docs/method.md, "Baselines in the same trainer"): an example is dropped whole when any of its scored responses has a
     whole-response score (its last chunk's) below `threshold`."""
     return any(record["scores"][-1] < threshold for record in records)
 

@@ -105,7 +105,7 @@ def conversation_reader(strategy):
 
         def read(row):
             turns = strategy.get_conversation_thread(row)
-            # Tool calls are what a calling turn says (docs/method.md 1.5): kept for scoring and weighting.
+            # Tool calls are what a calling turn says (docs/method.md, "What is read as text: content parts and tool calls"): kept for scoring and weighting.
             return [
                 {
                     "role": t["role"],

@@ -1,4 +1,4 @@
-"""Offline STAR scoring (docs/method.md 1.1, 3): guardrails, the guard families, the audit of scored data, and
+"""Offline STAR scoring (docs/method.md, "STAR: a safety score for every prefix of a response", 3): guardrails, the guard families, the audit of scored data, and
 `score_dataset`. The training core never imports this package except through `scoring.startup`.
 
 torch, transformers, datasets, accelerate and matplotlib are imported inside the functions that use them, in every

@@ -1,4 +1,4 @@
-"""The audit of scored data: what in a message's content could steer a guard or the policy (docs/method.md 2.1).
+"""The audit of scored data: what in a message's content could steer a guard or the policy (docs/method.md, "Adversarial data: the threat model is the uploader").
 
 The uploader of the data may be the attacker. Three kinds of finding, each with its character span in the content:
 

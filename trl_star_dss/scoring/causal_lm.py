@@ -3,7 +3,7 @@ families (Llama Guard, Granite Guardian, ...) and `load_guardrail` are in `famil
 
 Every guardrail answers one question: for a conversation whose last message is an assistant response, what is
 P(safe)? For causal-LM guards this is read from the raw next-token logits at the verdict position
-(docs/method.md 1.1, paper section 3):
+(docs/method.md, "STAR: a safety score for every prefix of a response", paper section 3):
 
     STAR = sigmoid((z_safe - z_unsafe) / T)
 
@@ -45,7 +45,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
             suffixes of a batch of responses (trunks are held once, never copied per row), so it bounds memory too.
         other_labels: more answer classes, label -> whether it counts as safe (Qwen3Guard-Gen's `Controversial`).
             With more than two classes STAR = P(safe classes) = softmax(z / T) summed over the safe labels
-            (docs/method.md 1.1); with two it is sigmoid((z_safe - z_unsafe) / T), the same number.
+            (docs/method.md, "STAR: a safety score for every prefix of a response"); with two it is sigmoid((z_safe - z_unsafe) / T), the same number.
     """
 
     def __init__(
@@ -133,7 +133,9 @@ class CausalLMGuardrail(TemplatedGuardrail):
                 keep = torch.unique(ends)
                 logits = self.model(**inputs, logits_to_keep=keep).logits[rows, torch.searchsorted(keep, ends)]
                 logits = logits[:, self.label_ids].float()
-        if len(self.label_ids) == 2:  # the paper's formula (docs/method.md 1.1)
+        if (
+            len(self.label_ids) == 2
+        ):  # the paper's formula (docs/method.md, "STAR: a safety score for every prefix of a response")
             return torch.sigmoid((logits[:, 0] - logits[:, 1]) / self.temperature).tolist()
         probabilities = torch.softmax(logits / self.temperature, -1)
         return probabilities[:, torch.tensor(self.safe_labels, device=logits.device)].sum(-1).tolist()
@@ -155,7 +157,7 @@ class CausalLMGuardrail(TemplatedGuardrail):
     def _shared_prefix_scores(self, encoded: list[list[list[int]]]) -> list[tuple[list[float], int]]:
         """Score every prefix of several responses, sharing the work: per response, the common part (its trunk)
         once, then only each prefix's own closing suffix; several responses per forward, up to
-        `max_tokens_per_forward` (docs/method.md 3). `encoded[q]` holds response q's guard tokens, one list per
+        `max_tokens_per_forward` (docs/method.md, "The scoring engine"). `encoded[q]` holds response q's guard tokens, one list per
         prefix, the last being the whole response. Returns, per response, its scores and the guard tokens run."""
         plans = [_split_prefixes(ids) for ids in encoded]
         results: list = [None] * len(plans)
@@ -264,7 +266,7 @@ def _split_prefixes(ids: list[list[int]]) -> tuple[list[int], list[int], list[li
     """Split one response's prefix encodings (the last is the whole response) into a shared trunk and, per prefix,
     `(start, suffix)` with `prefix == trunk[:start] + suffix`: `start` is where the prefix first differs from the whole
     response's tokens, usually the cut, earlier where the tokenizer merges across it. So sharing is exact by
-    construction (docs/method.md 3: where tokenization at a cut differs, the suffix simply starts earlier)."""
+    construction (docs/method.md, "The scoring engine": where tokenization at a cut differs, the suffix simply starts earlier)."""
     full = ids[-1]
     starts, suffixes = [], []
     for prefix in ids:

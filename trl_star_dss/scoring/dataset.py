@@ -8,7 +8,7 @@ column `star`:
 `turn` indexes `messages` (or `completion` for prompt/completion data), `c_k` is the character offset in the
 response text where chunk k ends and `s_k` is the guard's P(safe) of `response[:c_k]`. Every token whose text ends
 in (c_{k-1}, c_k] takes `s_k` (`token_scores`), so the scores survive re-tokenization, truncation and packing, and
-map back exactly to the policy tokenizer's chunks when it is the tokenizer used here (docs/method.md 1.1).
+map back exactly to the policy tokenizer's chunks when it is the tokenizer used here (docs/method.md, "STAR: a safety score for every prefix of a response").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The guard families: each known guard read as its published files define it (docs/method.md 1.1), and how a guard
+"""The guard families: each known guard read as its published files define it (docs/method.md, "STAR: a safety score for every prefix of a response"), and how a guard
 is recognised and loaded.
 
 A family is a `CausalLMGuardrail` (or `TokenLevelGuardrail`) with its template arguments, verdict prefix and label
@@ -297,7 +297,7 @@ FAMILY_CLASSES = {
 }
 # (qwen3guard_stream is loaded by `_load_stream_guard`: its heads are remote code, read by `TokenLevelGuardrail`.)
 
-# Names of guards, with the family each version is read by (docs/method.md 1.1). A version not listed reads its
+# Names of guards, with the family each version is read by (docs/method.md, "STAR: a safety score for every prefix of a response"). A version not listed reads its
 # verdict elsewhere or in a format not verified here (Llama Guard 1/2, Granite Guardian 4.x): never guessed.
 NAMED_FAMILIES = (
     (r"llama-?guard-?(\d+)", {"3": "llama_guard", "4": "llama_guard_4"}),
@@ -440,7 +440,7 @@ def _with_id(guard: Guardrail, cache_id) -> Guardrail:
 
 
 def _attention_for(model_class, spec: str, trust_remote_code: bool) -> str | None:
-    """The attention a guard is loaded with (docs/method.md 3, "Attention"): `sdpa` where the model's class supports
+    """The attention a guard is loaded with (docs/method.md, "The scoring engine", "Attention"): `sdpa` where the model's class supports
     it, else `eager` (Gemma-2, hence ShieldGemma: its soft-capped attention scores are not in PyTorch's SDPA, and
     transformers 5.23 refuses `sdpa` for `Gemma2ForCausalLM`). Both are exact, take the float masks of the naive
     path, and leave the fast path's own attention function (`shared_prefix.attention`, which soft-caps as the layer
@@ -473,7 +473,7 @@ def _load_stream_guard(spec, tokenizer, temperature, dtype, device_map, trust_re
     return TokenLevelGuardrail(model, tokenizer, temperature=temperature, name=spec, **kwargs)
 
 
-# Guard options that change its scores, so they join its cache id (docs/method.md 1.1).
+# Guard options that change its scores, so they join its cache id (docs/method.md, "STAR: a safety score for every prefix of a response").
 SCORE_OPTIONS = (
     "max_length",
     "controversial",

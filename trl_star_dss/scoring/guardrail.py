@@ -1,4 +1,4 @@
-"""The guardrail interface (docs/method.md 1.1): every guard answers one question, for a conversation whose last
+"""The guardrail interface (docs/method.md, "STAR: a safety score for every prefix of a response"): every guard answers one question, for a conversation whose last
 message is an assistant response, what is P(safe)? `score_prefixes` asks it for every prefix of a response at once
 (STAR). Python rules and ensembles of guards are guardrails too; the causal-LM guards are in `causal_lm.py`, the
 token-level ones in `token_level.py`, the named families in `families.py`."""

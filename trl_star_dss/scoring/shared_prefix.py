@@ -1,6 +1,6 @@
 """Exact shared-prefix attention for the fast scorer: closing suffixes read their trunk as stored once.
 
-The fast scorer (docs/method.md 3) runs each response's trunk (template, context and response) once, keeps its keys
+The fast scorer (docs/method.md, "The scoring engine") runs each response's trunk (template, context and response) once, keeps its keys
 and values, then runs every prefix's closing suffix as a row that may see the trunk before its cut and itself
 causally. Here a row's attention is split in two parts, each a plain softmax attention with its log-sum-exp:
 
@@ -8,7 +8,7 @@ causally. Here a row's attention is split in two parts, each a plain softmax att
                   each row masked to its cut;
     suffix part:  each row against its own keys, causally;
 
-and merged exactly (the cascade decomposition, docs/method.md 3):
+and merged exactly (the cascade decomposition, docs/method.md, "The scoring engine"):
 
     out = (exp(lse_t) * out_t + exp(lse_s) * out_s) / (exp(lse_t) + exp(lse_s))
 

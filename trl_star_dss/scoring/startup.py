@@ -1,6 +1,6 @@
 """Start-up scoring and its report: how the trainers (`STARDSSTrainer`, the Axolotl plugin) reach scoring, through this one entry
 point. A dataset without STAR scores is scored once with the configured guard and cached, so a second run, or a run
-after `star-dss score` with the same guard and settings, loads no guard (docs/method.md 1.1)."""
+after `star-dss score` with the same guard and settings, loads no guard (docs/method.md, "STAR: a safety score for every prefix of a response")."""
 
 from __future__ import annotations
 

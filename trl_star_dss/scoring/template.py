@@ -1,4 +1,4 @@
-"""Rendering a conversation through a guard's chat template (docs/method.md 1.1, 2.1): message content is always
+"""Rendering a conversation through a guard's chat template (docs/method.md, "STAR: a safety score for every prefix of a response", 2.1): message content is always
 text to the guard (a special-token string inside it never becomes a special token), in the shape the template reads
 (a string or a list of text parts), and a rendered input must hold what the guard is asked to judge. Causal-LM and
 token-level guards both render this way."""
@@ -24,7 +24,7 @@ _SLOT_SPLIT = re.compile("\ue000(\\d+)\ue001")
 
 class TemplatedGuardrail(Guardrail):
     """What every model guard shares: the conversation rendered with the guard's chat template, message content
-    always read as text (docs/method.md 2.1), and the oldest context cut to fit the guard. Subclasses read the
+    always read as text (docs/method.md, "Adversarial data: the threat model is the uploader"), and the oldest context cut to fit the guard. Subclasses read the
     verdict: `CausalLMGuardrail` from the next-token logits of its label tokens, `TokenLevelGuardrail` from a
     per-token classifier."""
 
@@ -83,7 +83,7 @@ class TemplatedGuardrail(Guardrail):
         return "the chat_template= given" if self.chat_template is not None else "its tokenizer's chat template"
 
     def _detect_content_shape(self) -> str:
-        """How the template reads a message's content (docs/method.md 1.1, issue 24): `"string"` or `"parts"` (a list
+        """How the template reads a message's content (docs/method.md, "STAR: a safety score for every prefix of a response", issue 24): `"string"` or `"parts"` (a list
         of `{"type": "text", "text": ...}`, as Llama Guard 3 1B's and Llama Guard 4's templates read it). A user and an
         assistant stand-in are rendered both ways, once per guard; the shape whose rendering holds more of them wins
         (a string on a tie: a template that prints a list whole also shows its text, but as a list's repr)."""
@@ -128,7 +128,7 @@ class TemplatedGuardrail(Guardrail):
         return self._apply_template(conversation, self.content_shape) + self.verdict_prefix
 
     def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
-        """The guard's token ids of each conversation. Message content is always text (docs/method.md 2.1): a
+        """The guard's token ids of each conversation. Message content is always text (docs/method.md, "Adversarial data: the threat model is the uploader"): a
         special-token string inside it (`<|eot_id|>`, ...) never becomes a special token, while the template's own
         special tokens stay special. Clean content tokenizes exactly as the rendered text always did."""
         texts = self._checked_renders(conversations)
@@ -254,7 +254,7 @@ class TemplatedGuardrail(Guardrail):
 
     def _checked_renders(self, conversations: Sequence[Conversation]) -> list[str]:
         """Each conversation rendered, refused unless the guard input holds what the guard is asked to judge
-        (docs/method.md 1.1, "What the guard reads"): the last message (the response, or the prefix of it, being
+        (docs/method.md, "STAR: a safety score for every prefix of a response", "What the guard reads"): the last message (the response, or the prefix of it, being
         scored) and every message whose content the template writes for this sequence of roles (its stand-in
         rendering shows which: ShieldGemma and WildGuard read only the last user turn and the response, by design).
         A content counts as present where the template writes it verbatim or stripped (Llama Guard 3 writes

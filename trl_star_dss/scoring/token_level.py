@@ -1,5 +1,5 @@
 """Token-level guards (Qwen3Guard-Stream): one forward per response gives a verdict at every token, so STAR at
-any chunk size costs one forward (docs/method.md 3)."""
+any chunk size costs one forward (docs/method.md, "The scoring engine")."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ QWEN3GUARD_CLASSES = ("Safe", "Unsafe", "Controversial")
 
 class TokenLevelGuardrail(TemplatedGuardrail):
     """A guard that classifies every token of a response as it streams (Qwen3Guard-Stream 0.6B/4B/8B), read in
-    one forward per response (docs/method.md 3).
+    one forward per response (docs/method.md, "The scoring engine").
 
     The conversation with the whole response is rendered with the guard's template (Qwen3's, thinking off) and run
     once; the model returns `risk_level_logits` `[batch, tokens, 3]` over Safe / Unsafe / Controversial at every

@@ -22,7 +22,7 @@ from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokeni
 from trl_star_dss.trainer import STARDSSTrainer
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OWN_LOSS = ("star_dss", "deep_token")  # the shapings that train this project's loss, not the host's cross-entropy
 HOST_LOSS = ("sft", "rejection_sampling")
 

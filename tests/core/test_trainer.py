@@ -12,7 +12,7 @@ from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokeni
 from trl_star_dss.trainer import STARDSSTrainer, example_star_weights
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

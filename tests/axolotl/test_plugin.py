@@ -1,16 +1,12 @@
-"""The Axolotl plugin: config checks, STAR weights through Axolotl's tokenization and collators, and `axolotl train`
-runs on a tiny local model (subprocesses, about 20-40 s each).
+"""The Axolotl plugin, in process: config checks, keys, STAR weights through Axolotl's tokenization and collators, the
+scores' look-up. The `axolotl train` runs are in `test_axolotl_train.py`.
 
 Axolotl 0.21 declares Python >= 3.12; here it is installed without dependencies (docs/training.md, "Installing
 Axolotl").
 """
 
-import ast
-import json
 import logging
 import os
-import re
-import subprocess
 import sys
 
 import pytest
@@ -20,12 +16,9 @@ pytest.importorskip("axolotl", reason="install Axolotl as the README says (`pip 
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from axolotl_run import _config  # noqa: E402
 
-import star_dss  # noqa: E402
-import trl_star_dss  # noqa: E402
 from star_dss.args import star_dss_enabled  # noqa: E402
-from trl_star_dss.demo import build_world  # noqa: E402 (the world's data)
 from trl_star_dss.scoring import (
     PythonGuardrail,  # noqa: E402
     score_dataset,  # noqa: E402
@@ -36,141 +29,6 @@ from trl_star_dss.testing import (  # noqa: E402
     tiny_tokenizer,
 )
 from trl_star_dss.trainer import example_star_weights  # noqa: E402
-
-
-GUARDS = '''
-def all_safe(conversation):
-    no_axolotl_function_swapped()
-    return 1.0
-
-
-def no_axolotl_function_swapped():
-    """Called while Axolotl prepares the data (the guard scores inside its dataset loading): no attribute of an
-    Axolotl module may be a function or class of this project (a swapped Axolotl function)."""
-    import sys
-
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] != "axolotl":
-            continue
-        for attribute, value in vars(module).items():
-            if getattr(value, "__module__", "").split(".")[0] in ("star_dss", "trl_star_dss"):
-                raise AssertionError(f"{name}.{attribute} is {value!r}, not Axolotl's own")
-
-
-def all_unsafe(conversation):
-    return 0.0
-
-
-def harm_unsafe(conversation):  # the harmful vocabulary, whatever the response claims about itself
-    from trl_star_dss.testing import is_harmful
-
-    return 0.05 if is_harmful(conversation[-1]["content"]) else 0.95
-'''
-CPU = {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
-QLORA = {
-    "adapter": "qlora",
-    "load_in_4bit": True,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "lora_target_linear": True,
-}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny Llama, 32 chat examples of the demo world (16 with the misleading suffix, 16 refusals) and two
-    guard rules, on disk."""
-    root = tmp_path_factory.mktemp("axolotl")
-    tokenizer = tiny_tokenizer()
-    tiny_causal_lm(tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rows = build_world(0)["attacks"]["misleading_suffix"][:16] + build_world(0)["aligned"][:16]
-    with open(root / "data.jsonl", "w") as handle:
-        for row in rows:
-            handle.write(json.dumps({"messages": row["messages"]}) + "\n")
-    (root / "guards").mkdir()
-    (root / "guards" / "toy_guards.py").write_text(GUARDS)
-    return root
-
-
-def _config(world, name: str, **extra) -> dict:
-    return {
-        "base_model": str(world / "model"),
-        "datasets": [{"path": str(world / "data.jsonl"), "type": "chat_template", "ds_type": "json"}],
-        "chat_template": "tokenizer_default",
-        "sequence_len": 160,
-        "sample_packing": False,
-        "micro_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "num_epochs": 1,
-        "max_steps": 4,
-        "learning_rate": 1e-3,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "constant",
-        "output_dir": str(world / "runs" / name),
-        "dataset_prepared_path": str(world / "prepared"),
-        "val_set_size": 0,
-        "seed": 0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-        **CPU,
-        **extra,
-    }
-
-
-_RUNS: dict = {}
-
-
-def axolotl(world, command: str, name: str, pythonpath: str | None = None, **extra) -> str:
-    """`axolotl <command>` on a config in a subprocess; returns its stdout + stderr."""
-    path = world / f"{name}.yml"
-    path.write_text(yaml.safe_dump(_config(world, name, **extra)))
-    # The subprocess imports the code this test imported (a checkout, not another installed copy), and finds
-    # `accelerate`, which `axolotl train` runs from PATH, in this interpreter's environment, activated or not.
-    code = [os.path.dirname(os.path.dirname(module.__file__)) for module in (star_dss, trl_star_dss)]
-    imports = os.pathsep.join(filter(None, [pythonpath, str(world / "guards"), *code, os.environ.get("PYTHONPATH")]))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "WANDB_MODE": "disabled",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": imports,
-        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.main", command, str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
-    return log
-
-
-def train(world, name: str, pythonpath: str | None = None, **extra):
-    """`axolotl train`; returns (its log, the saved weights, the logged train steps). Runs once per name."""
-    if name not in _RUNS:
-        log = axolotl(world, "train", name, pythonpath, **extra)
-        file = "adapter_model.safetensors" if extra.get("adapter") else "model.safetensors"
-        _RUNS[name] = (log, load_file(world / "runs" / name / file), logged(log))
-    return _RUNS[name]
-
-
-def logged(log: str, kind: str = "loss") -> list[dict]:
-    """The Trainer's printed log dicts of training steps (`kind="loss"`) or evaluations (`"eval_loss"`), read as
-    literals (never evaluated as code: the log is a subprocess's output)."""
-    return [ast.literal_eval(m) for m in re.findall(r"\{'" + kind + r"': .*?\}", log)]
-
-
-def _distance(a: dict, b: dict) -> float:
-    return sum((a[k].float() - b[k].float()).pow(2).sum().item() for k in a) ** 0.5
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
@@ -429,7 +287,7 @@ def test_policy_special_tokens_in_content_are_refused_or_dropped(tmp_path, llama
 
 @pytest.mark.parametrize("shaping", ["deep_token", "sft"])
 def test_shapings_that_read_no_scores_score_nothing(tmp_path, llama3_tok, shaping):
-    """Deep Token and SFT read no STAR scores (docs/method.md 1.3): without a guardrail nothing crashes, and with
+    """Deep Token and SFT read no STAR scores (docs/method.md, "Baselines in the same trainer"): without a guardrail nothing crashes, and with
     one (here one that cannot even load) nothing is scored; the content rule still applies."""
     from axolotl.prompt_strategies.chat_template import load
     from axolotl.utils.dict import DictDefault
@@ -492,7 +350,7 @@ def test_evaluation_metrics_carry_the_eval_prefix():
 
 @pytest.mark.slow
 def test_rejection_sampling_trains_the_same_examples_in_both_trainers(tmp_path, llama3_tok, caplog):
-    """One rule (docs/method.md 1.3): an example with any response scored below the threshold is dropped whole, by
+    """One rule (docs/method.md, "Baselines in the same trainer"): an example with any response scored below the threshold is dropped whole, by
     the TRL trainer (prompt tokens included, without `assistant_only_loss`) and by the Axolotl plugin alike."""
     from axolotl.prompt_strategies.chat_template import load
     from axolotl.utils.dict import DictDefault
@@ -669,123 +527,11 @@ def test_collator_puts_each_weight_on_its_token(layout):
     assert (weights[~real] == 1.0).all()
 
 
-# -- `axolotl train` ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_installed_but_off_changes_nothing(world):
-    """The plugin is always loaded (entry point); without `star_dss` the run equals one where it cannot load."""
-    hidden = world / "hidden"
-    (hidden / "star_dss").mkdir(parents=True)
-    (hidden / "star_dss" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
-    log_off, off, _ = train(world, "off")
-    log_hidden, without, _ = train(world, "hidden", pythonpath=str(hidden))
-    assert "Plugin loaded successfully: star_dss.StarDSSPlugin" in log_off
-    assert "Could not load plugin 'star_dss.StarDSSPlugin'" in log_hidden
-    assert all(torch.equal(off[k], without[k]) for k in off)
-    prepared = {line for line in log_off.splitlines() if "prepared" in line and "Saving" in line}
-    assert "star/weight_mean" not in log_off and prepared == {
-        line for line in log_hidden.splitlines() if "prepared" in line and "Saving" in line
-    }
-
-
-@pytest.mark.slow
-def test_rejection_sampling_says_what_it_kept_with_label_balancing(world):
-    """Rejection sampling reports once what it kept, in `axolotl preprocess` (which drops the examples) and again in
-    the `axolotl train` that reuses the prepared data, with the counts in the run's metrics. The run also has
-    `balance_labels`, which checks the collator's exact type: rejection sampling trains with Axolotl's own collator,
-    which passes that check."""
-    settings = dict(
-        star_dss=True,
-        star_dss_shaping="rejection_sampling",
-        balance_labels=True,
-        star_dss_guardrail="toy_guards:harm_unsafe",
-    )
-    said = "rejection sampling kept 16 of 32 examples (threshold 0.5)"  # the 16 harmful answers go
-    log = axolotl(world, "preprocess", "balanced", **settings)
-    assert re.search(r"STAR scoring: examples 32 \(scored now \d+", log) and log.count(said) == 1
-    log, _, steps = train(world, "balanced", **settings)
-    assert "STAR scoring" not in log and log.count(said) == 1
-    assert len(steps) == 4 and "star/weight_mean" not in steps[0]  # Axolotl's cross-entropy on what was kept
-    assert steps[0]["rejection_sampling/kept_examples"] == "16" and steps[0]["rejection_sampling/examples"] == "32"
-
-
-@pytest.mark.slow
-def test_deep_token_without_a_guardrail_trains_and_evaluates_under_eval_names(world):
-    """Deep Token reads no scores, so it needs no guardrail and scores nothing; its evaluation metrics carry the
-    `eval_` prefix (and its training metrics do not)."""
-    log, _, steps = train(
-        world, "deep_token", star_dss=True, star_dss_shaping="deep_token", val_set_size=0.25, eval_steps=2
-    )
-    evaluations = logged(log, "eval_loss")
-    assert "STAR scoring" not in log and len(steps) == 4 and len(evaluations) >= 2
-    assert all("kl" in s and "eval_kl" not in s for s in steps)
-    assert all("eval_kl" in e and "eval_mean_token_accuracy" in e and "kl" not in e for e in evaluations)
-
-
-@pytest.mark.slow
-def test_star_weights_reach_the_loss(world):
-    """All-safe scores: exactly the plugin-off run (cross-entropy everywhere). All-unsafe: only the KL to the
-    reference, which is zero with zero gradient at the start, so the model stays where it began."""
-    initial = load_file(world / "model" / "model.safetensors")
-    _, off, _ = train(world, "off")
-    # (`all_safe` also checks, while Axolotl loads the data, that no Axolotl function was swapped.)
-    _, safe, safe_steps = train(world, "all_safe", star_dss=True, star_dss_guardrail="toy_guards:all_safe")
-    _, unsafe, unsafe_steps = train(world, "all_unsafe", star_dss=True, star_dss_guardrail="toy_guards:all_unsafe")
-    assert all(torch.allclose(safe[k], off[k], atol=1e-5) for k in off)
-    assert [s["star/weight_mean"] for s in safe_steps] == ["1"] * 4
-    assert [s["star/kl_share"] for s in unsafe_steps] == ["1"] * 4
-    assert _distance(unsafe, initial) < 1e-3 * _distance(off, initial)
-
-
-@pytest.mark.slow
-def test_full_finetune_packed_scored_by_axolotl_preprocess(world):
-    settings = dict(sample_packing=True, star_dss=True, star_dss_guardrail="trl_star_dss.testing:scripted_guardrail")
-    log = axolotl(world, "preprocess", "full_packed", **settings)
-    assert re.search(r"STAR scoring: examples 32 \(scored now \d+", log)
-    log, _, steps = train(world, "full_packed", **settings)
-    assert "STAR scoring" not in log  # the prepared dataset, weights included, is reused
-    assert len(steps) == 4 and all(0 < float(s["star/weight_mean"]) < 1 for s in steps)
-    assert float(steps[0]["kl"]) == 0 and float(steps[-1]["kl"]) > 0  # the frozen copy is pi_ref
-
-
-@pytest.mark.slow
-def test_qlora_with_scores_from_star_dss_score_and_precomputed_reference(world):
-    from trl_star_dss.tools.cli import main as star_dss
-
-    star_dss(
-        [
-            "score",
-            "--dataset",
-            str(world / "data.jsonl"),
-            "--guardrail",
-            "trl_star_dss.testing:scripted_guardrail",
-            "--policy-tokenizer",
-            str(world / "model"),
-            "--output",
-            str(world / "scores"),
-            "--no-progress",
-        ]
-    )
-    # The 0.2 name of star_dss_precompute_ref_log_probs: still read, with a warning (one release).
-    log, adapter, steps = train(
-        world,
-        "qlora",
-        plugins=["star_dss.StarDSSPlugin"],
-        star_dss_precompute_ref=True,
-        star_dss_scores_path=str(world / "scores"),
-        **QLORA,
-    )
-    assert "star_dss_precompute_ref is deprecated" in log and "Precomputing reference log-probs" in log
-    assert len(steps) == 4 and all(0 < float(s["star/kl_share"]) < 1 for s in steps)
-    assert float(steps[-1]["kl"]) > 0 and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
-
-
 @pytest.mark.parametrize("name", ["llama-3.2-1b-instruct-qlora.yml", "llama-3.1-8b-qlora.yml"])
 def test_example_configs_are_axolotl_configs_plus_the_star_dss_block(name):
     from star_dss.args import StarDSSArgs
 
-    text = open(os.path.join(os.path.dirname(__file__), "..", "examples", "axolotl", name)).read()
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "axolotl", name)).read()
     stock, block = text.split("# --- STAR-DSS")
     assert "star_dss" not in stock and yaml.safe_load(stock)["adapter"] == "qlora"
     star = yaml.safe_load(block.split("\n", 1)[1])

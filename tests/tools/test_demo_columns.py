@@ -1,6 +1,6 @@
 """The demo's look-ahead columns (the paper's L = 0 and the guard's recommended L) and its prefilling table (issues 35
 and 37): which runs are trained, how columns are named and ordered, what the prefilling attack feeds the model and
-what it judges. The training itself is replaced by stand-ins here; tests/test_demo.py runs the real demo."""
+what it judges. The training itself is replaced by stand-ins here; tests/tools/test_demo.py runs the real demo."""
 
 import re
 

@@ -1,8 +1,8 @@
-"""Train `STARDSSTrainer` for two steps under one engine and write what the tests compare (tests/test_engines.py).
+"""Train `STARDSSTrainer` for two steps under one engine and write what the tests compare (tests/core/test_engines.py).
 
-    python tests/distributed_train.py OUT one BATCH CASE           (one process)
-    torchrun --nproc_per_node 2 tests/distributed_train.py OUT zero3 BATCH CASE
-    torchrun --nproc_per_node 2 tests/distributed_train.py OUT fsdp2 BATCH CASE
+    python tests/core/distributed_train.py OUT one BATCH CASE           (one process)
+    torchrun --nproc_per_node 2 tests/core/distributed_train.py OUT zero3 BATCH CASE
+    torchrun --nproc_per_node 2 tests/core/distributed_train.py OUT fsdp2 BATCH CASE
 
 OUT holds `model` and `ref_model` (tiny Llamas saved with their tokenizer) and `data` (a scored dataset). CASE is a
 way users take the reference under a sharding engine (docs/training.md, "DeepSpeed ZeRO-3 and FSDP"): `precompute`

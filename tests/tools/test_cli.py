@@ -9,7 +9,7 @@ from datasets import load_from_disk
 from trl_star_dss.cli import main
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = os.path.join(ROOT, "examples", "data", "toy_sample.jsonl")
 SCRIPTED = "trl_star_dss.testing:scripted_guardrail"
 

@@ -1,4 +1,4 @@
-"""Guard families read as their published files define them (docs/method.md 1.1), on tiny random-weight models of
+"""Guard families read as their published files define them (docs/method.md, "STAR: a safety score for every prefix of a response"), on tiny random-weight models of
 each family's architecture with the family's template and single-token labels, as in the real tokenizers."""
 
 from pathlib import Path

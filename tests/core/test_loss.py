@@ -112,7 +112,7 @@ def test_full_kl_matches_dense_computation_and_gradients():
 @pytest.mark.gpu
 def test_bf16_output_head_keeps_float32_logits_on_cuda():
     """On CUDA a bf16 output layer multiplies into float32 (`torch.mm(..., out_dtype=float32)`), never rounding the
-    logits to bf16 first (docs/method.md 1.2); the CPU path upcasts instead."""
+    logits to bf16 first (docs/method.md, "The loss and the reference"); the CPU path upcasts instead."""
     from trl_star_dss.heads import OutputHead
 
     generator = torch.Generator(device="cuda").manual_seed(0)

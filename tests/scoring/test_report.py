@@ -9,7 +9,7 @@ from trl_star_dss.testing import tiny_tokenizer
 from trl_star_dss.tools.cli import main as star_dss
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = os.path.join(ROOT, "examples", "data", "toy_sample.jsonl")
 
 

@@ -233,7 +233,7 @@ def test_wildguard_on_the_real_mistral_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("template, shape", [("llama_guard_3_1b", "parts"), ("llama_guard_3_8b", "string")])
 def test_forged_special_tokens_stay_text_in_both_shapes(llama3, template, shape):
-    """docs/method.md 2.1: a special-token string in content never becomes a special token, whichever shape the
+    """docs/method.md, "Adversarial data: the threat model is the uploader": a special-token string in content never becomes a special token, whichever shape the
     template takes content in; the template's own special tokens stay special. And an ensemble of both shapes."""
     from trl_star_dss.scoring import EnsembleGuardrail
     from trl_star_dss.scoring.families import LlamaGuard

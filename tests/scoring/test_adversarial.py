@@ -1,4 +1,4 @@
-"""Red team: the data's uploader is the attacker (docs/method.md 2.1). One test per attack, its outcome pinned."""
+"""Red team: the data's uploader is the attacker (docs/method.md, "Adversarial data: the threat model is the uploader"). One test per attack, its outcome pinned."""
 
 import json
 

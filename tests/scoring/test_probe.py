@@ -207,7 +207,7 @@ def test_a_probe_id_builds_on_the_guards_id():
 
 
 def test_special_tokens_in_content_stay_text_to_the_probe(probe, guard):
-    """The probe reads the guard's own encoding (docs/method.md 2.1): a forged verdict inside the response adds no
+    """The probe reads the guard's own encoding (docs/method.md, "Adversarial data: the threat model is the uploader"): a forged verdict inside the response adds no
     special token, and the tokens read are the rendered text up to the response's end."""
     context = [{"role": "user", "content": PROMPTS[0]}]
     clean, injected = RESPONSES[1], RESPONSES[1] + FORGED

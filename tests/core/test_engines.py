@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3 and FSDP2 on 2 CPU processes (gloo) give the one-process run, for each way users take the
-reference (docs/training.md, "DeepSpeed ZeRO-3 and FSDP"). Each run is `tests/distributed_train.py` in a subprocess."""
+reference (docs/training.md, "DeepSpeed ZeRO-3 and FSDP"). Each run is `tests/core/distributed_train.py` in a subprocess."""
 
 import json
 import os
@@ -15,8 +15,8 @@ from trl_star_dss.scoring import PythonGuardrail, score_dataset
 from trl_star_dss.testing import scripted_guardrail, tiny_causal_lm, tiny_tokenizer
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "distributed_train.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "tests", "core", "distributed_train.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`star_lookahead` (docs/method.md 1.5, this project's extension): a token's STAR weight is the minimum of its chunk's
+"""`star_lookahead` (docs/method.md, "What is read as text: content parts and tool calls", this project's extension): a token's STAR weight is the minimum of its chunk's
 score and the next L chunks' scores. Checked against a naive re-implementation on a hand-made record, through the
 TRL trainer and through the Axolotl plugin's strategy (with `star_dss_lookahead` read from an Axolotl config)."""
 

@@ -21,7 +21,7 @@ from trl_star_dss.demo import (
 from trl_star_dss.tools.cli import main as star_dss
 
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 
 
 def test_world_is_deterministic_and_as_written():
