@@ -502,9 +502,9 @@ def test_a_short_noise_ablation_trains_every_method_once_per_guard(tmp_path):
     for share in (0, 0.3):
         lookahead = result["recommended_lookahead"][share]
         assert lookahead == result["guard_eval"][share]["lookahead"]["lookahead"]
-        methods = {"sft", "deep_token", "rejection_sampling", "star_dss"} | {"star_dss_recommended"} * (
-            lookahead is not None
-        )
+        methods = {"sft", "deep_token", "rejection_sampling", "star_dss"}
+        if lookahead is not None:  # a guard that flags nothing from the harm on recommends none
+            methods.add("star_dss_recommended")
         assert set(rows[share]["harmful"]) == methods
         if lookahead == 0:
             assert rows[share]["harmful"]["star_dss_recommended"] == rows[share]["harmful"]["star_dss"]
