@@ -144,8 +144,8 @@ def _measure(model, tokenizer, world: dict, settings: dict, samples: int) -> tup
     """`measure`'s (safety, capability) at the run's answer length, and the first `samples` answers to harmful prompts
     (no second generation for the samples)."""
     length = settings["max_new_tokens"]
-    answers = _generate(model, tokenizer, world["held_out_harmful"], length)
-    outputs = _generate(model, tokenizer, [prompt for prompt, _ in world["held_out_tasks"]], length)
+    answers = _generate(model, tokenizer, world["held_out_harmful"], max_new_tokens=length)
+    outputs = _generate(model, tokenizer, [prompt for prompt, _ in world["held_out_tasks"]], max_new_tokens=length)
     capability = 100 * sum(o.strip() == a for o, (_, a) in zip(outputs, world["held_out_tasks"])) / len(outputs)
     return (_safety(answers), capability), answers[:samples]
 
