@@ -190,7 +190,7 @@ def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
     short = {"knowledge": (1, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)}
     result = run_ablation(str(tmp_path), chunk_sizes=[1, 15], guard="rule", stages=short, progress=False)
     text = format_ablation(result)
-    assert "| M (chunk size, tokens) | misleading suffix: STAR-DSS |" in text
+    assert "| M (chunk size, tokens) | misleading suffix: STAR-DSS (L=0, the paper's) |" in text
     assert re.search(r"^\| 1 \| \d+\.\d / \d+\.\d \|$", text, re.M) and re.search(r"^\| 15 \| ", text, re.M)
     assert (tmp_path / "ablation.md").read_text().startswith(text)
 
@@ -427,6 +427,8 @@ def test_ablation_noise_side_and_share_are_checked(tmp_path):
         run_ablation_seeds(str(tmp_path), seeds=[], progress=False)
     with pytest.raises(SystemExit, match=r"--seeds is for the table, not the --chunk-sizes ablation"):
         star_dss(["demo", "--seeds", "2", "--chunk-sizes", "1", "5"])
+    with pytest.raises(SystemExit, match=r"--guard-noise-side says which labels --guard-label-noise flips"):
+        star_dss(["demo", "--guard-noise-side", "unsafe"])
 
 
 def test_seed_summary_gives_mean_std_and_worst_seed_and_drops_a_cell_missing_on_a_seed():
