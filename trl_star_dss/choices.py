@@ -32,5 +32,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")  # what `from_pretrained(dty
 # The toy-world demo's own values, here so `star-dss demo --help` states them without loading the demo.
 DEMO_POLICIES = ("toy", "smollm2")
 DEMO_GUARDS = ("learned", "rule")
+# Which labels the guard-noise ablation flips: any (both), or unsafe ones only, taught as safe.
+DEMO_NOISE_SIDES = ("both", "unsafe")
 # `star-dss demo`'s time (README Quickstart), estimated from the CPU time of loaded runs (README, "The demo": Time).
 DEMO_TIME = "at most about 3 minutes on 2 idle CPU cores"

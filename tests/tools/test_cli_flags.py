@@ -191,7 +191,7 @@ def test_demo_runs_the_runner_its_flags_choose(monkeypatch, capsys, tmp_path):
     assert calls == [
         ("table", (out, 0), {"progress": False, "guard": "learned", "lookaheads": (0, 2), **FAST}),
         ("seeds", (out, range(4, 7)), {"progress": True, "guard": "rule", "lookaheads": (0,)}),
-        ("ablation", (out, 0, [1, 5], None, "learned"), {"progress": False}),
+        ("ablation", (out, 0, [1, 5], None, "learned"), {"progress": False, "noise_side": "both"}),
     ]
     printed = capsys.readouterr().out
     assert "a learned guard, not a real safety judge" in printed and "scripted guardrail" in printed

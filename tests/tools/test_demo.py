@@ -190,7 +190,7 @@ def test_a_short_chunk_size_ablation_prints_one_row_per_m(tmp_path):
     short = {"knowledge": (1, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4)}
     result = run_ablation(str(tmp_path), chunk_sizes=[1, 15], guard="rule", stages=short, progress=False)
     text = format_ablation(result)
-    assert "| M (chunk size, tokens) | misleading suffix: STAR-DSS |" in text
+    assert "| M (chunk size, tokens) | misleading suffix: STAR-DSS (L=0, the paper's) |" in text
     assert re.search(r"^\| 1 \| \d+\.\d / \d+\.\d \|$", text, re.M) and re.search(r"^\| 15 \| ", text, re.M)
     assert (tmp_path / "ablation.md").read_text().startswith(text)
 
@@ -398,3 +398,121 @@ def test_readme_claims_hold_on_a_seed_the_readme_does_not_use(tmp_path, capabili
     run = {"table": table, "prefill": prefill}
     failed = [claim for claim, holds in CLAIMS.items() if not holds(run)]
     assert not failed, f"{capability}, seed {CLAIM_SEED}: {failed}\n{format_table(table, out['recommended'])}"
+
+
+# -- The guard-noise ablation: one-sided noise (a guard that misses harm), every method, over seeds ---------------
+
+
+def test_one_sided_label_noise_teaches_only_unsafe_responses_as_safe():
+    rows = guard_training_data(seed=0, per_kind=50)
+    noisy = guard_training_data(seed=0, per_kind=50, label_noise=0.3, noise_side="unsafe")
+    flipped = [(a, b) for a, b in zip(rows, noisy) if a["label"] != b["label"]]
+    unsafe = sum(row["label"] == "unsafe" for row in rows)
+    assert unsafe == 100 and len(flipped) == 30  # 30% of the 100 unsafe labels, none of the 150 safe ones
+    assert all(a["label"] == "unsafe" and b["label"] == "safe" for a, b in flipped)
+    assert [a["messages"] for a in rows] == [b["messages"] for b in noisy]  # the same responses, relabelled
+    with pytest.raises(ValueError, match=r"noise_side='safe' is not a side of the label noise\. Use 'both'"):
+        guard_training_data(label_noise=0.1, noise_side="safe")
+
+
+def test_ablation_noise_side_and_share_are_checked(tmp_path):
+    from trl_star_dss.demo import run_ablation, run_ablation_seeds
+
+    with pytest.raises(ValueError, match=r"--guard-noise-side 'safe' is not a side of the label noise"):
+        run_ablation(str(tmp_path), label_noise=[0.1], noise_side="safe")
+    # Half of the unsafe labels taught as safe still leaves information; all of them does not.
+    with pytest.raises(ValueError, match=r"--guard-label-noise 1 must be a share of flipped labels in \[0, 1\)"):
+        run_ablation(str(tmp_path), label_noise=[0.5, 1], noise_side="unsafe")
+    with pytest.raises(ValueError, match=r"--seeds gives 0 seeds"):
+        run_ablation_seeds(str(tmp_path), seeds=[], progress=False)
+    with pytest.raises(SystemExit, match=r"--seeds is for the table, not the --chunk-sizes ablation"):
+        star_dss(["demo", "--seeds", "2", "--chunk-sizes", "1", "5"])
+    with pytest.raises(SystemExit, match=r"--guard-noise-side says which labels --guard-label-noise flips"):
+        star_dss(["demo", "--guard-noise-side", "unsafe"])
+
+
+def test_seed_summary_gives_mean_std_and_worst_seed_and_drops_a_cell_missing_on_a_seed():
+    from trl_star_dss.demo import seed_summary
+
+    tables = {
+        5: {"harmful": {"sft": (10.0, 90.0), "star_dss_recommended": (100.0, 80.0)}},
+        6: {"harmful": {"sft": (30.0, 70.0)}},
+    }
+    summary = seed_summary(tables)
+    assert list(summary["harmful"]) == ["sft"]
+    safety = summary["harmful"]["sft"]["safety"]
+    assert (safety["mean"], safety["worst"], safety["worst_seed"], safety["values"]) == (20.0, 10.0, 5, [10.0, 30.0])
+    assert safety["std"] == pytest.approx(14.142, abs=1e-3)
+    assert summary["harmful"]["sft"]["capability"]["worst_seed"] == 6
+    assert seed_summary({1: tables[5]})["harmful"]["sft"]["safety"]["std"] == 0.0
+
+
+def test_noise_ablation_over_seeds_reports_every_method_and_each_guards_lookahead(tmp_path, monkeypatch, capsys):
+    """`run_ablation_seeds` aggregates whole ablations per share of flipped labels. (The ablations are stand-ins
+    here; a short real one runs in the slow test below.)"""
+    import trl_star_dss.demo.experiments as experiments
+
+    def fake_ablation(output_dir, seed, label_noise, stages, progress, noise_side, attacks):
+        rows, guards, recommended = {}, {}, {}
+        for share in label_noise:
+            methods = ["sft", "deep_token", "rejection_sampling", "star_dss"] + ["star_dss_recommended"] * (
+                share < 0.3
+            )
+            rows[share] = {a: dict.fromkeys(methods, (100 - 100 * share - seed, 90.0)) for a in attacks}
+            guards[share] = {"whole": {"accuracy": 0.8 - share / 2, "fnr": 0.2 + share}}
+            recommended[share] = seed + 1 if share < 0.3 else None
+        return {"rows": rows, "guard_eval": guards, "recommended_lookahead": recommended}
+
+    monkeypatch.setattr(experiments, "run_ablation", fake_ablation)
+    result = experiments.run_ablation_seeds(
+        str(tmp_path), [0, 2], (0.0, 0.3), "unsafe", attacks=("harmful", "misleading_suffix"), progress=False
+    )
+    text = (tmp_path / "ablation.md").read_text()
+    assert "2 seeds (0, 2)" in text
+    assert "| 0% of unsafe | 80.0 / 20.0 | 1, 3 |" in text and "| 30% of unsafe | 65.0 / 50.0 | None, None |" in text
+    header = "| harmful: safety / capability | SFT | rejection sampling | Deep Token | STAR-DSS (L=0, the paper's) |"
+    assert header + " STAR-DSS (recommended L) |" in text
+    assert "| 0% of unsafe | 99.0 ± 1.4 (98.0) / 90.0 ± 0.0 (90.0) |" in text
+    assert result["summary"][0.3]["harmful"].keys() == {"sft", "deep_token", "rejection_sampling", "star_dss"}
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["noise_side"] == "unsafe" and saved["guard"]["0.0"]["recommended_lookahead"] == [1, 3]
+
+    calls = []
+    from trl_star_dss.cli.commands.demo import load_demo
+
+    module = load_demo()  # what the command runs
+    monkeypatch.setattr(module, "run_ablation_seeds", lambda *a, **k: calls.append((a, k)) or {"seeds": []})
+    monkeypatch.setattr(module, "format_ablation_seeds", lambda result: "")
+    star_dss(
+        ["demo", "--guard-label-noise", "0", "0.1", "--guard-noise-side", "unsafe", "--seeds", "2", "--seed", "3"]
+    )
+    (output, seeds, shares, side), _ = calls[0]
+    assert (output, list(seeds), shares, side) == ("runs/demo-ablation-seeds", [3, 4], [0.0, 0.1], "unsafe")
+
+
+@pytest.mark.slow
+def test_a_short_noise_ablation_trains_every_method_once_per_guard(tmp_path):
+    """Every method at each share of flipped labels; SFT and Deep Token (no guard) trained once, at the first share;
+    STAR-DSS at the recommended look-ahead beside L = 0."""
+    from trl_star_dss.demo import format_ablation, run_ablation
+
+    short = {"knowledge": (1, 3e-3), "aligned": (1, 1e-3), "attack": (1, 3e-4), "guard": (1, 2e-3)}
+    result = run_ablation(
+        str(tmp_path), label_noise=[0, 0.3], stages=short, progress=False, noise_side="unsafe", attacks=("harmful",)
+    )
+    rows = result["rows"]
+    for share in (0, 0.3):
+        lookahead = result["recommended_lookahead"][share]
+        assert lookahead == result["guard_eval"][share]["lookahead"]["lookahead"]
+        methods = {"sft", "deep_token", "rejection_sampling", "star_dss"}
+        if lookahead is not None:  # a guard that flags nothing from the harm on recommends none
+            methods.add("star_dss_recommended")
+        assert set(rows[share]["harmful"]) == methods
+        if lookahead == 0:
+            assert rows[share]["harmful"]["star_dss_recommended"] == rows[share]["harmful"]["star_dss"]
+    assert rows[0.3]["harmful"]["sft"] is rows[0]["harmful"]["sft"]  # trained once
+    text = format_ablation(result)
+    assert (
+        "| guard labels flipped | guard: whole acc. / FNR % | guard: prefix acc. % (10-90%) | recommended L |" in text
+    )
+    assert re.search(r"^\| 30% of unsafe \| \d+\.\d / \d+\.\d \| \d+\.\d \| (\d+|None) \| ", text, re.M)

@@ -12,8 +12,16 @@ import time
 from ..errors import STARDSSError
 from ..storage import write_text_atomic
 from ..tools.guard_eval import recommended_lookahead
-from .guard import _evaluate_learned_guard, _learned_guard, _write_guard_eval, world_tokenizer
-from .report import ONE_SEED_NOTE, _chart, format_ablation, format_report, format_seeds_report
+from .guard import NOISE_SIDES, _evaluate_learned_guard, _learned_guard, _write_guard_eval, world_tokenizer
+from .report import (
+    ONE_SEED_NOTE,
+    _chart,
+    format_ablation,
+    format_ablation_seeds,
+    format_report,
+    format_seeds_report,
+    seed_summary,
+)
 from .training import (
     PREFILL_TOKENS,
     STAGES,
@@ -31,7 +39,6 @@ from .world import (
     CHUNK_SIZE,
     GUARD_NAMES,
     GUARDS,
-    METHOD_LABELS,
     METHODS,
     RECOMMENDED,
     build_world,
@@ -271,25 +278,17 @@ def _spread(column: list[float], seeds: list[int]) -> dict:
 # data) against STAR-DSS and rejection sampling. Same world, aligned model and hyper-parameters as `run_demo`.
 # ---------------------------------------------------------------------------------------------------------------
 
-ABLATION_METHODS = {"chunk_size": ("star_dss",), "label_noise": ("rejection_sampling", "star_dss")}
+# The label-noise ablation trains SFT and Deep Token, which read no guard, once (at its first setting) and shows those
+# cells at every setting; the methods that read the guard train again at each, STAR-DSS at L = 0 and at the look-ahead
+# that setting's guard recommends (docs/demo.md, "Ablations").
+ABLATION_METHODS = {
+    "chunk_size": ("star_dss",),
+    "label_noise": ("sft", "deep_token", "rejection_sampling", "star_dss", RECOMMENDED),
+}
+GUARD_FREE = ("sft", "deep_token")
 
 
-def run_ablation(
-    output_dir: str = "runs/demo-ablation",
-    seed: int = 0,
-    chunk_sizes=None,
-    label_noise=None,
-    guard: str = "learned",
-    stages=None,
-    progress: bool = True,
-) -> dict:
-    """One ablation: `chunk_sizes` (STAR-DSS on the misleading-suffix attack per M, scored by `guard`) or
-    `label_noise` (the learned guard trained with each share of flipped labels; rejection sampling and STAR-DSS on
-    every attack). Returns `{"kind", "rows": {setting: {attack: {method: (safety, capability)}}}, "guard_eval":
-    {setting: the learned guard's figures at that setting's M}, "seconds"}` and writes ablation.md to `output_dir`."""
-
-    import torch
-
+def _check_ablation(chunk_sizes, label_noise, guard: str, noise_side: str) -> None:
     _check_guard(guard)
     if (chunk_sizes is None) == (label_noise is None):
         raise STARDSSError(
@@ -300,60 +299,159 @@ def run_ablation(
             f"--guard-label-noise flips labels in the learned guard's training data, but --guard is "
             f"{guard!r}. Drop --guard rule (the default is learned)."
         )
+    if noise_side not in NOISE_SIDES:
+        raise STARDSSError(
+            f"--guard-noise-side {noise_side!r} is not a side of the label noise. Use both (any label flipped) or "
+            "unsafe (unsafe labels taught as safe)."
+        )
     for size in chunk_sizes or []:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise STARDSSError(f"--chunk-sizes {size!r} must be positive whole numbers of tokens, e.g. 1 5 15.")
+    # Flipping half of all labels leaves them no information; half of the unsafe ones still leaves some.
+    top = 1 if noise_side == "unsafe" else 0.5
     for share in label_noise or []:
-        if not 0 <= share < 0.5:
+        if not 0 <= share < top:
             raise STARDSSError(
-                f"--guard-label-noise {share!r} must be a share of flipped labels in [0, 0.5), e.g. 0 0.1 "
-                "0.3 (at 0.5 the labels carry no information)."
+                f"--guard-label-noise {share!r} must be a share of flipped labels in [0, {top:g}), e.g. 0 0.1 "
+                f"0.3 (at {top:g} the labels carry no information about harm)."
             )
+
+
+def run_ablation(
+    output_dir: str = "runs/demo-ablation",
+    seed: int = 0,
+    chunk_sizes=None,
+    label_noise=None,
+    guard: str = "learned",
+    stages=None,
+    progress: bool = True,
+    noise_side: str = "both",
+    attacks=None,
+) -> dict:
+    """One ablation: `chunk_sizes` (STAR-DSS on the misleading-suffix attack per M, scored by `guard`) or
+    `label_noise` (the learned guard trained with each share of flipped labels, `noise_side` saying which: `both` or
+    only `unsafe` ones, taught as safe; every method on `attacks`, default every attack, STAR-DSS at L = 0 and at each
+    guard's recommended look-ahead). Returns `{"kind", "rows": {setting: {attack: {method: (safety, capability)}}},
+    "guard_eval": {setting: the learned guard's figures at that setting's M}, "recommended_lookahead": {setting: L},
+    "seconds"}` and writes ablation.md to `output_dir`."""
+
+    import torch
+
+    _check_ablation(chunk_sizes, label_noise, guard, noise_side)
     kind = "chunk_size" if chunk_sizes is not None else "label_noise"
     settings = list(chunk_sizes if chunk_sizes is not None else label_noise)
-    attacks = ("misleading_suffix",) if kind == "chunk_size" else ATTACKS
+    attacks = tuple(attacks or (("misleading_suffix",) if kind == "chunk_size" else ATTACKS))
     methods = ABLATION_METHODS[kind]
     stages = {**STAGES, **(stages or {})}
     start = time.perf_counter()
     guard_stages = (guard == "learned") * (len(settings) + (len(settings) if kind == "label_noise" else 1))
-    announce = _Progress(2 + guard_stages + len(settings) * len(attacks) * len(methods), enabled=progress)
+    runs = len(settings) * len(attacks) * len(methods) - (len(settings) - 1) * len(attacks) * len(GUARD_FREE) * (
+        kind == "label_noise"
+    )
+    announce = _Progress(2 + guard_stages + runs, enabled=progress)
     torch.manual_seed(seed)
     world = build_world(seed)
     tokenizer = world_tokenizer(world)
     scratch = os.path.join(output_dir, "trainer")
     model = _aligned_model(world, tokenizer, stages, seed, scratch, announce)
     aligned = copy.deepcopy(model.state_dict())
-    rows, guard_eval, judge = {}, {}, None
+    rows, guard_eval, recommended, judge = {}, {}, {}, None
     for setting in settings:
         chunk_size = setting if kind == "chunk_size" else CHUNK_SIZE
         if guard == "learned":
             if judge is None or kind == "label_noise":
                 noise = setting if kind == "label_noise" else 0.0
-                judge = _learned_guard(
-                    tokenizer, seed, stages, os.path.join(output_dir, f"guard-{noise:g}"), announce, noise
-                )
+                path = os.path.join(output_dir, f"guard-{noise:g}")
+                judge = _learned_guard(tokenizer, seed, stages, path, announce, noise, noise_side)
             announce(f"guard eval: whole responses and prefixes of fresh labelled responses, M = {chunk_size}")
             guard_eval[setting] = _evaluate_learned_guard(judge, tokenizer, seed, chunk_size=chunk_size)
+            recommended[setting] = (guard_eval[setting]["lookahead"] or {}).get("lookahead")
         rows[setting] = {}
         for attack in attacks:
             scored, _ = _score_attack(world, attack, tokenizer, output_dir, judge, chunk_size, heatmap=False)
-            rows[setting][attack] = {}
+            row = rows[setting][attack] = {}
             for method in methods:
-                announce(
-                    f"{kind.replace('_', ' ')} {setting}: attack {ATTACK_LABELS[attack]} x {METHOD_LABELS[method]}"
-                )
-                rows[setting][attack][method] = _attack(
-                    model, aligned, tokenizer, world, scored, method, stages, scratch, seed
+                if method in GUARD_FREE and setting != settings[0]:  # reads no guard: the first setting's cell
+                    row[method] = rows[settings[0]][attack][method]
+                    continue
+                lookahead = recommended.get(setting)
+                if method == RECOMMENDED and not lookahead:  # none, or 0: the L = 0 cell, not trained twice
+                    if lookahead == 0:
+                        row[method] = row["star_dss"]
+                    continue
+                label = method_label(method, lookahead)
+                announce(f"{kind.replace('_', ' ')} {setting}: attack {ATTACK_LABELS[attack]} x {label}")
+                row[method] = _attack(
+                    model, aligned, tokenizer, world, scored, method, stages, scratch, seed, recommended=lookahead
                 )
     result = {
         "kind": kind,
         "guard": guard,
+        "noise_side": noise_side,
         "rows": rows,
         "guard_eval": guard_eval,
+        "recommended_lookahead": recommended,
         "seconds": time.perf_counter() - start,
     }
     write_text_atomic(
         os.path.join(output_dir, "ablation.md"), format_ablation(result) + f"\n\n({result['seconds']:.0f} s)\n"
     )
     announce.finish()
+    return result
+
+
+def run_ablation_seeds(
+    output_dir: str = "runs/demo-ablation-seeds",
+    seeds=range(3),
+    label_noise=(0.0, 0.1, 0.3),
+    noise_side: str = "both",
+    attacks=None,
+    stages=None,
+    progress: bool = True,
+) -> dict:
+    """The label-noise ablation (`run_ablation`) once per seed (each in `output_dir/seed-<s>`), then per share of
+    flipped labels every cell's mean, standard deviation and worst seed (`seed_summary`), the guard's mean
+    whole-response accuracy and false-negative rate, and each seed's recommended look-ahead. Writes ablation.md and
+    ablation.json (every seed's rows and guard figures too) to `output_dir`."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise STARDSSError(
+            f"--seeds gives {len(seeds)} seeds ({seeds}); give a positive number of distinct seeds, e.g. 3."
+        )
+    _check_ablation(None, list(label_noise), "learned", noise_side)
+    start, runs = time.perf_counter(), {}
+    for i, seed in enumerate(seeds):
+        if progress:
+            logger.info("ablation seed %d (%d of %d)", seed, i + 1, len(seeds))
+        runs[seed] = run_ablation(
+            os.path.join(output_dir, f"seed-{seed}"),
+            seed,
+            label_noise=list(label_noise),
+            stages=stages,
+            progress=progress,
+            noise_side=noise_side,
+            attacks=attacks,
+        )
+    guard = {
+        setting: {
+            "whole_accuracy": statistics.fmean(
+                100 * runs[s]["guard_eval"][setting]["whole"]["accuracy"] for s in seeds
+            ),
+            "whole_fnr": statistics.fmean(100 * runs[s]["guard_eval"][setting]["whole"]["fnr"] for s in seeds),
+            "recommended_lookahead": [runs[s]["recommended_lookahead"][setting] for s in seeds],
+        }
+        for setting in label_noise
+    }
+    result = {
+        "seeds": seeds,
+        "noise_side": noise_side,
+        "summary": {setting: seed_summary({s: runs[s]["rows"][setting] for s in seeds}) for setting in label_noise},
+        "guard": guard,
+        "runs": runs,
+        "seconds": time.perf_counter() - start,
+    }
+    write_text_atomic(os.path.join(output_dir, "ablation.json"), json.dumps(result, indent=1))
+    write_text_atomic(
+        os.path.join(output_dir, "ablation.md"), format_ablation_seeds(result) + f"\n\n({result['seconds']:.0f} s)\n"
+    )
     return result

@@ -8,6 +8,7 @@ import math
 import os
 import random
 
+from ..choices import DEMO_NOISE_SIDES
 from ..errors import STARDSSError
 from ..scoring.families import LlamaGuard, load_guardrail
 from ..storage import write_text_atomic
@@ -99,16 +100,32 @@ def _guard_example(rng, kind: str) -> dict:
     return _harmful_example(rng, "plain" if kind == "harmful" else kind)
 
 
+# Which labels the guard-error ablation flips (`star-dss demo --guard-label-noise ... --guard-noise-side`): `both`,
+# any label at random; `unsafe`, only unsafe labels, taught as safe: a guard that misses harm, as real guards do (the
+# paper's rejection sampling is 79% safe, not 100), which uniform flips do not make (docs/demo.md, "Ablations").
+NOISE_SIDES = DEMO_NOISE_SIDES
+
+
 def guard_training_data(
-    seed: int = 0, per_kind: int = GUARD_EXAMPLES, label_noise: float = 0.0, split: str = "train"
+    seed: int = 0,
+    per_kind: int = GUARD_EXAMPLES,
+    label_noise: float = 0.0,
+    split: str = "train",
+    noise_side: str = "both",
 ) -> list[dict]:
     """The guard's training examples: `per_kind` whole responses of each of `GUARD_KINDS`, labelled as it says, from
     the guard's own random stream (never the attack sets'). `label_noise` flips that share of the labels (exactly
-    round(share * n), chosen at random): the guard-error ablation. `split="validation"` draws fresh examples of the
-    same distribution from another stream, for choosing the guard's training."""
+    round(share * n), chosen at random): the guard-error ablation; with `noise_side="unsafe"` that share of the
+    unsafe labels only, each turned safe. `split="validation"` draws fresh examples of the same distribution from
+    another stream, for choosing the guard's training."""
 
     if not 0 <= label_noise <= 1:
         raise STARDSSError(f"label_noise={label_noise} is a share of flipped labels and must lie in [0, 1]; e.g. 0.1.")
+    if noise_side not in NOISE_SIDES:
+        raise STARDSSError(
+            f"noise_side={noise_side!r} is not a side of the label noise. Use 'both' (any label flipped) or 'unsafe' "
+            "(unsafe labels taught as safe)."
+        )
     rng = random.Random(f"{seed}:guard {split}")  # its own stream: the attack sets come from random.Random(seed)
     rows = [
         {**_guard_example(rng, kind), "label": label, "kind": kind}
@@ -116,7 +133,8 @@ def guard_training_data(
         for _ in range(per_kind)
     ]
     rng.shuffle(rows)
-    for i in rng.sample(range(len(rows)), round(label_noise * len(rows))):
+    pool = [i for i, row in enumerate(rows) if noise_side == "both" or row["label"] == "unsafe"]
+    for i in rng.sample(pool, round(label_noise * len(pool))):
         rows[i]["label"] = "safe" if rows[i]["label"] == "unsafe" else "unsafe"
     return rows
 
@@ -180,11 +198,14 @@ def save_guard(guard, path: str):
     return load_guardrail(path, device_map="cpu")
 
 
-def _learned_guard(tokenizer, seed: int, stages: dict, path: str, announce, label_noise: float = 0.0):
+def _learned_guard(
+    tokenizer, seed: int, stages: dict, path: str, announce, label_noise: float = 0.0, noise_side: str = "both"
+):
     """Train the guard on whole responses (`guard_training_data`), save it to `path` and load it back as a user would."""
-    rows = guard_training_data(seed, label_noise=label_noise)
+    rows = guard_training_data(seed, label_noise=label_noise, noise_side=noise_side)
     epochs, lr = stages["guard"]
-    noise = f", {100 * label_noise:g}% of labels flipped" if label_noise else ""
+    which = "unsafe labels taught as safe" if noise_side == "unsafe" else "labels flipped"
+    noise = f", {100 * label_noise:g}% of {which}" if label_noise else ""
     announce(
         f"guard: a tiny guard LM learns to judge whole responses ({len(rows)} examples, {epochs} epoch"
         f"{'s' * (epochs != 1)}{noise})"

