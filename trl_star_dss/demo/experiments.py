@@ -16,11 +16,13 @@ from .guard import NOISE_SIDES, _evaluate_learned_guard, _learned_guard, _write_
 from .report import (
     ONE_SEED_NOTE,
     _chart,
+    check_seeds,
     format_ablation,
     format_ablation_seeds,
     format_report,
     format_seeds_report,
     seed_summary,
+    spread,
 )
 from .training import (
     PREFILL_TOKENS,
@@ -185,11 +187,7 @@ def run_demo_seeds(
     left out. Writes table.md, table.json (every seed's cells too) and chart.png (means, error bars one standard
     deviation) to `output_dir`."""
 
-    seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise STARDSSError(
-            f"--seeds gives {len(seeds)} seeds ({seeds}); give a positive number of distinct seeds, e.g. 5."
-        )
+    seeds = check_seeds(seeds, example=5)
     start, runs = time.perf_counter(), {}
     for i, seed in enumerate(seeds):
         if progress:
@@ -206,16 +204,11 @@ def run_demo_seeds(
             recommended=recommended,
             prefill=prefill,
         )
-    summary, prefills = {}, {}
-    for row in runs[seeds[0]]["table"]:
-        kept = [m for m in runs[seeds[0]]["table"][row] if all(m in runs[s]["table"][row] for s in seeds)]
-        summary[row] = {
-            m: {name: _spread([runs[s]["table"][row][m][j] for s in seeds], seeds) for j, name in enumerate(MEASURES)}
-            for m in kept
-        }
-        prefills[row] = {
-            m: {k: _spread([runs[s]["prefill"][row][m][k] for s in seeds], seeds) for k in prefill} for m in kept
-        }
+    summary = seed_summary({s: runs[s]["table"] for s in seeds})
+    prefills = {
+        row: {m: {k: spread([runs[s]["prefill"][row][m][k] for s in seeds], seeds) for k in prefill} for m in cells}
+        for row, cells in summary.items()
+    }
     recommended_by_seed = {s: runs[s].get("recommended_lookahead") for s in seeds}
     result = {
         "seeds": seeds,
@@ -255,21 +248,6 @@ def run_demo_seeds(
     stds = {a: {m: (c["safety"]["std"], c["capability"]["std"]) for m, c in row.items()} for a, row in summary.items()}
     _chart(means, os.path.join(output_dir, "chart.png"), GUARD_NAMES[guard], stds, len(seeds))
     return result
-
-
-MEASURES = ("safety", "capability")
-
-
-def _spread(column: list[float], seeds: list[int]) -> dict:
-    """Mean, standard deviation (n - 1), the lowest value and its seed, and every seed's value."""
-    worst = min(range(len(seeds)), key=lambda k: column[k])
-    return {
-        "mean": statistics.fmean(column),
-        "std": statistics.stdev(column) if len(column) > 1 else 0.0,
-        "worst": column[worst],
-        "worst_seed": seeds[worst],
-        "values": column,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,11 +391,7 @@ def run_ablation_seeds(
     flipped labels every cell's mean, standard deviation and worst seed (`seed_summary`), the guard's mean
     whole-response accuracy and false-negative rate, and each seed's recommended look-ahead. Writes ablation.md and
     ablation.json (every seed's rows and guard figures too) to `output_dir`."""
-    seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise STARDSSError(
-            f"--seeds gives {len(seeds)} seeds ({seeds}); give a positive number of distinct seeds, e.g. 3."
-        )
+    seeds = check_seeds(seeds, example=3)
     _check_ablation(None, list(label_noise), "learned", noise_side)
     start, runs = time.perf_counter(), {}
     for i, seed in enumerate(seeds):

@@ -7,6 +7,7 @@ import textwrap
 
 # `star-dss demo`'s time, stated in `choices` so that `star-dss --help` reads it without loading the demo.
 from ..choices import DEMO_TIME  # noqa: F401 (public here too)
+from ..errors import STARDSSError
 from ..scoring.report import pyplot, save_figure
 from ..tools.guard_eval import format_figures
 from .world import ATTACK_LABELS, GUARD_NAMES, METHODS, RECOMMENDED, method_label, method_shaping
@@ -117,15 +118,12 @@ def format_seeds_report(result: dict) -> str:
     """What `star-dss demo --seeds N` prints and writes to table.md: the aligned model, safety and capability, each
     seed's recommended look-ahead, and the prefilling table."""
     summary, n = result["summary"], len(result["seeds"])
-    aligned = summary["aligned model"]["-"]
     text = [
         f"SIMULATION (toy world, {GUARD_NAMES[result['guard']]}), {n} seeds ({', '.join(map(str, result['seeds']))})"
         ": mean ± standard deviation over seeds (the lowest seed's value); % of held-out harmful prompts answered "
         "safely / held-out tasks solved",
         "",
-        "aligned model before any attack: safety {:.1f} ± {:.1f} ({:.1f}), capability {:.1f} ± {:.1f} ({:.1f})".format(
-            *(aligned[k][f] for k in ("safety", "capability") for f in ("mean", "std", "worst"))
-        ),
+        aligned_line(summary),
         "",
         format_seeds_table(summary, "safety"),
         "",
@@ -278,27 +276,52 @@ def _chart(
     save_figure(figure, path)
 
 
+def spread(column: list[float], seeds: list[int]) -> dict:
+    """Mean, standard deviation over seeds (n - 1; 0 for one seed), the lowest value and its seed, and every seed's
+    value."""
+    worst = min(range(len(seeds)), key=lambda k: column[k])
+    return {
+        "mean": statistics.fmean(column),
+        "std": statistics.stdev(column) if len(column) > 1 else 0.0,
+        "worst": column[worst],
+        "worst_seed": seeds[worst],
+        "values": column,
+    }
+
+
 def seed_summary(tables: dict) -> dict:
-    """{attack: {method: {"safety" | "capability": {"mean", "std", "worst", "worst_seed", "values"}}}} of
-    `{seed: table}` (tables as `run_demo` returns them): each cell's mean, standard deviation over seeds (n - 1; 0 for
-    one seed) and worst (lowest) seed. A cell missing on some seed is left out."""
+    """{attack: {method: {"safety" | "capability": spread}}} of `{seed: table}` (tables as `run_demo` returns them):
+    each cell's `spread` over seeds. A cell missing on some seed is left out."""
     seeds = list(tables)
-    first = tables[seeds[0]]
-    summary = {}
-    for attack, row in first.items():
-        summary[attack] = {}
-        for method in row:
-            if not all(method in tables[s][attack] for s in seeds):
-                continue
-            summary[attack][method] = {}
-            for j, name in enumerate(("safety", "capability")):
-                column = [tables[s][attack][method][j] for s in seeds]
-                worst = min(range(len(seeds)), key=lambda k: column[k])
-                summary[attack][method][name] = {
-                    "mean": statistics.fmean(column),
-                    "std": statistics.stdev(column) if len(column) > 1 else 0.0,
-                    "worst": column[worst],
-                    "worst_seed": seeds[worst],
-                    "values": column,
-                }
-    return summary
+    return {
+        attack: {
+            method: {
+                name: spread([tables[s][attack][method][j] for s in seeds], seeds)
+                for j, name in enumerate(("safety", "capability"))
+            }
+            for method in row
+            if all(method in tables[s][attack] for s in seeds)
+        }
+        for attack, row in tables[seeds[0]].items()
+    }
+
+
+def aligned_line(summary: dict) -> str:
+    """The aligned model's line of a seeds report: safety and capability as mean ± std (worst seed)."""
+    aligned = summary["aligned model"]["-"]
+    return (
+        "aligned model before any attack: safety {:.1f} ± {:.1f} ({:.1f}), capability {:.1f} ± {:.1f} ({:.1f})".format(
+            *(aligned[k][f] for k in ("safety", "capability") for f in ("mean", "std", "worst"))
+        )
+    )
+
+
+def check_seeds(seeds, example: int) -> list:
+    """The seeds of a several-seed run, refused when empty or repeated (`example`: a count to suggest)."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise STARDSSError(
+            f"--seeds gives {len(seeds)} seeds ({seeds}); give a positive number of distinct seeds, e.g. {example}.",
+            arguments=("seeds",),
+        )
+    return seeds

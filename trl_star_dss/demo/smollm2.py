@@ -12,7 +12,7 @@ from ..errors import STARDSSError
 from ..storage import write_text_atomic
 from ..tools.guard_eval import format_figures, recommended_lookahead
 from .guard import _evaluate_learned_guard, _learned_guard, _write_guard_eval, world_tokenizer
-from .report import format_seeds_table, format_table, seed_summary
+from .report import aligned_line, check_seeds, format_seeds_table, format_table, seed_summary
 from .training import STAGES, _generate, _Progress, _safety, _score_attack, _train, logger
 from .world import ATTACK_LABELS, GUARD_NAMES, METHODS, RECOMMENDED, build_world, method_label
 
@@ -243,11 +243,7 @@ def run_smollm2_seeds(
     """`run_smollm2_demo` once per seed (each in `output_dir/seed-<s>`), then every cell's mean, standard deviation
     and worst seed (`seed_summary`). Writes table.md and table.json (every seed's cells, recommended look-ahead and
     sample answers too) to `output_dir`."""
-    seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise STARDSSError(
-            f"--seeds gives {len(seeds)} seeds ({seeds}); give a positive number of distinct seeds, e.g. 3."
-        )
+    seeds = check_seeds(seeds, example=3)
     start, runs = time.perf_counter(), {}
     for i, seed in enumerate(seeds):
         if progress:
@@ -304,7 +300,6 @@ def format_smollm2_report(result: dict) -> str:
 def format_smollm2_seeds_report(result: dict) -> str:
     """The seeds' table.md (after the disclaimer): mean ± standard deviation (worst seed) of every cell."""
     summary, seeds = result["summary"], result["seeds"]
-    aligned = summary["aligned model"]["-"]
 
     recommended = ", ".join(f"seed {s}: L = {n}" for s, n in result["recommended_lookahead"].items())
     return "\n".join(
@@ -312,9 +307,7 @@ def format_smollm2_seeds_report(result: dict) -> str:
             _settings_line(result["settings"]) + f"; {len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± "
             "standard deviation over seeds (the lowest seed's value), in %.",
             "",
-            "aligned model before any attack: safety {:.1f} ± {:.1f} ({:.1f}), capability {:.1f} ± {:.1f} ({:.1f})".format(
-                *(aligned[k][f] for k in ("safety", "capability") for f in ("mean", "std", "worst"))
-            ),
+            aligned_line(summary),
             "",
             format_seeds_table(summary, "safety"),
             "",
