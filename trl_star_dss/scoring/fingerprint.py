@@ -101,19 +101,15 @@ def spec_fingerprint(spec: str) -> dict:
     `{"revision": ...}` for a hub id (None while it is not downloaded)."""
     if is_python_rule(spec):
         target = python_rule(spec)
-        return {"code": code_fingerprint(type(target) if _is_guard(target) else target)}
+        # A rule names a function or a class; an object (a guard instance) is what its class's code makes it.
+        named = target if inspect.isfunction(target) or inspect.isclass(target) else type(target)
+        return {"code": code_fingerprint(named)}
     if os.path.isdir(spec):
         return {"files": folder_fingerprint(spec)}
     if os.path.isfile(spec):
         size = os.path.getsize(spec)
         return {"files": _file_digest(spec, size, edges_only=True)[:16]}
     return {"revision": hub_revision(spec)}
-
-
-def _is_guard(target) -> bool:
-    from .guardrail import Guardrail
-
-    return isinstance(target, Guardrail)
 
 
 def completes_id(earlier: str, now: str) -> bool:

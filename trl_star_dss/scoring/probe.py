@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from ..arguments import STARArguments, check_star_settings
 from ..errors import STARDSSError
 from ..formats import Conversation, dataset_format, response_turns
+from .chunks import chunk_ends
 from .guardrail import Guardrail, PrefixQuery, PrefixScores, _check_method
 from .template import TemplatedGuardrail
 from .token_level import TokenLevelGuardrail
@@ -434,7 +435,6 @@ def _enforce(probe: ProbeGuardrail, settings: ProbeSettings) -> None:
 def sample_queries(dataset, tokenizer, chunk_size: int, unit: str, settings: ProbeSettings) -> list[PrefixQuery]:
     """The responses of `settings.sample` examples of `dataset` drawn at random (`settings.seed`), cut into chunks as
     scoring cuts them."""
-    from .dataset import chunk_ends
 
     fmt = dataset_format(dataset.column_names)
     indices = sorted(random.Random(settings.seed).sample(range(len(dataset)), min(settings.sample, len(dataset))))

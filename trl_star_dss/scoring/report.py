@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from ..formats import STAR_COLUMN, dataset_format, response_turns
 from ..storage import write_text_atomic
 from ..weights import token_scores
-from .dataset import unit_ends
+from .chunks import unit_ends
 
 
 def _rgb(score: float) -> tuple[int, int, int]:
