@@ -58,3 +58,18 @@ def check(args: argparse.Namespace, rules: tuple[Rule, ...], flags: dict[str, st
             raise ValueError(f"Unknown relation {rule.relation!r} in a rule of the command line.")  # a bug of ours
         if broken:
             raise STARDSSError(rule.message.format(flag=flags[dest], value=value))
+
+
+# The rules of the scoring options (`Parents.scoring`), which `score` and `eval guard` share.
+CHUNK_AND_BATCH = (
+    positive("chunk_size", "Use e.g. 5 (the paper's M); 1 scores after every unit."),
+    positive("batch_size", "Use e.g. 16 (the default)."),
+)
+UNIT_NEEDS_TOKENIZER = Rule(
+    ("unit", "token"),
+    "requires",
+    "policy_tokenizer",
+    "--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
+    "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, or count "
+    "words with --unit word.",
+)

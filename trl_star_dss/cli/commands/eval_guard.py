@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..options import Parents
-from ..rules import Rule, positive
+from ..rules import CHUNK_AND_BATCH, UNIT_NEEDS_TOKENIZER, Rule
 
 
 NAME = "guard"
@@ -27,17 +27,9 @@ EPILOG = (
     "trl_star_dss.testing:is_harmful --output runs/guard-eval"
 )
 RULES = (
-    positive("chunk_size", "Use e.g. 5 (the paper's M); 1 scores after every unit."),
-    positive("batch_size", "Use e.g. 16 (the default)."),
+    *CHUNK_AND_BATCH,
     Rule("temperature", "positive", None, "{flag} {value} must be > 0. Use 1.0 (the paper's formula)."),
-    Rule(
-        ("unit", "token"),
-        "requires",
-        "policy_tokenizer",
-        "--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
-        "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, or count "
-        "words with --unit word.",
-    ),
+    UNIT_NEEDS_TOKENIZER,
 )
 
 

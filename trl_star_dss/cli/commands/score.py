@@ -7,7 +7,7 @@ import os
 
 from ...choices import SCORING_METHODS
 from ..options import Parents, setting
-from ..rules import Rule, positive
+from ..rules import CHUNK_AND_BATCH, UNIT_NEEDS_TOKENIZER, Rule, positive
 
 
 NAME = "score"
@@ -30,8 +30,7 @@ then: star-dss show --dataset runs/toy-sample --output runs/toy-sample/pictures
 PROBE_FIX = "Add --probe, or leave it out for exact scoring."
 # Checked before the dataset or a guard loads (rules.py); scoring's own checks name its Python arguments.
 RULES = (
-    positive("chunk_size", "Use e.g. 5 (the paper's M); 1 scores after every unit."),
-    positive("batch_size", "Use e.g. 16 (the default)."),
+    *CHUNK_AND_BATCH,
     positive("shard_size", "Use e.g. 64 (the default)."),
     positive("max_length", "Leave --max-length out to use the guard's own context."),
     Rule(
@@ -40,14 +39,7 @@ RULES = (
         None,
         "{flag} {value} must be > 0. Use 1.0 (the paper's formula) or 0.2 (the authors' code).",
     ),
-    Rule(
-        ("unit", "token"),
-        "requires",
-        "policy_tokenizer",
-        "--unit token (the default) counts chunks in the tokens of the model you will finetune, but "
-        "--policy-tokenizer was not given. Pass --policy-tokenizer with that model's hub id or path, or count "
-        "words with --unit word.",
-    ),
+    UNIT_NEEDS_TOKENIZER,
     # The probe's settings mean nothing without it.
     *(
         Rule(dest, "requires", "star_probe", f"{{flag}} sets the probe, but --probe was not given. {PROBE_FIX}")
